@@ -1,0 +1,190 @@
+"""Run configuration: the defaults of every field, loading config files, and command-line overrides.
+
+A config file is a Python file with `get_config(arg=None) -> ConfigDict` that starts from
+`base_config()` and changes what its experiment needs. Every field the code reads has its default
+here, so this file is the one list of hyper-parameters; a field that is not here is an error.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+from typing import Any
+
+import ml_collections
+
+# Subtrees whose keys are free-form (passed on as keyword arguments and checked by their user).
+FREE_FORM_FIELDS = ("model",)
+
+
+class ConfigError(ValueError):
+    """A mistake in a config file or an override; the message names the field and the fix."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field jaxclf reads, with its default."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model_name = "resnet18"  # a name from jaxclf.models.list_models()
+    c.model = ml_collections.ConfigDict()  # keyword arguments of that model (e.g. img_size, drop_path_rate)
+    c.num_classes = 0  # 0: the number of classes found in the data
+
+    c.data = ml_collections.ConfigDict()
+    c.data.root = ""  # folder holding <train_split>/<class>/* and optionally <val_split>/<class>/*
+    c.data.prepare = ""  # "" or "sklearn_digits": write that data set to `root` first (once)
+    c.data.train_split = "train"
+    c.data.val_split = "val"
+    c.data.val_fraction = 0.0  # > 0 and no val folder: hold out this fraction of train, per class
+    c.data.split_seed = 0
+    # Per-example ops run in grain worker processes; images stay uint8 (see jaxclf/data/ops.py).
+    c.data.pp_train = "decode|inception_crop(224)|flip_lr"
+    c.data.pp_eval = "decode|resize_small(256)|central_crop(224)"
+    # Normalisation runs on the device, inside the jitted step: (image / 255 - mean) / std.
+    c.data.mean = (0.485, 0.456, 0.406)
+    c.data.std = (0.229, 0.224, 0.225)
+    c.data.num_workers = -1  # grain worker processes; -1: from the CPU count
+
+    c.batch_size = 128  # global, over all devices and hosts
+    c.eval_batch_size = 0  # 0: batch_size
+    c.num_epochs = 10.0
+    c.total_steps = 0  # > 0: train this many steps instead of num_epochs
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "sgd"  # "sgd" (with momentum) or "adamw"
+    c.optim.lr = 0.01  # peak learning rate, reached after warmup
+    c.optim.momentum = 0.9  # sgd
+    c.optim.nesterov = False  # sgd
+    c.optim.b1 = 0.9  # adamw
+    c.optim.b2 = 0.999  # adamw
+    c.optim.weight_decay = 1e-4  # on weight matrices and conv kernels only
+    c.optim.schedule = "cosine"  # "cosine", "linear" or "constant" after warmup
+    c.optim.warmup_epochs = 0.0
+    c.optim.end_lr_fraction = 0.0  # final lr = lr * end_lr_fraction
+
+    c.label_smoothing = 0.0
+    c.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (params stay float32)
+
+    c.log_every_steps = 50
+    c.eval_every_epochs = 1.0  # also evaluates and checkpoints at the end
+    c.keep_checkpoints = 2
+    return c
+
+
+def load_config(path: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    """Load `path[:arg]`, apply `a.b=value` overrides, and check every field against `base_config()`."""
+    config = _load_config_file(path)
+    for override in overrides:
+        apply_override(config, override)
+    validate(config)
+    return config
+
+
+def _load_config_file(path_and_arg: str) -> ml_collections.ConfigDict:
+    path, _, arg = path_and_arg.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"jaxclf_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path!r} defines no get_config()")
+    config = module.get_config(arg) if arg else module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"get_config() in {path!r} must return an ml_collections.ConfigDict")
+    return config
+
+
+def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
+    """Set one field from `a.b=value`; the value is parsed to the field's current type."""
+    key, sep, text = override.partition("=")
+    if not sep:
+        raise ConfigError(f"override {override!r} must look like --config.{key}=VALUE")
+    *parents, leaf = key.split(".")
+    node = config
+    for i, name in enumerate(parents):
+        if name not in node or not isinstance(node[name], ml_collections.ConfigDict):
+            _raise_unknown(".".join(parents[: i + 1]))
+        node = node[name]
+    free_form = bool(parents) and parents[0] in FREE_FORM_FIELDS
+    if leaf not in node and not free_form:
+        _raise_unknown(key)
+    current = node[leaf] if leaf in node else None
+    value = _parse_value(text, current, key)
+    with node.unlocked():
+        node[leaf] = value
+
+
+def _parse_value(text: str, current: Any, key: str) -> Any:
+    if isinstance(current, str):
+        return text
+    if isinstance(current, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"config.{key} is a bool; got {text!r}")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if current is None:
+            return text  # a new free-form field given as a bare word
+        raise ConfigError(f"config.{key}: cannot parse {text!r} as {type(current).__name__}") from None
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if current is not None and not isinstance(value, type(current)):
+        if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)):
+            return type(current)(value)
+        raise ConfigError(f"config.{key} must be {type(current).__name__}; got {text!r}")
+    return value
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Fail on a field `base_config()` does not know, or one whose type differs from its default."""
+    _check_node(config, base_config(), prefix="")
+
+
+def _check_node(node, reference, prefix: str) -> None:
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        if key not in reference:
+            _raise_unknown(path)
+        if key in FREE_FORM_FIELDS and not prefix:
+            continue
+        value, default = node[key], reference[key]
+        if isinstance(default, ml_collections.ConfigDict):
+            if not isinstance(value, ml_collections.ConfigDict):
+                raise ConfigError(f"config.{path} must be a ConfigDict of fields, not {value!r}")
+            _check_node(value, default, f"{path}.")
+        elif not _same_kind(value, default):
+            raise ConfigError(
+                f"config.{path} must be {type(default).__name__} (default {default!r}); got {value!r}"
+            )
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, (tuple, list)):
+        return isinstance(value, (tuple, list))
+    return isinstance(value, type(default))
+
+
+def _all_keys(node, prefix: str = "") -> list[str]:
+    keys = []
+    for key in node.keys():
+        keys.append(f"{prefix}{key}")
+        if isinstance(node[key], ml_collections.ConfigDict):
+            keys.extend(_all_keys(node[key], f"{prefix}{key}."))
+    return keys
+
+
+def _raise_unknown(key: str) -> None:
+    known = _all_keys(base_config())
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f" Did you mean config.{close[0]}?" if close else ""
+    raise ConfigError(f"config.{key} is not a jaxclf config field.{hint} (All fields: jaxclf/config.py)")

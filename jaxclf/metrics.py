@@ -1,0 +1,41 @@
+"""Metrics of a run: one JSON object per line in `workdir/metrics.jsonl`, and a console line.
+
+Only process 0 writes; every other process's writer does nothing, so callers need not check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+
+
+class MetricsWriter:
+    """Appends `{"step": ..., "<namespace>/<name>": value}` lines to `metrics.jsonl`."""
+
+    def __init__(self, workdir: str):
+        self._active = jax.process_index() == 0
+        self._path = os.path.join(workdir, "metrics.jsonl")
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        """Record `scalars` at `step` and print them on one console line."""
+        if not self._active:
+            return
+        record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        with open(self._path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        shown = "  ".join(f"{k}={_format(v)}" for k, v in record.items() if k != "step")
+        print(f"[{time.strftime('%H:%M:%S')}] step {step}  {shown}", file=sys.stderr, flush=True)
+
+
+def _format(value: float) -> str:
+    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """All records of `workdir/metrics.jsonl`, in order."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,105 @@
+"""Train and eval steps: 8 devices compute what 1 device computes; eval sums honour the mask."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxclf import optim, sharding, steps
+from jaxclf.config import base_config
+
+NORM = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+class TinyNet(nnx.Module):
+    """Conv + BatchNorm + Linear: BatchNorm makes the step depend on the whole (sharded) batch."""
+
+    def __init__(self, num_classes: int, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
+        self.head = nnx.Linear(8, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.bn(self.conv(x)))
+        return self.head(x.mean(axis=(1, 2)))
+
+
+def _batch(seed: int, size: int = 16, num_classes: int = 4) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.integers(0, 256, (size, 8, 8, 3), dtype=np.uint8),
+        "label": rng.integers(0, num_classes, size).astype(np.int32),
+    }
+
+
+def _train(devices, num_steps: int = 3):
+    mesh = sharding.make_mesh(devices)
+    optim_config = base_config().optim
+    optim_config.update(dict(name="sgd", lr=0.1, weight_decay=1e-4))
+    tx, _ = optim.make_optimizer(optim_config, total_steps=num_steps, steps_per_epoch=num_steps)
+    graphdef, _, state = steps.create_train_state(TinyNet(4, nnx.Rngs(0)), tx)
+    state = jax.device_put(state, sharding.replicated(mesh))
+    train_step = steps.make_train_step(graphdef, tx, mesh, label_smoothing=0.1, **NORM)
+    losses = []
+    for i in range(num_steps):
+        state, metrics = train_step(state, sharding.shard_batch(_batch(i), mesh))
+        losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state)
+
+
+def test_eight_devices_match_one_device():
+    assert len(jax.devices()) == 8, "tests/conftest.py should simulate 8 CPU devices"
+    losses_1, state_1 = _train(jax.devices()[:1])
+    losses_8, state_8 = _train(jax.devices())
+    np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(state_1), jax.tree.leaves(state_8)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert int(state_8.step) == 3
+    assert losses_1[-1] != losses_1[0]  # the parameters did change
+
+
+def test_train_step_updates_batch_statistics_and_donates():
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    tx, _ = optim.make_optimizer(base_config().optim, 10, 10)
+    graphdef, _, state = steps.create_train_state(TinyNet(4, nnx.Rngs(0)), tx)
+    state = jax.device_put(state, sharding.replicated(mesh))
+    before = np.asarray(state.model_state["bn"]["mean"][...])
+    train_step = steps.make_train_step(graphdef, tx, mesh, label_smoothing=0.0, **NORM)
+    old_params = state.params
+    state, _ = train_step(state, sharding.shard_batch(_batch(0), mesh))
+    assert not np.allclose(before, state.model_state["bn"]["mean"][...])
+    assert jax.tree.leaves(old_params)[0].is_deleted()  # buffers were donated to the new state
+
+
+def test_eval_step_sums_only_unmasked_rows():
+    mesh = sharding.make_mesh(jax.devices())
+    tx, _ = optim.make_optimizer(base_config().optim, 10, 10)
+    model = TinyNet(4, nnx.Rngs(0))
+    _, graphdef, state = steps.create_train_state(model, tx)
+    eval_step = steps.make_eval_step(graphdef, mesh, **NORM)
+    batch = _batch(1)
+    mask = np.arange(16) < 11
+    totals = eval_step(state, sharding.shard_batch({**batch, "mask": mask}, mesh), steps.zero_eval_totals(mesh))
+    totals = jax.device_get(totals)
+
+    model.eval()
+    logits = np.asarray(model(steps.normalize_images(jnp.asarray(batch["image"]), **NORM)))[mask]
+    labels = batch["label"][mask]
+    expected_loss = np.sum(np.asarray(steps.cross_entropy(jnp.asarray(logits), jnp.asarray(labels))))
+    assert totals["count"] == 11
+    assert totals["top1"] == np.sum(logits.argmax(-1) == labels)
+    assert totals["top5"] == 11  # 4 classes: the true one is always among the top 4
+    np.testing.assert_allclose(totals["loss"], expected_loss, rtol=1e-5)
+
+
+def test_normalize_images_and_label_smoothing():
+    images = jnp.asarray([[[[0, 255, 128]]]], jnp.uint8)
+    out = steps.normalize_images(images, mean=(0.0, 0.5, 0.5), std=(1.0, 0.5, 0.25))
+    np.testing.assert_allclose(out[0, 0, 0], [0.0, 1.0, (128 / 255 - 0.5) / 0.25], rtol=1e-4)
+    logits = jnp.asarray([[0.0, 0.0]])
+    assert float(steps.cross_entropy(logits, jnp.asarray([0]), 0.0)[0]) == pytest.approx(np.log(2))
+    # With smoothing 1.0 the target is uniform: loss is log(2) whatever the logits.
+    assert float(steps.cross_entropy(jnp.asarray([[5.0, -5.0]]), jnp.asarray([0]), 1.0)[0]) == pytest.approx(
+        5.0 + np.log(1 + np.exp(-10.0)), rel=1e-5
+    )
