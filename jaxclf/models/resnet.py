@@ -1,0 +1,175 @@
+"""ResNet v1.5 (resnet18/34/50/101/152) in the torchvision/timm layout.
+
+Attribute names mirror torchvision (`conv1`, `bn1`, `layer1`..`layer4`, `fc`; blocks `conv1`,
+`bn1`, ..., `downsample.0` conv and `downsample.1` BN) so converted weights map one-to-one.
+Padding is explicit and symmetric like PyTorch's, not XLA 'SAME': on even inputs 'SAME' pads
+stride-2 layers only at the bottom/right, which shifts every feature map of converted weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxclf.models import register
+
+# torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), an untruncated normal.
+_conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torch nn.Linear's default weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+_fc_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _conv(cin: int, cout: int, kernel: int, stride: int, *, rngs: nnx.Rngs, dtype: Any) -> nnx.Conv:
+    """Bias-free `kernel`x`kernel` conv padded by (kernel-1)//2 on every side, like torchvision."""
+    pad = (kernel - 1) // 2
+    return nnx.Conv(
+        cin, cout, (kernel, kernel), strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=_conv_init,
+        dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+    )
+
+
+def _bn(features: int, *, rngs: nnx.Rngs, dtype: Any, zero_scale: bool = False) -> nnx.BatchNorm:
+    """BatchNorm with torch's eps; flax momentum 0.9 is torch's momentum=0.1."""
+    return nnx.BatchNorm(
+        features, momentum=0.9, epsilon=1e-5,
+        scale_init=nnx.initializers.zeros if zero_scale else nnx.initializers.ones,
+        dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+    )
+
+
+def _downsample(cin: int, cout: int, stride: int, *, rngs: nnx.Rngs, dtype: Any) -> nnx.List | None:
+    """Shortcut projection [1x1/stride conv, BN] (torch `downsample.0/.1`), None for identity."""
+    if stride == 1 and cin == cout:
+        return None
+    return nnx.List([_conv(cin, cout, 1, stride, rngs=rngs, dtype=dtype), _bn(cout, rngs=rngs, dtype=dtype)])
+
+
+def _shortcut(downsample: nnx.List | None, x: jax.Array) -> jax.Array:
+    """Applies the block's shortcut: identity or conv + BN."""
+    if downsample is None:
+        return x
+    conv, bn = downsample
+    return bn(conv(x))
+
+
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """Stem max-pool like torch `MaxPool2d(3, 2, padding=1)`: one -inf pad on every side.
+
+    x: [B, H, W, C] -> [B, ceil(H/2), ceil(W/2), C].
+    """
+    # A Python-scalar init value lets JAX recognise a max-pool and differentiate it.
+    return jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
+    )
+
+
+class BasicBlock(nnx.Module):
+    """Two 3x3 convs plus shortcut (resnet18/34). x: [B, H, W, cin] -> [B, H/stride, W/stride, planes]."""
+
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int, *, zero_init_last_bn: bool, rngs: nnx.Rngs, dtype: Any):
+        self.conv1 = _conv(cin, planes, 3, stride, rngs=rngs, dtype=dtype)
+        self.bn1 = _bn(planes, rngs=rngs, dtype=dtype)
+        self.conv2 = _conv(planes, planes, 3, 1, rngs=rngs, dtype=dtype)
+        self.bn2 = _bn(planes, rngs=rngs, dtype=dtype, zero_scale=zero_init_last_bn)
+        self.downsample = _downsample(cin, planes, stride, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = nnx.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return nnx.relu(y + _shortcut(self.downsample, x))
+
+
+class Bottleneck(nnx.Module):
+    """1x1 -> 3x3 (strided, v1.5) -> 1x1 convs plus shortcut (resnet50+).
+
+    x: [B, H, W, cin] -> [B, H/stride, W/stride, 4 * planes].
+    """
+
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int, *, zero_init_last_bn: bool, rngs: nnx.Rngs, dtype: Any):
+        cout = planes * self.expansion
+        self.conv1 = _conv(cin, planes, 1, 1, rngs=rngs, dtype=dtype)
+        self.bn1 = _bn(planes, rngs=rngs, dtype=dtype)
+        self.conv2 = _conv(planes, planes, 3, stride, rngs=rngs, dtype=dtype)
+        self.bn2 = _bn(planes, rngs=rngs, dtype=dtype)
+        self.conv3 = _conv(planes, cout, 1, 1, rngs=rngs, dtype=dtype)
+        self.bn3 = _bn(cout, rngs=rngs, dtype=dtype, zero_scale=zero_init_last_bn)
+        self.downsample = _downsample(cin, cout, stride, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = nnx.relu(self.bn1(self.conv1(x)))
+        y = nnx.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return nnx.relu(y + _shortcut(self.downsample, x))
+
+
+class ResNet(nnx.Module):
+    """ResNet v1.5. images: float32[B, H, W, 3] -> logits: float32[B, num_classes].
+
+    `zero_init_last_bn` zero-inits each block's last BN scale so blocks start as identities.
+    """
+
+    def __init__(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        depths: tuple[int, int, int, int],
+        num_classes: int,
+        *,
+        zero_init_last_bn: bool = False,
+        rngs: nnx.Rngs,
+        dtype: Any = jnp.float32,
+    ):
+        self.conv1 = _conv(3, 64, 7, 2, rngs=rngs, dtype=dtype)
+        self.bn1 = _bn(64, rngs=rngs, dtype=dtype)
+        cin = 64
+
+        def make_layer(planes: int, depth: int, stride: int) -> nnx.List:
+            nonlocal cin
+            blocks = []
+            for i in range(depth):
+                blocks.append(block(cin, planes, stride if i == 0 else 1,
+                                    zero_init_last_bn=zero_init_last_bn, rngs=rngs, dtype=dtype))
+                cin = planes * block.expansion
+            return nnx.List(blocks)
+
+        self.layer1 = make_layer(64, depths[0], 1)
+        self.layer2 = make_layer(128, depths[1], 2)
+        self.layer3 = make_layer(256, depths[2], 2)
+        self.layer4 = make_layer(512, depths[3], 2)
+        # The head runs in float32: it is cheap and its logits feed the float32 loss.
+        self.fc = nnx.Linear(cin, num_classes, kernel_init=_fc_init, bias_init=nnx.initializers.zeros,
+                             dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        x = nnx.relu(self.bn1(self.conv1(images)))
+        x = max_pool_3x3_s2(x)
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for blk in layer:
+                x = blk(x)
+        return self.fc(jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
+
+
+def _factory(block: type[BasicBlock] | type[Bottleneck], depths: tuple[int, int, int, int]):
+    """Registry factory for one depth configuration; its keyword options are the model's options."""
+
+    def factory(num_classes: int, rngs: nnx.Rngs, dtype: Any, *, zero_init_last_bn: bool = False) -> ResNet:
+        return ResNet(block, depths, num_classes, zero_init_last_bn=zero_init_last_bn, rngs=rngs, dtype=dtype)
+
+    return factory
+
+
+for _name, _block, _depths in (
+    ("resnet18", BasicBlock, (2, 2, 2, 2)),
+    ("resnet34", BasicBlock, (3, 4, 6, 3)),
+    ("resnet50", Bottleneck, (3, 4, 6, 3)),
+    ("resnet101", Bottleneck, (3, 4, 23, 3)),
+    ("resnet152", Bottleneck, (3, 8, 36, 3)),
+):
+    register(_name)(_factory(_block, _depths))

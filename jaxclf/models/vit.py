@@ -1,0 +1,195 @@
+"""Vision Transformer (vit_{tiny,small,base,large}_patch{16,32}_{224,384}) in the timm layout.
+
+Attribute names mirror timm (`cls_token`, `pos_embed`, `blocks.i.{norm1,attn.qkv,attn.proj,norm2,
+mlp.fc1,mlp.fc2}`, `norm` / `fc_norm`, `head`) so converted weights map one-to-one, except
+timm's `patch_embed.proj` conv, which is `patch_embed` itself here. Numerics follow timm:
+pre-norm blocks, LayerNorm eps 1e-6, exact-erf GELU, attention scale head_dim**-0.5.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxclf.models import register
+
+_init = nnx.initializers.truncated_normal(0.02)
+# torch nn.Conv2d's default weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as in timm.
+_patch_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _linear(din: int, dout: int, *, rngs: nnx.Rngs, dtype: Any) -> nnx.Linear:
+    """Linear with trunc-normal(0.02) kernel, zero bias, float32 params."""
+    return nnx.Linear(din, dout, kernel_init=_init, bias_init=nnx.initializers.zeros,
+                      dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def _layer_norm(dim: int, *, rngs: nnx.Rngs, dtype: Any) -> nnx.LayerNorm:
+    """LayerNorm with timm's eps 1e-6."""
+    return nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def _dropout(rate: float, *, rngs: nnx.Rngs, broadcast_dims: tuple[int, ...] = ()) -> nnx.Dropout:
+    """Dropout that holds an RNG stream only when it can drop anything (rate > 0)."""
+    return nnx.Dropout(rate, broadcast_dims=broadcast_dims, rngs=rngs if rate > 0 else None)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with timm's fused qkv. x: [B, N, D] -> [B, N, D]."""
+
+    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any):
+        self.num_heads = num_heads
+        self.qkv = _linear(dim, 3 * dim, rngs=rngs, dtype=dtype)
+        self.proj = _linear(dim, dim, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, n, d = x.shape
+        # timm's qkv output is laid out as [3, heads, head_dim] along the feature axis.
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        # Default scale is head_dim**-0.5; the softmax runs in float32 even for bfloat16 inputs.
+        out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        return self.proj(out.reshape(b, n, d))
+
+
+class Mlp(nnx.Module):
+    """fc1 -> exact GELU -> fc2. x: [B, N, D] -> [B, N, D]."""
+
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype: Any):
+        self.fc1 = _linear(dim, hidden, rngs=rngs, dtype=dtype)
+        self.fc2 = _linear(hidden, dim, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block with stochastic depth. x: [B, N, D] -> [B, N, D]."""
+
+    def __init__(self, dim: int, num_heads: int, drop_path: float, *, rngs: nnx.Rngs, dtype: Any):
+        self.norm1 = _layer_norm(dim, rngs=rngs, dtype=dtype)
+        self.attn = Attention(dim, num_heads, rngs=rngs, dtype=dtype)
+        self.norm2 = _layer_norm(dim, rngs=rngs, dtype=dtype)
+        self.mlp = Mlp(dim, 4 * dim, rngs=rngs, dtype=dtype)
+        # Stochastic depth = dropout of a whole residual branch per example: one mask value per
+        # example, broadcast over tokens and features, kept branches scaled by 1/(1-rate) as timm.
+        self.drop_path1 = _dropout(drop_path, rngs=rngs, broadcast_dims=(1, 2))
+        self.drop_path2 = _dropout(drop_path, rngs=rngs, broadcast_dims=(1, 2))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class VisionTransformer(nnx.Module):
+    """ViT classifier. images: float32[B, img_size, img_size, 3] -> logits: float32[B, num_classes].
+
+    `drop_rate` is dropout on the pooled features before the head (timm's `drop_rate`);
+    `drop_path_rate` is the stochastic depth of the last block, linear from 0 at the first;
+    `global_pool` is 'token' (class token after `norm`) or 'avg' (mean of the patch tokens, then
+    `fc_norm`, as timm names it).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        img_size: int,
+        patch_size: int,
+        width: int,
+        depth: int,
+        num_heads: int,
+        drop_rate: float,
+        drop_path_rate: float,
+        class_token: bool,
+        global_pool: str,
+        rngs: nnx.Rngs,
+        dtype: Any,
+    ):
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool={global_pool!r}: use 'token' or 'avg'")
+        if global_pool == "token" and not class_token:
+            raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg'")
+        if img_size % patch_size:
+            raise ValueError(f"img_size={img_size} is not a multiple of the patch size {patch_size}")
+        self.img_size = img_size
+        self.global_pool = global_pool
+        self.num_prefix_tokens = 1 if class_token else 0
+        num_patches = (img_size // patch_size) ** 2
+
+        self.patch_embed = nnx.Conv(
+            3, width, (patch_size, patch_size), strides=(patch_size, patch_size), padding="VALID",
+            kernel_init=_patch_init, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+        )
+        if class_token:
+            self.cls_token = nnx.Param(_init(rngs.params(), (1, 1, width), jnp.float32))
+        self.pos_embed = nnx.Param(
+            _init(rngs.params(), (1, self.num_prefix_tokens + num_patches, width), jnp.float32))
+        self.blocks = nnx.List([
+            Block(width, num_heads, float(rate), rngs=rngs, dtype=dtype)
+            for rate in np.linspace(0.0, drop_path_rate, depth)
+        ])
+        if global_pool == "avg":
+            self.fc_norm = _layer_norm(width, rngs=rngs, dtype=dtype)
+        else:
+            self.norm = _layer_norm(width, rngs=rngs, dtype=dtype)
+        self.head_drop = _dropout(drop_rate, rngs=rngs)
+        # The head runs in float32: it is cheap and its logits feed the float32 loss.
+        self.head = _linear(width, num_classes, rngs=rngs, dtype=jnp.float32)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        if images.shape[1:3] != (self.img_size, self.img_size):
+            raise ValueError(
+                f"images are {images.shape[1]}x{images.shape[2]} but the model was built for "
+                f"img_size={self.img_size}; create it with img_size={images.shape[1]}")
+        x = self.patch_embed(images)
+        b, h, w, d = x.shape
+        x = x.reshape(b, h * w, d)  # row-major patch order, as timm's flatten(2)
+        if self.num_prefix_tokens:
+            cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, d))
+            x = jnp.concatenate([cls, x], axis=1)
+        x = x + self.pos_embed[...].astype(x.dtype)
+        for blk in self.blocks:
+            x = blk(x)
+        if self.global_pool == "avg":
+            x = self.fc_norm(jnp.mean(x[:, self.num_prefix_tokens:], axis=1))
+        else:
+            x = self.norm(x)[:, 0]
+        return self.head(self.head_drop(x.astype(jnp.float32)))
+
+
+def _factory(width: int, depth: int, num_heads: int, patch_size: int, default_img_size: int):
+    """Registry factory for one ViT size; its keyword options are the model's options."""
+
+    def factory(
+        num_classes: int,
+        rngs: nnx.Rngs,
+        dtype: Any,
+        *,
+        img_size: int = default_img_size,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        class_token: bool = True,
+        global_pool: str = "token",
+    ) -> VisionTransformer:
+        return VisionTransformer(
+            num_classes=num_classes, img_size=img_size, patch_size=patch_size, width=width,
+            depth=depth, num_heads=num_heads, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+            class_token=class_token, global_pool=global_pool, rngs=rngs, dtype=dtype,
+        )
+
+    return factory
+
+
+for _size, (_width, _depth, _heads) in {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+}.items():
+    for _patch in (16, 32):
+        for _img in (224, 384):
+            register(f"vit_{_size}_patch{_patch}_{_img}")(_factory(_width, _depth, _heads, _patch, _img))
