@@ -67,8 +67,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.label_smoothing = 0.0
     c.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (params stay float32)
 
+    c.nonfinite_loss = "stop"  # a NaN/Inf loss: "stop" the run, or "skip" that step's update (counted)
+
     c.log_every_steps = 50
-    c.eval_every_epochs = 1.0  # also evaluates and checkpoints at the end
+    c.eval_every_epochs = 1.0  # also evaluates at the end
+    c.checkpoint_every_steps = 0  # 0: at every evaluation; always at the end and on a stop signal
     c.keep_checkpoints = 2
     return c
 

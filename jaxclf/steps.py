@@ -60,8 +60,13 @@ def make_train_step(
     mean: Sequence[float],
     std: Sequence[float],
     label_smoothing: float,
+    skip_nonfinite: bool = False,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """Return `step(state, batch) -> (state, metrics)`, jitted over `mesh`; `state` is donated."""
+    """Return `step(state, batch) -> (state, metrics)`, jitted over `mesh`; `state` is donated.
+
+    With `skip_nonfinite`, a step whose loss or gradients are NaN/Inf leaves the state unchanged
+    (metrics["skipped"] = 1) instead of poisoning the parameters.
+    """
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         images = normalize_images(batch["image"], mean, std)
@@ -76,12 +81,20 @@ def make_train_step(
         (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
+        new_state = TrainState(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
+        skipped = jnp.zeros((), jnp.int32)
+        if skip_nonfinite:
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+            new_state = kept.replace(step=new_state.step)  # the step counts, the update does not
+            skipped = 1 - finite.astype(jnp.int32)
         metrics = {
             "loss": loss,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
+            "skipped": skipped,
         }
-        new_state = TrainState(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
         return new_state, metrics
 
     state_sharding = sharding.replicated(mesh)

@@ -21,12 +21,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxclf import checkpoint, config as config_lib, models, optim, sharding, steps
-from jaxclf.data import digits, pipeline, sources
+from jaxclf import checkpoint, config as config_lib, data as data_lib, models, optim, preemption, sharding, steps
+from jaxclf.data import pipeline, sources
 from jaxclf.metrics import MetricsWriter
-
-# Data sets that jaxclf can write to `config.data.root` itself (`config.data.prepare`).
-PREPARERS = {"sklearn_digits": digits.write_digits_folder}
 
 PREFETCH_BATCHES = 2
 
@@ -40,11 +37,11 @@ def train_and_evaluate(
 ) -> dict[str, float]:
     """Run (or resume) training in `workdir`; return the last validation metrics.
 
-    `stop_at_step` ends the run early after checkpointing there, as a preempted job would;
-    `devices` restricts the mesh (tests compare 1 and 8 devices).
+    Raises `Preempted` after checkpointing when a stop signal arrives. `stop_at_step` ends the
+    run early after checkpointing there (tests use it); `devices` restricts the mesh.
     """
     _prepare_workdir(config, workdir)
-    splits = _load_data(config)
+    splits = data_lib.load_splits(config.data)
     train_set, val_set = splits["train"], splits["val"]
     num_classes = _check_num_classes(config, train_set, workdir)
 
@@ -59,6 +56,7 @@ def train_and_evaluate(
         )
     total_steps = config.total_steps or math.ceil(config.num_epochs * steps_per_epoch)
     eval_every = max(1, round(config.eval_every_epochs * steps_per_epoch))
+    checkpoint_every = config.checkpoint_every_steps or eval_every
 
     model = _create_model(config, num_classes)
     tx, schedule = optim.make_optimizer(config.optim, total_steps, steps_per_epoch)
@@ -66,27 +64,39 @@ def train_and_evaluate(
     state = jax.device_put(state, sharding.replicated(mesh))
     normalization = dict(mean=tuple(config.data.mean), std=tuple(config.data.std))
     train_step = steps.make_train_step(
-        train_graphdef, tx, mesh, label_smoothing=config.label_smoothing, **normalization
+        train_graphdef,
+        tx,
+        mesh,
+        label_smoothing=config.label_smoothing,
+        skip_nonfinite=config.nonfinite_loss == "skip",
+        **normalization,
     )
     eval_step = steps.make_eval_step(eval_graphdef, mesh, **normalization)
 
-    loader = pipeline.make_train_loader(
-        train_set,
-        config.data.pp_train,
-        global_batch_size=config.batch_size,
-        seed=config.seed,
-        num_workers=config.data.num_workers,
-    )
-    train_iter = iter(loader)
+    def make_train_iterator(num_workers: int):
+        return iter(
+            pipeline.make_train_loader(
+                train_set,
+                config.data.pp_train,
+                global_batch_size=config.batch_size,
+                seed=config.seed,
+                num_workers=num_workers,
+            )
+        )
 
     # Decide how to initialise. The order matters:
-    # 1. Resume from the latest checkpoint in workdir (a preempted or restarted job).
+    # 1. Resume from the newest readable checkpoint in workdir (a preempted or restarted job).
     # 2. Otherwise start from the freshly initialised model.
     checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-    start_step = checkpointer.latest_step() or 0
-    if start_step:
-        state = checkpointer.restore(start_step, state, train_iter)
+    restored = checkpointer.restore_latest(
+        state, lambda meta: make_train_iterator(_resumed_num_workers(meta, config.data.num_workers))
+    )
+    if restored:
+        start_step, state, train_iter, meta = restored
         print(f"Resumed from {checkpointer.directory} at step {start_step}", file=sys.stderr)
+    else:
+        meta = {"num_workers": pipeline.resolve_num_workers(config.data.num_workers)}
+        start_step, train_iter = 0, make_train_iterator(meta["num_workers"])
 
     def evaluate() -> dict[str, float]:
         totals = steps.zero_eval_totals(mesh)
@@ -104,39 +114,97 @@ def train_and_evaluate(
         }
 
     writer = MetricsWriter(workdir)
+    train_log = TrainLog(writer, schedule, config.batch_size, steps_per_epoch, config.nonfinite_loss, start_step)
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
-    pending_metrics: list[dict] = []
     val_metrics: dict[str, float] = {}
-    last_log_time, last_log_step = time.perf_counter(), start_step
-    data_state = None
-    for step, (batch, data_state) in zip(
-        range(start_step + 1, end_step + 1), _prefetch_to_mesh(train_iter, mesh), strict=False
-    ):
-        state, metrics = train_step(state, batch)
-        pending_metrics.append(metrics)  # stays on the device until the next log line
-
-        if step % config.log_every_steps == 0 or step == end_step:
-            means = {f"train/{k}": float(np.mean(v)) for k, v in _stack(pending_metrics).items()}
-            pending_metrics.clear()
-            now = time.perf_counter()
-            means["train/images_per_sec"] = (step - last_log_step) * config.batch_size / (now - last_log_time)
-            means["train/lr"] = float(schedule(step - 1))
-            means["epoch"] = step / steps_per_epoch
-            writer.write(step, means)
-            last_log_time, last_log_step = now, step
-
-        if step % eval_every == 0 or step == total_steps:
+    try:
+        with preemption.StopSignals() as signals:
+            for step, (batch, data_state) in zip(
+                range(start_step + 1, end_step + 1), _prefetch_to_mesh(train_iter, mesh), strict=False
+            ):
+                state, metrics = train_step(state, batch)
+                train_log.add(metrics)  # stays on the device until the next log line
+                log_now = step % config.log_every_steps == 0 or step == end_step
+                stop_now = signals.should_stop(at_sync_point=log_now)
+                save_now = step % checkpoint_every == 0 or step == end_step or stop_now
+                if log_now or save_now:  # never checkpoint a state whose loss was not checked
+                    train_log.flush(step)
+                if step % eval_every == 0 or step == total_steps:
+                    val_metrics = evaluate()
+                    writer.write(step, val_metrics)
+                    train_log.restart_clock(step)  # evaluation time is not training throughput
+                if save_now:
+                    checkpointer.save(step, state, checkpoint.IteratorState(data_state), meta)
+                if stop_now:
+                    raise preemption.Preempted(step, signals.received)
+        if not val_metrics and end_step == total_steps:
             val_metrics = evaluate()
-            writer.write(step, val_metrics)
-            # Evaluation time is not training throughput: restart the clock.
-            last_log_time, last_log_step = time.perf_counter(), step
-        if step % eval_every == 0 or step == end_step:
-            checkpointer.save(step, state, checkpoint.IteratorState(data_state))
-
-    if not val_metrics:
-        val_metrics = evaluate()
-    checkpointer.close()
+    finally:
+        checkpointer.close()
     return val_metrics
+
+
+def _resumed_num_workers(meta: dict, configured: int) -> int:
+    """The worker count of the checkpoint (grain resumes only with the same count)."""
+    saved = meta["num_workers"]
+    if configured >= 0 and configured != saved:
+        raise config_lib.ConfigError(
+            f"config.data.num_workers={configured} but the checkpoint was written with {saved} workers; "
+            f"grain resumes only with the same count: use --config.data.num_workers={saved} (or -1)"
+        )
+    return saved
+
+
+class TrainLog:
+    """Per-step train metrics kept on the device and written as window means at log steps.
+
+    Reading them back is the loop's only host sync. A non-finite loss stops the run (or, with
+    `nonfinite_loss="skip"`, is counted in `train/skipped_steps`: the step made no update).
+    """
+
+    def __init__(self, writer, schedule, batch_size: int, steps_per_epoch: int, nonfinite_loss: str, step: int):
+        self._writer, self._schedule = writer, schedule
+        self._batch_size, self._steps_per_epoch = batch_size, steps_per_epoch
+        self._nonfinite_loss = nonfinite_loss
+        self._pending: list[dict] = []
+        self._skipped = 0
+        self.restart_clock(step)
+
+    def add(self, metrics: dict) -> None:
+        self._pending.append(metrics)
+
+    def restart_clock(self, step: int) -> None:
+        self._clock, self._clock_step = time.perf_counter(), step
+
+    def flush(self, step: int) -> None:
+        """Write the mean of the metrics since the last flush; raise NonFiniteLoss in "stop" mode."""
+        if not self._pending:
+            return
+        fetched = jax.device_get(self._pending)
+        per_step = {k: np.asarray([m[k] for m in fetched]) for k in fetched[0]}
+        first_step = step - len(fetched) + 1
+        self._pending.clear()
+        bad = ~np.isfinite(per_step["loss"])
+        if bad.any() and self._nonfinite_loss == "stop":
+            raise NonFiniteLoss(
+                f"the training loss became {per_step['loss'][bad.argmax()]} at step {first_step + bad.argmax()}; "
+                "the last checkpoint before it is kept. Try a lower config.optim.lr, more warmup "
+                "(config.optim.warmup_epochs), config.dtype='float32', or config.nonfinite_loss='skip'"
+            )
+        self._skipped += int(per_step.pop("skipped").sum())
+        good = ~bad
+        scalars = {f"train/{k}": float(np.mean(v[good])) if good.any() else float("nan") for k, v in per_step.items()}
+        now = time.perf_counter()
+        scalars["train/images_per_sec"] = (step - self._clock_step) * self._batch_size / (now - self._clock)
+        scalars["train/lr"] = float(self._schedule(step - 1))
+        scalars["train/skipped_steps"] = self._skipped
+        scalars["epoch"] = step / self._steps_per_epoch
+        self._writer.write(step, scalars)
+        self.restart_clock(step)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or Inf (config.nonfinite_loss="stop")."""
 
 
 def _prefetch_to_mesh(iterator, mesh) -> Iterator[tuple[dict, bytes]]:
@@ -153,11 +221,6 @@ def _prefetch_to_mesh(iterator, mesh) -> Iterator[tuple[dict, bytes]]:
         yield queue.popleft()
 
 
-def _stack(metrics: list[dict]) -> dict[str, np.ndarray]:
-    fetched = jax.device_get(metrics)
-    return {k: np.asarray([m[k] for m in fetched]) for k in fetched[0]}
-
-
 def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Create `workdir` and write config.json now, so an unwritable workdir fails before training."""
     try:
@@ -167,29 +230,6 @@ def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
                 f.write(config.to_json_best_effort(indent=2))
     except OSError as e:
         raise config_lib.ConfigError(f"--workdir {workdir!r} is not writable: {e}") from None
-
-
-def _load_data(config: ml_collections.ConfigDict) -> dict[str, sources.ImageFolder]:
-    data = config.data
-    if not data.root:
-        raise config_lib.ConfigError(
-            "config.data.root is not set: point it at a folder holding train/<class>/* images "
-            "(and val/<class>/* or --config.data.val_fraction=0.1), e.g. --config.data.root=/data/pets"
-        )
-    root = os.path.expanduser(data.root)
-    if data.prepare:
-        if data.prepare not in PREPARERS:
-            raise config_lib.ConfigError(
-                f"config.data.prepare={data.prepare!r} is unknown; known: {sorted(PREPARERS)}"
-            )
-        PREPARERS[data.prepare](root)
-    return sources.load_image_folder_splits(
-        root,
-        train_split=data.train_split,
-        val_split=data.val_split,
-        val_fraction=data.val_fraction,
-        split_seed=data.split_seed,
-    )
 
 
 def _check_num_classes(config: ml_collections.ConfigDict, train_set: sources.ImageFolder, workdir: str) -> int:
@@ -247,12 +287,20 @@ def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 a mistake in the config, data or checkpoint (message on stderr),
+    75 (`EXIT_PREEMPTED`) stopped by a signal after checkpointing, 3 the loss became NaN/Inf."""
     try:
         config, workdir = parse_args(sys.argv[1:] if argv is None else argv)
         train_and_evaluate(config, workdir)
-    except (config_lib.ConfigError, sources.DataError) as e:
+    except (config_lib.ConfigError, sources.DataError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except preemption.Preempted as e:
+        print(str(e), file=sys.stderr)
+        return preemption.EXIT_PREEMPTED
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 
