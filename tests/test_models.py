@@ -8,7 +8,7 @@ from flax import nnx
 from scipy.special import erf
 
 from jaxclf import models
-from jaxclf.models import resnet
+from jaxclf.models import layers, resnet
 
 RESNETS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 VITS = [
@@ -158,7 +158,7 @@ def _max_pool_reference(x: np.ndarray) -> np.ndarray:
 def test_stem_max_pool_matches_torch_padding(size):
     # All-negative inputs: zero padding would leak zeros into border windows; -inf padding cannot.
     x = -np.random.default_rng(2).uniform(1, 2, (2, size, size, 3)).astype(np.float32)
-    out = np.asarray(resnet.max_pool_3x3_s2(jnp.asarray(x)))
+    out = np.asarray(layers.max_pool_3x3_s2(jnp.asarray(x)))
     np.testing.assert_array_equal(out, _max_pool_reference(x))
     if size % 2 == 0:  # where 'SAME' pads (0, 1) instead of (1, 1) it gives other values
         same = jax.lax.reduce_window(x, -np.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), "SAME")
@@ -325,3 +325,34 @@ def test_unknown_kwarg_names_kwarg_and_model():
 def test_vit_rejects_inconsistent_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         models.create("vit_tiny_patch16_224", num_classes=10, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, stride, pad",
+    [
+        ((2, 2, 2, 8), 3, 1, 1),  # im2col path: 2x2 output
+        ((2, 1, 1, 8), 3, 1, 1),  # 1x1 map: only the centre tap sees data
+        ((2, 4, 4, 8), 3, 2, 1),  # strided onto 2x2
+        ((2, 3, 3, 8), 1, 2, 0),  # 1x1 downsample conv onto 2x2
+        ((2, 5, 5, 8), 3, 1, 1),  # large output: plain XLA path
+    ],
+)
+def test_small_map_conv_equals_lax_conv_forward_and_backward(shape, kernel, stride, pad):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, shape[-1], 6)), jnp.float32)
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    padding = ((pad, pad), (pad, pad))
+
+    def ours(x, w):
+        return layers.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn)
+
+    def reference(x, w):
+        return jax.lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn)
+
+    np.testing.assert_allclose(ours(x, w), reference(x, w), rtol=1e-5, atol=1e-5)
+    probe = jnp.asarray(rng.normal(size=reference(x, w).shape), jnp.float32)
+    grads = jax.grad(lambda x, w: jnp.sum(ours(x, w) * probe), argnums=(0, 1))(x, w)
+    expected = jax.grad(lambda x, w: jnp.sum(reference(x, w) * probe), argnums=(0, 1))(x, w)
+    for g, e in zip(grads, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxclf.models import register
+from jaxclf.models import layers, register
 
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), an untruncated normal.
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -28,7 +28,7 @@ def _conv(cin: int, cout: int, kernel: int, stride: int, *, rngs: nnx.Rngs, dtyp
     return nnx.Conv(
         cin, cout, (kernel, kernel), strides=(stride, stride),
         padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=_conv_init,
-        dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+        dtype=dtype, param_dtype=jnp.float32, conv_general_dilated=layers.conv_general_dilated, rngs=rngs,
     )
 
 
@@ -54,17 +54,6 @@ def _shortcut(downsample: nnx.List | None, x: jax.Array) -> jax.Array:
         return x
     conv, bn = downsample
     return bn(conv(x))
-
-
-def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-    """Stem max-pool like torch `MaxPool2d(3, 2, padding=1)`: one -inf pad on every side.
-
-    x: [B, H, W, C] -> [B, ceil(H/2), ceil(W/2), C].
-    """
-    # A Python-scalar init value lets JAX recognise a max-pool and differentiate it.
-    return jax.lax.reduce_window(
-        x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
-    )
 
 
 class BasicBlock(nnx.Module):
@@ -149,7 +138,7 @@ class ResNet(nnx.Module):
 
     def __call__(self, images: jax.Array) -> jax.Array:
         x = nnx.relu(self.bn1(self.conv1(images)))
-        x = max_pool_3x3_s2(x)
+        x = layers.max_pool_3x3_s2(x)
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for blk in layer:
                 x = blk(x)

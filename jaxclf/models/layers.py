@@ -1,0 +1,65 @@
+"""Building blocks shared by model families."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# Convolutions whose output has at most this many pixels run as im2col + matmul (see below).
+SMALL_MAP_PIXELS = 4
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding, **kwargs: Any) -> jax.Array:
+    """`jax.lax.conv_general_dilated`, but NHWC convs with tiny outputs (<= 2x2) run as im2col + matmul.
+
+    XLA:CPU runs convolutions onto maps of 2x2 or 1x1 pixels 8-16x slower than the FLOPs warrant,
+    forwards and backwards (a ResNet's last stages at CIFAR-sized 32 px inputs: they took most of
+    the step; see bench/README.md). Slicing the padded input into kernel-sized patches and doing
+    one matmul is exact and fast. Pass as `nnx.Conv(..., conv_general_dilated=...)`.
+    """
+    batch, height, width, channels = lhs.shape
+    kh, kw, _, out_channels = rhs.shape
+    plain = (
+        kwargs.get("feature_group_count", 1) == 1
+        and all(d == 1 for d in kwargs.get("lhs_dilation") or (1, 1))
+        and all(d == 1 for d in kwargs.get("rhs_dilation") or (1, 1))
+        and not isinstance(padding, str)
+        and kwargs.get("dimension_numbers") == jax.lax.conv_dimension_numbers(
+            lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")
+        )
+    )
+    if not plain:
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+    (top, bottom), (left, right) = padding
+    sh, sw = window_strides
+    out_h = (height + top + bottom - kh) // sh + 1
+    out_w = (width + left + right - kw) // sw + 1
+    if out_h * out_w > SMALL_MAP_PIXELS:
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+    padded = jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    patches = jnp.concatenate(
+        [
+            padded[:, i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw, :]
+            for i in range(kh)
+            for j in range(kw)
+        ],
+        axis=-1,
+    )  # [B, out_h, out_w, kh * kw * C], ordered like rhs.reshape(kh * kw * C, O)
+    return jnp.dot(patches, rhs.reshape(kh * kw * channels, out_channels), precision=kwargs.get("precision"))
+
+
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """Max-pool like torch `MaxPool2d(3, 2, padding=1)`: -inf padding of one pixel on every side.
+
+    x: [B, H, W, C] -> [B, ceil(H/2), ceil(W/2), C]. Written as the maximum of 9 strided slices,
+    not `reduce_window`, because XLA:CPU's gradient of the latter (select-and-scatter) is 4-5x
+    slower; values are identical.
+    """
+    _, height, width, _ = x.shape
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    out_h, out_w = (height - 1) // 2 + 1, (width - 1) // 2 + 1
+    slices = [padded[:, i : i + 2 * out_h - 1 : 2, j : j + 2 * out_w - 1 : 2, :] for i in range(3) for j in range(3)]
+    return functools.reduce(jnp.maximum, slices)
