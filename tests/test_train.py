@@ -29,8 +29,9 @@ def test_quickstart_model_learns_digits(digits_root, tmp_path):
     config.data.pp_eval = "decode"
     config.data.num_workers = 1
     config.num_epochs = 4.0
-    val = train.train_and_evaluate(config, str(tmp_path / "run"))
-    assert val["val/accuracy"] >= 0.85, val
+    # One device: 8 simulated devices on 2 cores only add overhead (test_steps covers 8 vs 1).
+    val = train.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+    assert val["val/accuracy"] >= 0.9, val
     records = read_metrics(str(tmp_path / "run"))
     train_records = [r for r in records if "train/loss" in r]
     assert train_records[-1]["train/loss"] < train_records[0]["train/loss"]
