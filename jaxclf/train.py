@@ -117,26 +117,47 @@ def train_and_evaluate(
     train_log = TrainLog(writer, schedule, config.batch_size, steps_per_epoch, config.nonfinite_loss, start_step)
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
     val_metrics: dict[str, float] = {}
+    def save(step: int, data_state: bytes) -> None:
+        train_log.flush(step)  # never checkpoint a state whose loss was not checked
+        checkpointer.save(step, state, checkpoint.IteratorState(data_state), meta)
+
     try:
         with preemption.StopSignals() as signals:
-            for step, (batch, data_state) in zip(
-                range(start_step + 1, end_step + 1), _prefetch_to_mesh(train_iter, mesh), strict=False
-            ):
+            batches = _prefetch_to_mesh(train_iter, mesh)
+            data_state = None  # the data position after the newest trained batch
+            for step in range(start_step + 1, end_step + 1):
+                try:
+                    batch, batch_data_state = next(batches)
+                except Exception:
+                    if signals.received is None:
+                        raise
+                    # A signal sent to the whole process group also ends the data workers:
+                    # checkpoint the last completed step instead of failing.
+                    if data_state is not None:
+                        save(step - 1, data_state)
+                    raise preemption.Preempted(step - 1, signals.received) from None
                 state, metrics = train_step(state, batch)
+                data_state = batch_data_state
                 train_log.add(metrics)  # stays on the device until the next log line
                 log_now = step % config.log_every_steps == 0 or step == end_step
                 stop_now = signals.should_stop(at_sync_point=log_now)
-                save_now = step % checkpoint_every == 0 or step == end_step or stop_now
-                if log_now or save_now:  # never checkpoint a state whose loss was not checked
+                if log_now:
                     train_log.flush(step)
-                if step % eval_every == 0 or step == total_steps:
-                    val_metrics = evaluate()
-                    writer.write(step, val_metrics)
-                    train_log.restart_clock(step)  # evaluation time is not training throughput
-                if save_now:
-                    checkpointer.save(step, state, checkpoint.IteratorState(data_state), meta)
+                if step % checkpoint_every == 0 or step == end_step or stop_now:
+                    save(step, data_state)
                 if stop_now:
                     raise preemption.Preempted(step, signals.received)
+                if step % eval_every == 0 or step == total_steps:
+                    try:
+                        val_metrics = evaluate()
+                    except Exception:
+                        if signals.received is None:
+                            raise
+                        if step % checkpoint_every != 0 and step != end_step:
+                            save(step, data_state)
+                        raise preemption.Preempted(step, signals.received) from None
+                    writer.write(step, val_metrics)
+                    train_log.restart_clock(step)  # evaluation time is not training throughput
         if not val_metrics and end_step == total_steps:
             val_metrics = evaluate()
     finally:

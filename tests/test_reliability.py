@@ -51,25 +51,38 @@ def _last_logged_step(workdir) -> int:
         return 0
 
 
-def _run_until(command, workdir, step, sig):
-    """Start a training process, send `sig` once it has logged `step`, and return its exit code."""
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def _run_until(command, workdir, step, sig, whole_group=False):
+    """Start a training process, send `sig` once it has logged `step`, and return its exit code.
+
+    `whole_group` signals the process group, data workers included, as SLURM and Ctrl-C do.
+    """
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=whole_group
+    )
     deadline = time.time() + 120
     while _last_logged_step(workdir) < step and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    process.send_signal(sig)
+    if whole_group:
+        os.killpg(process.pid, sig)
+    else:
+        process.send_signal(sig)
     _, stderr = process.communicate(timeout=120)
     return process.returncode, stderr
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(digits_root, tmp_path_factory):
+def uninterrupted_workdir(digits_root, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
     subprocess.run(_command(digits_root, workdir), check=True, capture_output=True, timeout=300)
-    return _final_state(workdir)
+    return workdir
 
 
-def test_kills_at_random_steps_resume_to_identical_parameters(digits_root, tmp_path, uninterrupted):
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_workdir):
+    return _final_state(uninterrupted_workdir)
+
+
+def test_kills_at_random_steps_resume_to_identical_parameters(digits_root, tmp_path, uninterrupted, uninterrupted_workdir):
     rng = random.Random(0)
     workdir = tmp_path / "run"
     for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL, signal.SIGTERM):
@@ -80,6 +93,20 @@ def test_kills_at_random_steps_resume_to_identical_parameters(digits_root, tmp_p
             assert "stopped by SIGTERM" in stderr
     subprocess.run(_command(digits_root, workdir), check=True, capture_output=True, timeout=300)
     _assert_same_state(_final_state(workdir), uninterrupted)
+    val = lambda d: [r for r in read_metrics(str(d)) if "val/accuracy" in r][-1]
+    assert val(workdir) == val(uninterrupted_workdir)
+
+
+def test_sigterm_to_the_process_group_with_data_workers_still_checkpoints(digits_root, tmp_path):
+    workdir = tmp_path / "run"
+    command = _command(digits_root, workdir, "--config.data.num_workers=1", f"--config.total_steps={10 * TOTAL_STEPS}")
+    code, stderr = _run_until(command, workdir, 5, signal.SIGTERM, whole_group=True)
+    assert code == preemption.EXIT_PREEMPTED, stderr
+    stopped_at = int(stderr.split("at step ")[1].split()[0])
+    assert checkpoint.Checkpointer(str(workdir), keep=2).latest_step() == stopped_at
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"at step {stopped_at}" in result.stderr  # "Resumed from ... at step N"
 
 
 def test_sigterm_checkpoints_the_current_step(digits_root, tmp_path):
