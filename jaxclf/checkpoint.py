@@ -34,15 +34,29 @@ class IteratorState:
 
 
 class Checkpointer:
-    """Keeps the last `keep` checkpoints under `workdir/checkpoints`.
+    """Keeps the last `keep` checkpoints under `workdir/checkpoints`, and the best one by `best_metric`.
 
     Each holds three items: `state` (the TrainState pytree), `data` (grain iterator position, one
     file per process) and `meta` (JSON facts the run needs before it can build its data loader).
     """
 
-    def __init__(self, workdir: str, keep: int):
+    def __init__(self, workdir: str, keep: int, best_metric: str = "val/accuracy", best_mode: str = "max"):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+        sign = 1.0 if best_mode == "max" else -1.0
+        keep_best = ocp.checkpoint_managers.BestN(
+            # BestN sorts ascending and keeps the last: the highest score, the earliest step of equals
+            # (the step EarlyStopping reports).
+            get_metric_fn=lambda metrics: (sign * metrics[best_metric], -metrics["step"]),
+            n=1,
+            keep_checkpoints_without_metrics=False,
+        )
+        options = ocp.CheckpointManagerOptions(
+            create=True,
+            enable_async_checkpointing=True,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(
+                [ocp.checkpoint_managers.LatestN(keep), keep_best]
+            ),
+        )
         handlers = {
             "state": ocp.StandardCheckpointHandler(),
             "data": grain.checkpoint.CheckpointHandler(),
@@ -53,14 +67,21 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state, data_state: IteratorState, meta: dict) -> None:
-        """Start saving at `step` (returns once the state is off the device, before the write ends)."""
+    def save(self, step: int, state, data_state: IteratorState, meta: dict, metrics: dict | None = None) -> None:
+        """Start saving at `step` (returns once the state is off the device, before the write ends).
+
+        `metrics` (the evaluation at this step, if any) rank the checkpoint for keeping the best.
+        """
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_state),
             meta=ocp.args.JsonSave(meta),
         )
-        self._manager.save(step, args=args, force=True)
+        metrics = None if metrics is None else {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        self._manager.save(step, args=args, metrics=metrics, force=True)
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
 
     def restore_latest(self, target_state, make_iterator: Callable[[dict], object]):
         """Restore the newest readable checkpoint: (step, state, data iterator, meta), or None if none.

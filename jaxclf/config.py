@@ -53,26 +53,47 @@ def base_config() -> ml_collections.ConfigDict:
     c.total_steps = 0  # > 0: train this many steps instead of num_epochs
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.name = "sgd"  # "sgd" (with momentum) or "adamw"
+    c.optim.name = "sgd"  # "sgd" (with momentum), "adamw", "lamb" or "lion"
     c.optim.lr = 0.01  # peak learning rate, reached after warmup
     c.optim.momentum = 0.9  # sgd
     c.optim.nesterov = False  # sgd
-    c.optim.b1 = 0.9  # adamw
-    c.optim.b2 = 0.999  # adamw
-    c.optim.weight_decay = 1e-4  # on weight matrices and conv kernels only
-    c.optim.schedule = "cosine"  # "cosine", "linear" or "constant" after warmup
+    c.optim.b1 = 0.9  # adamw, lamb, lion
+    c.optim.b2 = 0.999  # adamw, lamb, lion
+    c.optim.weight_decay = 1e-4  # on weight matrices and conv kernels only (not biases, norms, pos_embed, cls_token)
+    c.optim.schedule = "cosine"  # after warmup: "cosine", "linear", "step" or "constant"
+    # Warmup length: set at most one of these three.
+    c.optim.warmup_steps = 0
     c.optim.warmup_epochs = 0.0
-    c.optim.end_lr_fraction = 0.0  # final lr = lr * end_lr_fraction
+    c.optim.warmup_fraction = 0.0  # of the whole run
+    c.optim.end_lr_fraction = 0.0  # cosine/linear: final lr = lr * end_lr_fraction
+    c.optim.step_epochs = ()  # schedule="step": multiply the lr by step_factor at each of these epochs
+    c.optim.step_factor = 0.1
+    c.optim.clip_grad_norm = 0.0  # > 0: clip gradients to this global norm
+    c.optim.accumulate_steps = 1  # split each batch into this many micro-batches, one update (saves memory)
+    c.optim.layer_decay = 0.0  # > 0: lr * layer_decay ** (depth from the top): ViT blocks, ResNet stages
+    c.optim.head_lr_mult = 1.0  # lr multiplier for parameters matching head_regex
+    c.optim.head_regex = "^(head|fc)/"
+    c.optim.freeze = ""  # regex of parameter paths left unchanged, e.g. "^(?!fc/)" for a linear probe
 
+    c.freeze_bn_stats = False  # BatchNorm uses and keeps its running statistics while training
     c.label_smoothing = 0.0
-    c.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (params stay float32)
+    # Mixup / cutmix on the device: mixed with probability mix_prob; cutmix with mix_switch_prob when both.
+    c.mixup_alpha = 0.0
+    c.cutmix_alpha = 0.0
+    c.mix_prob = 1.0
+    c.mix_switch_prob = 0.5
+    c.ema_decay = 0.0  # > 0: keep an exponential moving average of the params; evaluated as val_ema/*
+    c.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (params, loss and softmax stay float32)
 
     c.nonfinite_loss = "stop"  # a NaN/Inf loss: "stop" the run, or "skip" that step's update (counted)
 
     c.log_every_steps = 50
     c.eval_every_epochs = 1.0  # also evaluates at the end
     c.checkpoint_every_steps = 0  # 0: at every evaluation; always at the end and on a stop signal
-    c.keep_checkpoints = 2
+    c.keep_checkpoints = 2  # the latest N, plus the best by best_metric
+    c.best_metric = "val/accuracy"  # a key of the evaluation metrics (val/*, val_ema/*)
+    c.best_mode = "max"  # "max" or "min"
+    c.early_stopping_patience = 0  # > 0: stop after this many evaluations without a new best
     return c
 
 

@@ -2,6 +2,8 @@
 
 The model travels as an NNX graphdef (static) plus state pytrees; it is rebuilt with `nnx.merge`
 inside the jitted function, so no Python graph walk happens per step and shardings are explicit.
+Everything random in a step derives from `fold_in(key(config.seed), step)`, so a resumed run
+draws the same numbers as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from collections.abc import Callable, Sequence
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxclf import sharding
+from jaxclf import augment, sharding
 
 
 @flax.struct.dataclass
@@ -26,15 +29,32 @@ class TrainState:
     params: nnx.State  # the model's nnx.Param variables
     model_state: nnx.State  # every other variable: BatchNorm statistics, RNG counters
     opt_state: optax.OptState
+    ema_params: nnx.State | None = None  # exponential moving average of params (config.ema_decay > 0)
 
 
-def create_train_state(model: nnx.Module, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, nnx.GraphDef, TrainState]:
-    """Split `model` into (train-mode graphdef, eval-mode graphdef, initial state)."""
+def create_train_state(
+    model: nnx.Module, tx: optax.GradientTransformation, *, ema: bool = False, freeze_bn_stats: bool = False
+) -> tuple[nnx.GraphDef, nnx.GraphDef, TrainState]:
+    """Split `model` into (train-mode graphdef, eval-mode graphdef, initial state).
+
+    `freeze_bn_stats` keeps BatchNorm on its running statistics during training too (they are
+    neither used from the batch nor updated), the usual choice for small-batch fine-tuning.
+    """
     model.eval()
     eval_graphdef = nnx.graphdef(model)
     model.train()
+    if freeze_bn_stats:
+        for _, module in nnx.iter_modules(model):
+            if isinstance(module, nnx.BatchNorm):
+                module.use_running_average = True
     train_graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state, opt_state=tx.init(params))
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        model_state=model_state,
+        opt_state=tx.init(params),
+        ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+    )
     return train_graphdef, eval_graphdef, state
 
 
@@ -46,55 +66,89 @@ def normalize_images(images: jax.Array, mean: Sequence[float], std: Sequence[flo
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Per-example softmax cross-entropy in float32, with optional label smoothing. Shape [B]."""
-    num_classes = logits.shape[-1]
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+    """Per-example softmax cross-entropy in float32 against int labels, with optional smoothing. Shape [B]."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def weighted_mean(losses: jax.Array, targets: jax.Array, class_weights: jax.Array | None) -> jax.Array:
+    """Mean of per-example `losses`; with `class_weights` [C], weighted by each target's class weight
+    and normalised by the weights' sum, as torch's CrossEntropyLoss(weight=...) does."""
+    if class_weights is None:
+        return losses.mean()
+    weights = targets @ class_weights
+    return jnp.sum(losses * weights) / jnp.sum(weights)
 
 
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
     mesh: Mesh,
-    *,
-    mean: Sequence[float],
-    std: Sequence[float],
-    label_smoothing: float,
-    skip_nonfinite: bool = False,
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    class_weights: jax.Array | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Return `step(state, batch) -> (state, metrics)`, jitted over `mesh`; `state` is donated.
 
-    With `skip_nonfinite`, a step whose loss or gradients are NaN/Inf leaves the state unchanged
+    Reads from `config`: data.mean/std, label_smoothing, mixup_alpha, cutmix_alpha, mix_prob,
+    mix_switch_prob, optim.accumulate_steps, ema_decay, nonfinite_loss, seed. With
+    nonfinite_loss="skip", a step whose loss or gradients are NaN/Inf leaves the state unchanged
     (metrics["skipped"] = 1) instead of poisoning the parameters.
     """
+    mean, std = tuple(config.data.mean), tuple(config.data.std)
+    accumulate = config.optim.accumulate_steps
 
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        images = normalize_images(batch["image"], mean, std)
-
+    def grads_and_metrics(params, model_state, images, targets, labels):
         def loss_fn(params):
             # copy=True makes fresh variables in this (grad) trace, so BatchNorm may update them.
-            model = nnx.merge(graphdef, params, state.model_state, copy=True)
-            logits = model(images)
-            loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
+            model = nnx.merge(graphdef, params, model_state, copy=True)
+            logits = model(images).astype(jnp.float32)
+            losses = optax.softmax_cross_entropy(logits, targets)
+            loss = weighted_mean(losses, targets, class_weights)
             return loss, (logits, nnx.state(model, nnx.Not(nnx.Param)))
 
-        (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+        return grads, model_state, loss, accuracy
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        key = jax.random.fold_in(jax.random.key(config.seed), state.step)
+        images = normalize_images(batch["image"], mean, std)
+        targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), config.label_smoothing)
+        images, targets = augment.mixup_cutmix(
+            key,
+            images,
+            targets,
+            mixup_alpha=config.mixup_alpha,
+            cutmix_alpha=config.cutmix_alpha,
+            mix_prob=config.mix_prob,
+            switch_prob=config.mix_switch_prob,
+        )
+        if accumulate == 1:
+            grads, model_state, loss, accuracy = grads_and_metrics(
+                state.params, state.model_state, images, targets, batch["label"]
+            )
+        else:
+            grads, model_state, loss, accuracy = _accumulated(
+                grads_and_metrics, state, accumulate, images, targets, batch["label"]
+            )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        ema_params = state.ema_params
+        if ema_params is not None:
+            decay = config.ema_decay
+            ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
         grad_norm = optax.tree.norm(grads)
-        new_state = TrainState(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
+        new_state = TrainState(
+            step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state, ema_params=ema_params
+        )
         skipped = jnp.zeros((), jnp.int32)
-        if skip_nonfinite:
+        if config.nonfinite_loss == "skip":
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
             kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
             new_state = kept.replace(step=new_state.step)  # the step counts, the update does not
             skipped = 1 - finite.astype(jnp.int32)
-        metrics = {
-            "loss": loss,
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-            "grad_norm": grad_norm,
-            "skipped": skipped,
-        }
+        metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "skipped": skipped}
         return new_state, metrics
 
     state_sharding = sharding.replicated(mesh)
@@ -106,17 +160,44 @@ def make_train_step(
     )
 
 
+def _accumulated(grads_and_metrics, state: TrainState, k: int, images, targets, labels):
+    """Mean gradients over k micro-batches of the batch, run one after another (k times less activation memory).
+
+    Micro-batch j takes rows j, j+k, j+2k, ...: a reshape that keeps every device's rows on that
+    device, so each micro-batch is still split over the whole mesh. BatchNorm statistics advance
+    micro-batch by micro-batch, as in PyTorch's accumulation loops.
+    """
+    batch = images.shape[0]
+    if batch % k:
+        raise ValueError(f"config.optim.accumulate_steps={k} must divide the per-step batch of {batch}")
+
+    def micro(x):
+        return jnp.moveaxis(x.reshape(batch // k, k, *x.shape[1:]), 1, 0)
+
+    def body(carry, xs):
+        grad_sum, model_state = carry
+        grads, model_state, loss, accuracy = grads_and_metrics(state.params, model_state, *xs)
+        return (jax.tree.map(jnp.add, grad_sum, grads), model_state), (loss, accuracy)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grad_sum, model_state), (losses, accuracies) = jax.lax.scan(
+        body, (zeros, state.model_state), (micro(images), micro(targets), micro(labels))
+    )
+    return jax.tree.map(lambda g: g / k, grad_sum), model_state, losses.mean(), accuracies.mean()
+
+
 def make_eval_step(
     graphdef: nnx.GraphDef, mesh: Mesh, *, mean: Sequence[float], std: Sequence[float]
-) -> Callable[[TrainState, dict, dict], dict]:
-    """Return `step(state, batch, totals) -> totals`: sums of loss and top-1/top-5 hits over unmasked rows.
+) -> Callable[[nnx.State, nnx.State, dict, dict], dict]:
+    """Return `step(params, model_state, batch, totals) -> totals`: sums of loss and top-1/top-5 hits
+    over unmasked rows.
 
     Sums stay on the device across batches (`totals` is donated), so evaluation syncs with the
-    host once, at the end.
+    host once, at the end. Pass `state.ema_params` as `params` to evaluate the EMA model.
     """
 
-    def eval_step(state: TrainState, batch: dict, totals: dict) -> dict:
-        model = nnx.merge(graphdef, state.params, state.model_state)
+    def eval_step(params: nnx.State, model_state: nnx.State, batch: dict, totals: dict) -> dict:
+        model = nnx.merge(graphdef, params, model_state)
         logits = model(normalize_images(batch["image"], mean, std)).astype(jnp.float32)
         labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
         k = min(5, logits.shape[-1])
@@ -132,9 +213,9 @@ def make_eval_step(
     replicated = sharding.replicated(mesh)
     return jax.jit(
         eval_step,
-        in_shardings=(replicated, sharding.batch_sharded(mesh), replicated),
+        in_shardings=(replicated, replicated, sharding.batch_sharded(mesh), replicated),
         out_shardings=replicated,
-        donate_argnums=2,
+        donate_argnums=3,
     )
 
 

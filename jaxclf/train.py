@@ -59,19 +59,16 @@ def train_and_evaluate(
     checkpoint_every = config.checkpoint_every_steps or eval_every
 
     model = _create_model(config, num_classes)
-    tx, schedule = optim.make_optimizer(config.optim, total_steps, steps_per_epoch)
-    train_graphdef, eval_graphdef, state = steps.create_train_state(model, tx)
-    state = jax.device_put(state, sharding.replicated(mesh))
-    normalization = dict(mean=tuple(config.data.mean), std=tuple(config.data.std))
-    train_step = steps.make_train_step(
-        train_graphdef,
-        tx,
-        mesh,
-        label_smoothing=config.label_smoothing,
-        skip_nonfinite=config.nonfinite_loss == "skip",
-        **normalization,
+    try:
+        tx, schedule = optim.make_optimizer(config.optim, nnx.state(model, nnx.Param), total_steps, steps_per_epoch)
+    except optim.OptimConfigError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    train_graphdef, eval_graphdef, state = steps.create_train_state(
+        model, tx, ema=config.ema_decay > 0, freeze_bn_stats=config.freeze_bn_stats
     )
-    eval_step = steps.make_eval_step(eval_graphdef, mesh, **normalization)
+    state = jax.device_put(state, sharding.replicated(mesh))
+    train_step = steps.make_train_step(train_graphdef, tx, mesh, config, num_classes)
+    eval_step = steps.make_eval_step(eval_graphdef, mesh, mean=tuple(config.data.mean), std=tuple(config.data.std))
 
     def make_train_iterator(num_workers: int):
         return iter(
@@ -87,7 +84,9 @@ def train_and_evaluate(
     # Decide how to initialise. The order matters:
     # 1. Resume from the newest readable checkpoint in workdir (a preempted or restarted job).
     # 2. Otherwise start from the freshly initialised model.
-    checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+    checkpointer = checkpoint.Checkpointer(
+        workdir, keep=config.keep_checkpoints, best_metric=config.best_metric, best_mode=config.best_mode
+    )
     restored = checkpointer.restore_latest(
         state, lambda meta: make_train_iterator(_resumed_num_workers(meta, config.data.num_workers))
     )
@@ -97,29 +96,39 @@ def train_and_evaluate(
     else:
         meta = {"num_workers": pipeline.resolve_num_workers(config.data.num_workers)}
         start_step, train_iter = 0, make_train_iterator(meta["num_workers"])
+    early_stopping = EarlyStopping(config, meta.get("early_stopping"))
 
     def evaluate() -> dict[str, float]:
-        totals = steps.zero_eval_totals(mesh)
+        models_to_evaluate = {"val": state.params}
+        if state.ema_params is not None:
+            models_to_evaluate["val_ema"] = state.ema_params
+        totals = {name: steps.zero_eval_totals(mesh) for name in models_to_evaluate}
         for batch in pipeline.eval_batches(
             val_set, config.data.pp_eval, global_batch_size=eval_batch_size, num_workers=config.data.num_workers
         ):
-            totals = eval_step(state, sharding.shard_batch(batch, mesh), totals)
-        totals = jax.device_get(totals)
-        count = totals["count"]
-        return {
-            "val/loss": totals["loss"] / count,
-            "val/accuracy": totals["top1"] / count,
-            "val/top5": totals["top5"] / count,
-            "val/examples": count,
-        }
+            batch = sharding.shard_batch(batch, mesh)
+            for name, params in models_to_evaluate.items():
+                totals[name] = eval_step(params, state.model_state, batch, totals[name])
+        results = {}
+        for name, sums in jax.device_get(totals).items():
+            count = sums["count"]
+            results.update({
+                f"{name}/loss": sums["loss"] / count,
+                f"{name}/accuracy": sums["top1"] / count,
+                f"{name}/top5": sums["top5"] / count,
+                f"{name}/examples": count,
+            })
+        return results
 
     writer = MetricsWriter(workdir)
     train_log = TrainLog(writer, schedule, config.batch_size, steps_per_epoch, config.nonfinite_loss, start_step)
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
     val_metrics: dict[str, float] = {}
-    def save(step: int, data_state: bytes) -> None:
+
+    def save(step: int, data_state: bytes, metrics: dict | None = None) -> None:
         train_log.flush(step)  # never checkpoint a state whose loss was not checked
-        checkpointer.save(step, state, checkpoint.IteratorState(data_state), meta)
+        meta["early_stopping"] = early_stopping.state()
+        checkpointer.save(step, state, checkpoint.IteratorState(data_state), meta, metrics)
 
     try:
         with preemption.StopSignals() as signals:
@@ -143,26 +152,68 @@ def train_and_evaluate(
                 stop_now = signals.should_stop(at_sync_point=log_now)
                 if log_now:
                     train_log.flush(step)
-                if step % checkpoint_every == 0 or step == end_step or stop_now:
-                    save(step, data_state)
-                if stop_now:
-                    raise preemption.Preempted(step, signals.received)
-                if step % eval_every == 0 or step == total_steps:
+                eval_metrics = None
+                if (step % eval_every == 0 or step == total_steps) and not stop_now:
                     try:
-                        val_metrics = evaluate()
+                        eval_metrics = val_metrics = evaluate()
                     except Exception:
                         if signals.received is None:
                             raise
-                        if step % checkpoint_every != 0 and step != end_step:
-                            save(step, data_state)
-                        raise preemption.Preempted(step, signals.received) from None
-                    writer.write(step, val_metrics)
-                    train_log.restart_clock(step)  # evaluation time is not training throughput
+                        stop_now = True  # the signal ended the evaluation's data workers
+                    else:
+                        writer.write(step, val_metrics)
+                        train_log.restart_clock(step)  # evaluation time is not training throughput
+                        early_stopping.update(step, val_metrics)
+                if step % checkpoint_every == 0 or step == end_step or stop_now or eval_metrics:
+                    save(step, data_state, eval_metrics)
+                if stop_now:
+                    raise preemption.Preempted(step, signals.received)
+                if early_stopping.should_stop():
+                    print(early_stopping.message(step), file=sys.stderr)
+                    break
         if not val_metrics and end_step == total_steps:
             val_metrics = evaluate()
     finally:
         checkpointer.close()
     return val_metrics
+
+
+class EarlyStopping:
+    """Tracks the best value of `config.best_metric`; asks to stop after `early_stopping_patience`
+    evaluations without improvement (0: never). Its state travels in the checkpoint's meta."""
+
+    def __init__(self, config: ml_collections.ConfigDict, saved: dict | None):
+        if config.best_mode not in ("max", "min"):
+            raise config_lib.ConfigError(f"config.best_mode={config.best_mode!r}: use 'max' or 'min'")
+        self._metric, self._mode = config.best_metric, config.best_mode
+        self._patience = config.early_stopping_patience
+        saved = saved or {"best_step": None, "best_value": None, "evals_since_best": 0}
+        self.best_step, self.best_value = saved["best_step"], saved["best_value"]
+        self.evals_since_best = saved["evals_since_best"]
+
+    def update(self, step: int, metrics: dict[str, float]) -> None:
+        if self._metric not in metrics:
+            raise config_lib.ConfigError(
+                f"config.best_metric={self._metric!r} is not an evaluation metric; choose one of {sorted(metrics)}"
+            )
+        value = float(metrics[self._metric])
+        better = self.best_value is None or (value > self.best_value if self._mode == "max" else value < self.best_value)
+        if better:
+            self.best_step, self.best_value, self.evals_since_best = step, value, 0
+        else:
+            self.evals_since_best += 1
+
+    def should_stop(self) -> bool:
+        return bool(self._patience) and self.evals_since_best >= self._patience
+
+    def message(self, step: int) -> str:
+        return (
+            f"Early stopping at step {step}: {self._metric} has not improved for {self.evals_since_best} "
+            f"evaluations; best {self.best_value:.4g} at step {self.best_step} (its checkpoint is kept)"
+        )
+
+    def state(self) -> dict:
+        return {"best_step": self.best_step, "best_value": self.best_value, "evals_since_best": self.evals_since_best}
 
 
 def _resumed_num_workers(meta: dict, configured: int) -> int:

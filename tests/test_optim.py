@@ -52,7 +52,7 @@ def test_weight_decay_mask_skips_biases_norms_posemb():
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_weight_decay_shrinks_only_masked_params(name):
     params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
-    tx, _ = optim.make_optimizer(_optim(name=name, lr=0.1, weight_decay=0.5, schedule="constant"), 10, 1)
+    tx, _ = optim.make_optimizer(_optim(name=name, lr=0.1, weight_decay=0.5, schedule="constant"), params, 10, 1)
     zero_grads = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}
     updates, _ = tx.update(zero_grads, tx.init(params), params)
     new = optax.apply_updates(params, updates)

@@ -33,14 +33,29 @@ def _batch(seed: int, size: int = 16, num_classes: int = 4) -> dict:
     }
 
 
+def _config(**fields):
+    config = base_config()
+    config.data.mean, config.data.std = NORM["mean"], NORM["std"]
+    config.update(fields)
+    return config
+
+
+def _setup(model, mesh, config, total_steps=10):
+    """(graphdef, eval graphdef, replicated state, jitted train step) for `model` under `config`."""
+    tx, _ = optim.make_optimizer(config.optim, nnx.state(model, nnx.Param), total_steps, total_steps)
+    graphdef, eval_graphdef, state = steps.create_train_state(
+        model, tx, ema=config.ema_decay > 0, freeze_bn_stats=config.freeze_bn_stats
+    )
+    state = jax.device_put(state, sharding.replicated(mesh))
+    num_classes = model.head.out_features
+    return graphdef, eval_graphdef, state, steps.make_train_step(graphdef, tx, mesh, config, num_classes)
+
+
 def _train(devices, num_steps: int = 3):
     mesh = sharding.make_mesh(devices)
-    optim_config = base_config().optim
-    optim_config.update(dict(name="sgd", lr=0.1, weight_decay=1e-4))
-    tx, _ = optim.make_optimizer(optim_config, total_steps=num_steps, steps_per_epoch=num_steps)
-    graphdef, _, state = steps.create_train_state(TinyNet(4, nnx.Rngs(0)), tx)
-    state = jax.device_put(state, sharding.replicated(mesh))
-    train_step = steps.make_train_step(graphdef, tx, mesh, label_smoothing=0.1, **NORM)
+    config = _config(label_smoothing=0.1)
+    config.optim.update(dict(name="sgd", lr=0.1, weight_decay=1e-4))
+    _, _, state, train_step = _setup(TinyNet(4, nnx.Rngs(0)), mesh, config, num_steps)
     losses = []
     for i in range(num_steps):
         state, metrics = train_step(state, sharding.shard_batch(_batch(i), mesh))
@@ -61,11 +76,8 @@ def test_eight_devices_match_one_device():
 
 def test_train_step_updates_batch_statistics_and_donates():
     mesh = sharding.make_mesh(jax.devices()[:1])
-    tx, _ = optim.make_optimizer(base_config().optim, 10, 10)
-    graphdef, _, state = steps.create_train_state(TinyNet(4, nnx.Rngs(0)), tx)
-    state = jax.device_put(state, sharding.replicated(mesh))
+    _, _, state, train_step = _setup(TinyNet(4, nnx.Rngs(0)), mesh, _config())
     before = np.asarray(state.model_state["bn"]["mean"][...])
-    train_step = steps.make_train_step(graphdef, tx, mesh, label_smoothing=0.0, **NORM)
     old_params = state.params
     state, _ = train_step(state, sharding.shard_batch(_batch(0), mesh))
     assert not np.allclose(before, state.model_state["bn"]["mean"][...])
@@ -74,13 +86,13 @@ def test_train_step_updates_batch_statistics_and_donates():
 
 def test_eval_step_sums_only_unmasked_rows():
     mesh = sharding.make_mesh(jax.devices())
-    tx, _ = optim.make_optimizer(base_config().optim, 10, 10)
     model = TinyNet(4, nnx.Rngs(0))
-    _, graphdef, state = steps.create_train_state(model, tx)
+    _, graphdef, state, _ = _setup(model, mesh, _config())
     eval_step = steps.make_eval_step(graphdef, mesh, **NORM)
     batch = _batch(1)
     mask = np.arange(16) < 11
-    totals = eval_step(state, sharding.shard_batch({**batch, "mask": mask}, mesh), steps.zero_eval_totals(mesh))
+    sharded = sharding.shard_batch({**batch, "mask": mask}, mesh)
+    totals = eval_step(state.params, state.model_state, sharded, steps.zero_eval_totals(mesh))
     totals = jax.device_get(totals)
 
     model.eval()
