@@ -83,6 +83,23 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
+    def best_step(self) -> int | None:
+        """The step of the best evaluation so far (recorded in the latest checkpoint's meta), else the latest."""
+        latest = self.latest_step()
+        if latest is None:
+            return None
+        meta = self.restore_meta(latest)
+        return (meta.get("early_stopping") or {}).get("best_step") or latest
+
+    def restore_meta(self, step: int) -> dict:
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def restore_state(self, step: int, target_state):
+        """Only the train state at `step` (for evaluation, prediction, export), shaped like `target_state`."""
+        self._check_structure(step, target_state)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+        return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+
     def restore_latest(self, target_state, make_iterator: Callable[[dict], object]):
         """Restore the newest readable checkpoint: (step, state, data iterator, meta), or None if none.
 
@@ -96,7 +113,7 @@ class Checkpointer:
         for step in steps:
             try:
                 self._check_structure(step, target_state)
-                meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+                meta = self.restore_meta(step)
                 iterator = make_iterator(meta)
                 abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
                 restored = self._manager.restore(
