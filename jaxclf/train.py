@@ -58,7 +58,7 @@ def train_and_evaluate(
     eval_every = max(1, round(config.eval_every_epochs * steps_per_epoch))
     checkpoint_every = config.checkpoint_every_steps or eval_every
 
-    model = _create_model(config, num_classes)
+    model = create_model(config, num_classes)
     try:
         tx, schedule = optim.make_optimizer(config.optim, nnx.state(model, nnx.Param), total_steps, steps_per_epoch)
     except optim.OptimConfigError as e:
@@ -328,7 +328,8 @@ def _check_num_classes(config: ml_collections.ConfigDict, train_set: sources.Ima
     return len(class_names)
 
 
-def _create_model(config: ml_collections.ConfigDict, num_classes: int) -> nnx.Module:
+def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nnx.Module:
+    """The model `config` names, with a `num_classes`-way head, in `config.dtype`."""
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.dtype)
     if dtype is None:
         raise config_lib.ConfigError(f"config.dtype={config.dtype!r}: use 'float32' or 'bfloat16'")
