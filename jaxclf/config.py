@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_workers = -1  # grain worker processes; -1: from the CPU count
 
     c.batch_size = 128  # global, over all devices and hosts
+    c.param_sharding = "replicate"  # "replicate" (data parallel) or "fsdp" (params + optimizer state split too)
     c.eval_batch_size = 0  # 0: batch_size
     c.num_epochs = 10.0
     c.total_steps = 0  # > 0: train this many steps instead of num_epochs

@@ -41,3 +41,26 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
     """Assemble this process's part of a batch into global arrays split on `data` (asynchronous copy)."""
     sharding = batch_sharded(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def fsdp_spec(shape: tuple[int, ...], num_shards: int, min_size: int = 2**14) -> PartitionSpec:
+    """Split the largest dimension divisible by `num_shards` over `data`; small or indivisible arrays stay whole."""
+    if int(np.prod(shape, dtype=np.int64)) < min_size:
+        return PartitionSpec()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % num_shards == 0:
+            spec = [None] * len(shape)
+            spec[dim] = DATA_AXIS
+            return PartitionSpec(*spec)
+    return PartitionSpec()
+
+
+def state_sharding(state, mesh: Mesh, mode: str):
+    """Shardings for every leaf of `state`: all replicated ("replicate", data parallel), or parameters,
+    EMA and optimizer state split over the `data` axis by `fsdp_spec` ("fsdp", for models whose
+    state does not fit one device many times over)."""
+    if mode == "replicate":
+        return jax.tree.map(lambda _: replicated(mesh), state)
+    if mode == "fsdp":
+        return jax.tree.map(lambda leaf: NamedSharding(mesh, fsdp_spec(leaf.shape, mesh.size)), state)
+    raise ValueError(f"config.param_sharding={mode!r}: use 'replicate' or 'fsdp'")

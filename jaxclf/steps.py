@@ -86,9 +86,13 @@ def make_train_step(
     mesh: Mesh,
     config: ml_collections.ConfigDict,
     num_classes: int,
+    state_sharding,
     class_weights: jax.Array | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Return `step(state, batch) -> (state, metrics)`, jitted over `mesh`; `state` is donated.
+
+    `state_sharding` (see `sharding.state_sharding`) lays the state out on the mesh; the batch is
+    split on the `data` axis and the metrics come back replicated.
 
     Reads from `config`: data.mean/std, label_smoothing, mixup_alpha, cutmix_alpha, mix_prob,
     mix_switch_prob, optim.accumulate_steps, ema_decay, nonfinite_loss, seed. With
@@ -151,11 +155,10 @@ def make_train_step(
         metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "skipped": skipped}
         return new_state, metrics
 
-    state_sharding = sharding.replicated(mesh)
     return jax.jit(
         train_step,
         in_shardings=(state_sharding, sharding.batch_sharded(mesh)),
-        out_shardings=(state_sharding, state_sharding),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=0,
     )
 
@@ -187,7 +190,7 @@ def _accumulated(grads_and_metrics, state: TrainState, k: int, images, targets, 
 
 
 def make_eval_step(
-    graphdef: nnx.GraphDef, mesh: Mesh, *, mean: Sequence[float], std: Sequence[float]
+    graphdef: nnx.GraphDef, mesh: Mesh, state_sharding, *, mean: Sequence[float], std: Sequence[float]
 ) -> Callable[[nnx.State, nnx.State, dict, dict], dict]:
     """Return `step(params, model_state, batch, totals) -> totals`: sums of loss and top-1/top-5 hits
     over unmasked rows.
@@ -213,7 +216,9 @@ def make_eval_step(
     replicated = sharding.replicated(mesh)
     return jax.jit(
         eval_step,
-        in_shardings=(replicated, replicated, sharding.batch_sharded(mesh), replicated),
+        in_shardings=(
+            state_sharding.params, state_sharding.model_state, sharding.batch_sharded(mesh), replicated
+        ),
         out_shardings=replicated,
         donate_argnums=3,
     )

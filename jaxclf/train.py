@@ -66,9 +66,15 @@ def train_and_evaluate(
     train_graphdef, eval_graphdef, state = steps.create_train_state(
         model, tx, ema=config.ema_decay > 0, freeze_bn_stats=config.freeze_bn_stats
     )
-    state = jax.device_put(state, sharding.replicated(mesh))
-    train_step = steps.make_train_step(train_graphdef, tx, mesh, config, num_classes)
-    eval_step = steps.make_eval_step(eval_graphdef, mesh, mean=tuple(config.data.mean), std=tuple(config.data.std))
+    try:
+        state_sharding = sharding.state_sharding(state, mesh, config.param_sharding)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    state = jax.device_put(state, state_sharding)
+    train_step = steps.make_train_step(train_graphdef, tx, mesh, config, num_classes, state_sharding)
+    eval_step = steps.make_eval_step(
+        eval_graphdef, mesh, state_sharding, mean=tuple(config.data.mean), std=tuple(config.data.std)
+    )
 
     def make_train_iterator(num_workers: int):
         return iter(

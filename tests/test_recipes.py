@@ -57,8 +57,9 @@ def _run(config, model, batches, mesh=None):
     graphdef, _, state = steps.create_train_state(
         model, tx, ema=config.ema_decay > 0, freeze_bn_stats=config.freeze_bn_stats
     )
-    state = jax.device_put(state, sharding.replicated(mesh))
-    step = steps.make_train_step(graphdef, tx, mesh, config, num_classes=4)
+    state_sharding = sharding.state_sharding(state, mesh, config.param_sharding)
+    state = jax.device_put(state, state_sharding)
+    step = steps.make_train_step(graphdef, tx, mesh, config, 4, state_sharding)
     initial = jax.device_get(state)
     metrics = []
     for batch in batches:

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from jaxclf import optim, sharding, steps
 from jaxclf.config import base_config
@@ -46,16 +47,34 @@ def _setup(model, mesh, config, total_steps=10):
     graphdef, eval_graphdef, state = steps.create_train_state(
         model, tx, ema=config.ema_decay > 0, freeze_bn_stats=config.freeze_bn_stats
     )
-    state = jax.device_put(state, sharding.replicated(mesh))
+    state_sharding = sharding.state_sharding(state, mesh, config.param_sharding)
+    state = jax.device_put(state, state_sharding)
     num_classes = model.head.out_features
-    return graphdef, eval_graphdef, state, steps.make_train_step(graphdef, tx, mesh, config, num_classes)
+    step = steps.make_train_step(graphdef, tx, mesh, config, num_classes, state_sharding)
+    return graphdef, eval_graphdef, state, step
 
 
-def _train(devices, num_steps: int = 3):
+class WideNet(TinyNet):
+    """TinyNet with a 64x256 hidden layer: large enough for FSDP to split (fsdp_spec's min_size)."""
+
+    def __init__(self, num_classes: int, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(3, 64, (3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(64, rngs=rngs)
+        self.hidden = nnx.Linear(64, 256, rngs=rngs)
+        self.head = nnx.Linear(256, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.bn(self.conv(x))).mean(axis=(1, 2))
+        return self.head(nnx.relu(self.hidden(x)))
+
+
+def _train(devices, num_steps: int = 3, param_sharding: str = "replicate", model_cls=TinyNet):
     mesh = sharding.make_mesh(devices)
-    config = _config(label_smoothing=0.1)
+    config = _config(label_smoothing=0.1, param_sharding=param_sharding)
     config.optim.update(dict(name="sgd", lr=0.1, weight_decay=1e-4))
-    _, _, state, train_step = _setup(TinyNet(4, nnx.Rngs(0)), mesh, config, num_steps)
+    _, _, state, train_step = _setup(model_cls(4, nnx.Rngs(0)), mesh, config, num_steps)
+    if param_sharding == "fsdp":
+        assert state.params["hidden"]["kernel"][...].sharding.spec == PartitionSpec(None, "data")  # 256 columns
     losses = []
     for i in range(num_steps):
         state, metrics = train_step(state, sharding.shard_batch(_batch(i), mesh))
@@ -74,6 +93,21 @@ def test_eight_devices_match_one_device():
     assert losses_1[-1] != losses_1[0]  # the parameters did change
 
 
+def test_fsdp_on_eight_devices_matches_one_device():
+    losses_1, state_1 = _train(jax.devices()[:1], model_cls=WideNet)
+    losses_8, state_8 = _train(jax.devices(), param_sharding="fsdp", model_cls=WideNet)
+    np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(state_1), jax.tree.leaves(state_8)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp_spec_splits_the_largest_divisible_dimension():
+    assert sharding.fsdp_spec((3, 3, 64, 256), 8) == PartitionSpec(None, None, None, "data")
+    assert sharding.fsdp_spec((1000, 768), 8) == PartitionSpec("data", None)
+    assert sharding.fsdp_spec((1001, 7), 8, min_size=1) == PartitionSpec()  # nothing divides
+    assert sharding.fsdp_spec((10,), 8) == PartitionSpec()  # too small to bother
+
+
 def test_train_step_updates_batch_statistics_and_donates():
     mesh = sharding.make_mesh(jax.devices()[:1])
     _, _, state, train_step = _setup(TinyNet(4, nnx.Rngs(0)), mesh, _config())
@@ -87,8 +121,9 @@ def test_train_step_updates_batch_statistics_and_donates():
 def test_eval_step_sums_only_unmasked_rows():
     mesh = sharding.make_mesh(jax.devices())
     model = TinyNet(4, nnx.Rngs(0))
-    _, graphdef, state, _ = _setup(model, mesh, _config())
-    eval_step = steps.make_eval_step(graphdef, mesh, **NORM)
+    config = _config()
+    _, graphdef, state, _ = _setup(model, mesh, config)
+    eval_step = steps.make_eval_step(graphdef, mesh, sharding.state_sharding(state, mesh, "replicate"), **NORM)
     batch = _batch(1)
     mask = np.arange(16) < 11
     sharded = sharding.shard_batch({**batch, "mask": mask}, mesh)

@@ -104,3 +104,16 @@ def test_command_line_overrides_reach_the_run(digits_root, tmp_path):
     )
     assert result.returncode == 2
     assert "Did you mean config.optim.lr?" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_fsdp_run_resumes_to_the_same_parameters(digits_root, tmp_path):
+    # width 2048 makes the conv kernel and the head large enough to be split over the 8 devices.
+    config = _config(digits_root, total_steps=6, param_sharding="fsdp", model={"width": 2048})
+    train.train_and_evaluate(config, str(tmp_path / "straight"))
+    train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_at_step=3)
+    train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    import orbax.checkpoint as ocp
+
+    restore = lambda d: ocp.StandardCheckpointer().restore(str(tmp_path / d / "checkpoints" / "6" / "state"))
+    for a, b in zip(jax.tree.leaves(restore("straight")), jax.tree.leaves(restore("resumed"))):
+        np.testing.assert_array_equal(a, b)
