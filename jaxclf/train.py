@@ -21,7 +21,17 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxclf import checkpoint, config as config_lib, data as data_lib, models, optim, preemption, sharding, steps
+from jaxclf import (
+    checkpoint,
+    config as config_lib,
+    data as data_lib,
+    distributed,
+    models,
+    optim,
+    preemption,
+    sharding,
+    steps,
+)
 from jaxclf.data import pipeline, sources
 from jaxclf.metrics import MetricsWriter
 
@@ -348,10 +358,15 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nnx.Mod
 
 
 def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]:
-    """Parse `--config FILE[:ARG] --workdir DIR --config.a.b=VALUE ...` into (config, workdir)."""
+    """Parse `--config FILE[:ARG] --workdir DIR --config.a.b=VALUE ...` into (config, workdir), and join
+    the other processes of a multi-process run."""
     parser = argparse.ArgumentParser(prog="python -m jaxclf.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="config file, optionally FILE:ARG for get_config(ARG)")
     parser.add_argument("--workdir", required=True, help="where checkpoints, metrics and config.json go")
+    multi = parser.add_argument_group("multi-process runs (SLURM's srun needs none of these)")
+    multi.add_argument("--coordinator_address", help="HOST:PORT of process 0")
+    multi.add_argument("--num_processes", type=int)
+    multi.add_argument("--process_id", type=int)
     args, rest = parser.parse_known_args(argv)
     overrides = []
     rest = list(rest)
@@ -362,7 +377,12 @@ def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]:
         if "=" not in item and rest:
             item = f"{item}={rest.pop(0)}"
         overrides.append(item[len("--config.") :])
-    return config_lib.load_config(args.config, overrides), args.workdir
+    config = config_lib.load_config(args.config, overrides)
+    try:
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    except ValueError as e:
+        parser.error(str(e))
+    return config, args.workdir
 
 
 def main(argv: list[str] | None = None) -> int:

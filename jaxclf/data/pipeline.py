@@ -17,6 +17,7 @@ import jax
 from absl import flags
 
 from jaxclf.data import ops as ops_lib
+from jaxclf.data.sampler import GlobalBatchSampler
 
 
 def resolve_num_workers(num_workers: int) -> int:
@@ -61,17 +62,16 @@ def _local_batch_size(global_batch_size: int) -> int:
 def make_train_loader(
     source, ops_spec: str, *, global_batch_size: int, seed: int, num_workers: int
 ) -> grain.DataLoader:
-    """An endless stream of this process's batches, reshuffled each epoch from `seed`.
+    """An endless stream of this process's rows of each global batch, reshuffled each epoch from `seed`.
+
+    The global batches are the same for any number of processes (see data/sampler.py).
 
     `iter(loader)` supports get_state()/set_state(); a restored iterator continues with the
     exact batches (and random crops) the original would have produced.
     """
     batch_size = _local_batch_size(global_batch_size)
-    # Equal shards, so every process runs the same number of steps per epoch.
-    shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source), shard_options=shard, shuffle=True, num_epochs=None, seed=seed
-    )
+    shard = grain.sharding.ShardByJaxProcess()
+    sampler = GlobalBatchSampler(len(source), global_batch_size, jax.process_count(), seed)
     operations = [*ops_lib.parse_ops(ops_spec), grain.transforms.Batch(batch_size, drop_remainder=True)]
     return _make_loader(source, sampler, operations, num_workers=num_workers, shard_options=shard)
 

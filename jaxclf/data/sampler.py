@@ -1,0 +1,82 @@
+"""The training order: global batches that do not depend on how many processes read them.
+
+grain's own IndexSampler shuffles each process's shard separately, so 1 process and 2 processes
+see different batches. Here the order is fixed for the whole data set first (a fresh permutation
+per epoch, from the seed), cut into global batches, and process p of P reads rows
+[p * B/P, (p + 1) * B/P) of each. The global batch, and each example's augmentation randomness,
+are therefore the same whether a run uses 1 process or 16, which makes multi-host runs
+reproducible and comparable with single-host ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+
+import grain
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalBatchSampler:
+    """A grain sampler over `num_records` examples in global batches of `global_batch_size`.
+
+    Use with a DataLoader whose shard_options are this process's (index p of `process_count`):
+    grain asks for indices p, p + P, p + 2P, ...; the k-th of them maps to row p * b + k % b of
+    global batch k // b (b = B / P). Each epoch uses `num_records // global_batch_size` full
+    batches. With `weights` (one per record), records are drawn with replacement in proportion
+    to them instead (class-balanced sampling); an "epoch" is then `num_records` draws.
+    """
+
+    num_records: int
+    global_batch_size: int
+    process_count: int
+    seed: int
+    weights: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if self.global_batch_size % self.process_count:
+            raise ValueError(
+                f"batch_size={self.global_batch_size} must be a multiple of the {self.process_count} JAX processes"
+            )
+        if self.num_records < self.global_batch_size:
+            raise ValueError(f"batch_size={self.global_batch_size} exceeds the {self.num_records} training examples")
+
+    def __len__(self) -> int:
+        return sys.maxsize  # endless; the trainer decides when to stop
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        position = self.global_position(index)
+        return grain.RecordMetadata(
+            index=index,
+            record_key=self.record_at(position),
+            rng=np.random.Generator(np.random.Philox(key=self.seed + position)),
+        )
+
+    def global_position(self, index: int) -> int:
+        """Position in the global stream of the `index` grain asks this process for."""
+        process, k = index % self.process_count, index // self.process_count
+        local_batch = self.global_batch_size // self.process_count
+        return (k // local_batch) * self.global_batch_size + process * local_batch + k % local_batch
+
+    def record_at(self, position: int) -> int:
+        if self.weights is not None:
+            return int(np.searchsorted(self._cumulative_weights, self._draw(position), side="right"))
+        per_epoch = self.num_records // self.global_batch_size * self.global_batch_size
+        epoch, offset = divmod(position, per_epoch)
+        # grain's shuffle gives a new permutation of the records for every multiple of their count.
+        return int(self._permutations[epoch * self.num_records + offset])
+
+    @functools.cached_property
+    def _permutations(self) -> grain.MapDataset:
+        return grain.MapDataset.range(self.num_records).shuffle(seed=self.seed)
+
+    @functools.cached_property
+    def _cumulative_weights(self) -> np.ndarray:
+        cumulative = np.cumsum(np.asarray(self.weights, np.float64))
+        return cumulative / cumulative[-1]
+
+    def _draw(self, position: int) -> float:
+        # A stream separate from the augmentation rng of the same position.
+        return np.random.Generator(np.random.Philox(key=self.seed + position, counter=1)).random()
