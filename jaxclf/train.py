@@ -114,6 +114,7 @@ def train_and_evaluate(
         start_step, train_iter = 0, make_train_iterator(meta["num_workers"])
     early_stopping = EarlyStopping(config, meta.get("early_stopping"))
 
+    @jax.transfer_guard_device_to_host("allow")
     def evaluate() -> dict[str, float]:
         models_to_evaluate = {"val": state.params}
         if state.ema_params is not None:
@@ -144,10 +145,14 @@ def train_and_evaluate(
     def save(step: int, data_state: bytes, metrics: dict | None = None) -> None:
         train_log.flush(step)  # never checkpoint a state whose loss was not checked
         meta["early_stopping"] = early_stopping.state()
-        checkpointer.save(step, state, checkpoint.IteratorState(data_state), meta, metrics)
+        with jax.transfer_guard_device_to_host("allow"):
+            checkpointer.save(step, state, checkpoint.IteratorState(data_state), meta, metrics)
 
     try:
-        with preemption.StopSignals() as signals:
+        # On accelerators, any implicit device-to-host copy (a stray float(loss)) in the loop is an
+        # error: the only host syncs are at logging, evaluation and checkpoint steps. (CPU arrays
+        # already live in host memory, so the guard does not fire there.)
+        with preemption.StopSignals() as signals, jax.transfer_guard_device_to_host("disallow"):
             batches = _prefetch_to_mesh(train_iter, mesh)
             data_state = None  # the data position after the newest trained batch
             for step in range(start_step + 1, end_step + 1):
@@ -264,6 +269,7 @@ class TrainLog:
     def restart_clock(self, step: int) -> None:
         self._clock, self._clock_step = time.perf_counter(), step
 
+    @jax.transfer_guard_device_to_host("allow")
     def flush(self, step: int) -> None:
         """Write the mean of the metrics since the last flush; raise NonFiniteLoss in "stop" mode."""
         if not self._pending:
