@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 WORKDIR ?= runs/quickstart
 
-.PHONY: install quickstart test test-all clean
+.PHONY: install quickstart test test-all test-slurm clean
 
 install: $(STAMP)
 
@@ -20,10 +20,15 @@ quickstart: $(STAMP)
 	$(PY) -m jaxclf.train --config configs/quickstart.py --workdir $(WORKDIR)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow and not slurm" tests
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slurm" tests
+
+# A real one-node SLURM cluster on this machine (needs root for apt-get the first time).
+test-slurm: $(STAMP)
+	command -v slurmctld >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm)
+	$(PY) -m pytest -q -m slurm tests/test_launch.py
 
 clean:
 	rm -rf runs .pytest_cache
