@@ -191,12 +191,32 @@ def train_and_evaluate(
                     raise preemption.Preempted(step, signals.received)
                 if early_stopping.should_stop():
                     print(early_stopping.message(step), file=sys.stderr)
+                    status = "early_stopped"
                     break
+            else:
+                status = "done" if end_step == total_steps else "stopped"
         if not val_metrics and end_step == total_steps:
             val_metrics = evaluate()
     finally:
         checkpointer.close()
+    if status != "stopped":
+        _write_result(workdir, status, step=end_step if status == "done" else step, val_metrics=val_metrics,
+                      best=early_stopping.state())
     return val_metrics
+
+
+def _write_result(workdir: str, status: str, **fields) -> None:
+    """`workdir/result.json`: written once a run has finished, for sweeps and scripts to read."""
+    if jax.process_index() == 0:
+        record = {"status": status, **{k: _jsonable(v) for k, v in fields.items()}}
+        with open(os.path.join(workdir, "result.json"), "w") as f:
+            json.dump(record, f, indent=2)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return float(value) if hasattr(value, "dtype") else value
 
 
 class EarlyStopping:
