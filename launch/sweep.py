@@ -1,4 +1,4 @@
-"""Sweeps of config overrides: a SLURM job array, or the same runs one machine, and a summary table.
+"""Sweeps of config overrides: a SLURM job array, or the same runs on one machine, and a summary table.
 
     python -m launch.sweep submit --base runs/sweep1 --config configs/vit_b.py \\
         --grid optim.lr=1e-3,3e-4 --grid model.drop_path_rate=0,0.1 --parallel 4 [cluster flags] [--dry_run]
