@@ -1,4 +1,4 @@
-"""Preprocessing ops against hand-computed results, and the spec parser."""
+"""Geometric ops and decoding against hand-computed results, and the spec parser."""
 
 import dataclasses
 import pickle
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxclf.data import ops, sources
+from jaxclf.data import ops
 
 
 def _arange_image(h: int, w: int) -> np.ndarray:
@@ -32,7 +32,7 @@ def test_central_crop_is_the_middle_slice():
     "shape, size, expected", [((10, 25), 4, (4, 10)), ((25, 10), 4, (10, 4)), ((7, 11), 5, (5, 7))]
 )
 def test_resize_small_keeps_the_aspect_and_truncates_the_long_side(shape, size, expected):
-    out = ops.ResizeSmall(size).map({"image": _arange_image(*shape)})["image"]
+    out = np.asarray(ops.ResizeSmall(size).map({"image": _arange_image(*shape)})["image"])
     assert out.shape == (*expected, 3) and out.dtype == np.uint8
 
 
@@ -57,7 +57,7 @@ def test_flip_lr():
 def test_inception_crop_size_and_determinism():
     image = _arange_image(40, 60)
     crop = ops.InceptionCrop(16)
-    out = crop.random_map({"image": image}, _rng(3))["image"]
+    out = np.asarray(crop.random_map({"image": image}, _rng(3))["image"])
     assert out.shape == (16, 16, 3) and out.dtype == np.uint8
     np.testing.assert_array_equal(crop.random_map({"image": image}, _rng(3))["image"], out)
     assert not np.array_equal(crop.random_map({"image": image}, _rng(4))["image"], out)
@@ -90,50 +90,55 @@ def test_inception_crop_falls_back_to_a_central_crop():
     np.testing.assert_array_equal(out, expected)
 
 
-def _decode(path) -> dict:
-    return ops.Decode().map({"path": str(path), "label": np.int32(5)})
+def test_random_crop_with_padding_is_a_window_of_the_padded_image():
+    image = _arange_image(4, 5)
+    padded = np.zeros((8, 9, 3), np.uint8)
+    padded[2:6, 2:7] = image  # padding=2 with fill 0, by hand
+    windows = {(i, j): padded[i : i + 4, j : j + 4] for i in range(5) for j in range(6)}
+    seen = set()
+    for seed in range(300):
+        out = ops.RandomCrop(4, padding=2).random_map({"image": image}, _rng(seed))["image"]
+        assert out.shape == (4, 4, 3) and out.dtype == np.uint8
+        offset = next(k for k, w in windows.items() if np.array_equal(out, w))
+        seen.add(offset)
+    assert len(seen) == len(windows)  # every offset of the padded image occurs
+    grey = ops.RandomCrop(8, padding=2, fill=(9, 8, 7)).random_map({"image": image}, _rng(0))["image"]
+    np.testing.assert_array_equal(grey[0, 0], [9, 8, 7])  # an 8x8 crop of 8x9 keeps a padded corner row
+    with pytest.raises(ValueError, match="random_crop"):
+        ops.RandomCrop(10, padding=2).random_map({"image": image}, _rng(0))
 
 
-def test_decode_grayscale_and_rgba_png_to_rgb(tmp_path):
-    gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
-    Image.fromarray(gray).save(tmp_path / "gray.png")
-    out = _decode(tmp_path / "gray.png")
-    assert set(out) == {"image", "label"} and out["label"] == 5
-    assert out["image"].dtype == np.uint8
-    np.testing.assert_array_equal(out["image"], np.stack([gray] * 3, axis=-1))
+def test_rotate_by_90_degrees_is_rot90_and_matches_torchvision():
+    import torchvision.transforms.functional as tvf
 
-    rgba = np.zeros((3, 4, 4), np.uint8)
-    rgba[..., 0], rgba[..., 1], rgba[..., 2], rgba[..., 3] = 10, 20, 30, 0
-    Image.fromarray(rgba).save(tmp_path / "rgba.png")
-    np.testing.assert_array_equal(_decode(tmp_path / "rgba.png")["image"], rgba[..., :3])
-
-
-def test_decode_applies_the_exif_orientation(tmp_path):
-    stored = np.zeros((16, 32, 3), np.uint8)
-    stored[:, 16:] = 255  # dark left half, bright right half, as stored
-    exif = Image.Exif()
-    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
-    Image.fromarray(stored).save(tmp_path / "photo.jpg", exif=exif, quality=95)
-    image = _decode(tmp_path / "photo.jpg")["image"]
-    assert image.shape == (32, 16, 3) and image.dtype == np.uint8
-    assert image[:12].mean() < 30 and image[-12:].mean() > 225  # the left edge is now the top
-
-
-def test_decode_error_names_the_file(tmp_path):
-    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(sources.DataError, match="broken.jpg"):
-        _decode(tmp_path / "broken.jpg")
+    image = _arange_image(6, 6)
+    out = ops.Rotate((90.0, 90.0), method="nearest").random_map({"image": image}, _rng(0))["image"]
+    np.testing.assert_array_equal(out, np.rot90(image))  # counter-clockwise, like torchvision
+    rotate = ops.Rotate(30, fill=5)
+    angle = _rng(7).uniform(-30, 30)  # the op's one draw
+    out = np.asarray(rotate.random_map({"image": _arange_image(9, 12)}, _rng(7))["image"])
+    reference = tvf.rotate(Image.fromarray(_arange_image(9, 12)), angle, interpolation=tvf.InterpolationMode.BILINEAR,
+                           fill=[5, 5, 5])
+    np.testing.assert_array_equal(out, np.asarray(reference))
 
 
 def test_parse_ops_builds_the_named_ops_in_order():
     parsed = ops.parse_ops(
-        "decode | inception_crop(224, scale=(0.08, 1.0))|flip_lr|resize_small(256, method='bicubic')"
+        "decode(224) | inception_crop(224, scale=(0.08, 1.0))|flip_lr|resize_small(256, method='bicubic')|"
+        "random_crop(32, padding=4)|rotate(10)|color_jitter(0.4, 0.4, 0.4, hue=0.1)|randaugment(2, 9)|"
+        "trivial_augment|random_erasing(0.25, value=(1, 2, 3))"
     )
     assert parsed == [
-        ops.Decode(),
+        ops.Decode(224),
         ops.InceptionCrop(224, scale=(0.08, 1.0)),
         ops.FlipLr(0.5),
         ops.ResizeSmall(256, method="bicubic"),
+        ops.RandomCrop(32, padding=4),
+        ops.Rotate(10),
+        ops.ColorJitter(0.4, 0.4, 0.4, 0.1),
+        ops.RandAugment(2, 9),
+        ops.TrivialAugment(),
+        ops.RandomErasing(0.25, value=(1, 2, 3)),
     ]
     assert pickle.loads(pickle.dumps(parsed)) == parsed  # grain ships ops to worker processes
 
@@ -141,7 +146,7 @@ def test_parse_ops_builds_the_named_ops_in_order():
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("decode|rotate(3)", r"unknown op 'rotate'.*known ops: central_crop, decode, flip_lr"),
+        ("decode|warp(3)", r"unknown op 'warp'.*known ops: central_crop, color_jitter, decode, flip_lr"),
         ("central_crop", "central_crop"),
         ("central_crop(0)", "central_crop"),
         ("central_crop('a')", "central_crop"),
@@ -150,6 +155,12 @@ def test_parse_ops_builds_the_named_ops_in_order():
         ("resize(8, method='area')", "resize"),
         ("resize(size=8, colour=1)", "resize"),
         ("resize(__import__('os').getpid())", "resize"),  # arguments are literals, never evaluated code
+        ("rotate((5, 1))", "rotate"),
+        ("color_jitter(hue=0.7)", "color_jitter"),
+        ("randaugment(2, 11)", "randaugment"),
+        ("random_erasing(value=300)", "random_erasing"),
+        ("random_crop(8, padding=-1)", "random_crop"),
+        ("decode(0)", "decode"),
         ("decode||flip_lr", "cannot parse"),
         ("decode.x", "cannot parse"),
     ],
@@ -160,7 +171,7 @@ def test_parse_ops_errors_name_the_op(spec, message):
 
 
 def test_register_op_adds_an_op_to_the_parser(monkeypatch):
-    monkeypatch.setattr(ops, "_OPS", dict(ops._OPS))
+    monkeypatch.setattr(ops.base, "_OPS", dict(ops.base._OPS))
 
     @ops.register_op("add")
     @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ TRAIN_OPS = "decode|inception_crop(4)|flip_lr"
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> sources.ImageFolder:
+def folder(tmp_path_factory) -> sources.LabelledFiles:
     root = tmp_path_factory.mktemp("images")
     for i in range(NUM_IMAGES):
         image = np.zeros((6, 7, 3), np.uint8)
@@ -45,9 +45,9 @@ def _assert_same_batches(got: list[dict], expected: list[dict]) -> None:
             np.testing.assert_array_equal(g[key], e[key])
 
 
-def _loader(source, *, seed=0, num_workers=0, global_batch_size=8):
+def _loader(source, *, seed=0, num_workers=0, global_batch_size=8, ops_spec=TRAIN_OPS):
     return pipeline.make_train_loader(
-        source, TRAIN_OPS, global_batch_size=global_batch_size, seed=seed, num_workers=num_workers
+        source, ops_spec, global_batch_size=global_batch_size, seed=seed, num_workers=num_workers
     )
 
 
@@ -59,7 +59,7 @@ def _fake_processes(monkeypatch, index: int, count: int) -> None:
 def test_train_batches_cover_each_epoch_once_and_reshuffle(folder):
     batches = _take(iter(_loader(folder)), 6)  # two epochs of 24
     for batch in batches:
-        assert set(batch) == {"image", "label"}
+        assert set(batch) == {"image", "label", "skipped"} and not batch["skipped"].any()
         assert batch["image"].shape == (8, 4, 4, 3) and batch["image"].dtype == np.uint8
         assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
         np.testing.assert_array_equal(batch["label"], _ids(batch) // 8)
@@ -129,7 +129,7 @@ def test_batch_size_must_divide_over_processes(folder, monkeypatch):
 def test_eval_batches_count_every_example_once(
     folder, monkeypatch, num_examples, processes, global_batch_size, num_workers
 ):
-    subset = sources.ImageFolder(folder.paths[:num_examples], folder.labels[:num_examples], folder.class_names)
+    subset = sources.LabelledFiles(folder.paths[:num_examples], folder.labels[:num_examples], folder.class_names)
     local_batch = global_batch_size // processes
     seen = []
     for index in range(processes):
@@ -154,9 +154,11 @@ def test_num_eval_batches():
     assert [pipeline.num_eval_batches(n, 8) for n in (1, 8, 9, 16, 17)] == [1, 1, 2, 2, 3]
 
 
-def test_eval_rejects_random_ops(folder):
+def test_eval_rejects_random_ops_and_specs_start_with_decode(folder):
     with pytest.raises(ValueError, match="random"):
         pipeline.eval_batches(folder, TRAIN_OPS, global_batch_size=8, num_workers=0)
+    with pytest.raises(ValueError, match="must start with decode"):
+        _loader(folder, ops_spec="inception_crop(4)|decode")
 
 
 def test_resolve_num_workers(monkeypatch):

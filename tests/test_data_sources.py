@@ -1,5 +1,6 @@
-"""Image-folder sources and the digits writer, on folders the tests write."""
+"""Sources (image folders, CSV/JSONL lists, TFDS by name) and the digits writer, on data the tests write."""
 
+import json
 import os
 import shutil
 
@@ -8,7 +9,9 @@ import pytest
 import sklearn.datasets
 from PIL import Image
 
-from jaxclf.data import digits, sources
+from jaxclf import data
+from jaxclf.config import base_config
+from jaxclf.data import digits, listfile, pipeline, sources
 
 
 def _touch_image(path: str) -> None:
@@ -154,3 +157,154 @@ def test_interrupted_digits_write_leaves_nothing_that_looks_complete(tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         digits.write_digits_folder(str(root), image_size=8)
     assert os.listdir(tmp_path) == []  # neither `root` nor the temporary folder
+
+
+def test_fractions_70_15_15_split_each_class_and_a_test_folder_is_used(tmp_path):
+    _make_split(tmp_path, "train", {"a": 20, "b": 40})
+    splits = sources.load_image_folder_splits(str(tmp_path), val_fraction=0.15, test_fraction=0.15, split_seed=3)
+    assert splits["val"].class_counts() == {"a": 3, "b": 6}
+    assert splits["test"].class_counts() == {"a": 3, "b": 6}
+    assert splits["train"].class_counts() == {"a": 14, "b": 28}
+    parts = [set(splits[s].paths) for s in ("train", "val", "test")]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert len(parts[0] | parts[1] | parts[2]) == 60
+    # The val part does not depend on whether a test part is held out too.
+    val_only = sources.load_image_folder_splits(str(tmp_path), val_fraction=0.15, split_seed=3)
+    assert val_only["val"].paths == splits["val"].paths and "test" not in val_only
+
+    _make_split(tmp_path, "test", {"b": 2})
+    with_folder = sources.load_image_folder_splits(str(tmp_path), val_fraction=0.15, split_seed=3)
+    assert with_folder["test"].class_counts() == {"a": 0, "b": 2}
+    with pytest.raises(sources.DataError, match=f"{tmp_path}/test exists and test_fraction=0.15"):
+        sources.load_image_folder_splits(str(tmp_path), val_fraction=0.15, test_fraction=0.15)
+    with pytest.raises(sources.DataError, match="must stay below 1"):
+        sources.load_image_folder_splits(str(tmp_path), val_fraction=0.6, test_fraction=0.5, test_split="none")
+
+
+def _write_images(root, names):
+    for name in names:
+        _touch_image(os.path.join(root, name))
+
+
+def test_csv_and_jsonl_lists_with_an_image_root(tmp_path):
+    _write_images(tmp_path / "img", ["x1.jpg", "x2.PNG", "sub/x3.png", "x4.png", "x5.png"])
+    (tmp_path / "img" / "train.csv").write_text(
+        "filename,label,notes\nx1.jpg,dog,\nx2.PNG,cat,blurry\nsub/x3.png,dog,\nx4.png,10,\n"
+    )
+    (tmp_path / "img" / "val.jsonl").write_text('{"filename": "x5.png", "label": "cat"}\n\n')
+    splits = listfile.load_list_splits(str(tmp_path / "img"), train_split="train.csv", val_split="val.jsonl",
+                                       test_split="test.csv")
+    train, val = splits["train"], splits["val"]
+    assert set(splits) == {"train", "val"}
+    assert train.class_names == ("10", "cat", "dog")  # sorted as text: not every label is a number
+    assert [os.path.relpath(p, tmp_path / "img") for p in train.paths] == ["x4.png", "x2.PNG", "x1.jpg", "sub/x3.png"]
+    np.testing.assert_array_equal(train.labels, [0, 1, 2, 2])
+    assert val.class_counts() == {"10": 0, "cat": 1, "dog": 0}
+
+    (tmp_path / "img" / "numbers.jsonl").write_text(
+        "".join(f'{{"filename": "x{i}.{"jpg" if i == 1 else "png"}", "label": {label}}}\n'
+                for i, label in [(1, 10), (3, 2), (4, 9)]).replace("x3.png", "sub/x3.png")
+    )
+    (tmp_path / "img" / "numbers_val.jsonl").write_text('{"filename": "x5.png", "label": 9}\n')
+    numbered = listfile.load_list_splits(str(tmp_path / "img"), train_split="numbers.jsonl",
+                                         val_split="numbers_val.jsonl", test_split="test")["train"]
+    assert numbered.class_names == ("2", "9", "10")  # integer labels keep their numeric order
+
+
+@pytest.mark.parametrize(
+    "train_text, val_text, message",
+    [
+        ("name,label\nx1.png,a\n", None, "must name the columns filename,label"),
+        ("filename,label\nx1.png,\n", None, "line 2: empty filename or label"),
+        ("filename,label\nmissing.png,a\n", None, "1 files that do not exist.*missing.png"),
+        ("filename,label\nx1.png,a\n", "filename,label\nx2.png,b\n", "classes \\['b'\\]"),
+        ("filename,label\nx1.png,a\n", None, "val.csv: not found"),
+    ],
+)
+def test_list_errors_name_the_file(tmp_path, train_text, val_text, message):
+    _write_images(tmp_path, ["x1.png", "x2.png"])
+    (tmp_path / "train.csv").write_text(train_text)
+    if val_text:
+        (tmp_path / "val.csv").write_text(val_text)
+    with pytest.raises(sources.DataError, match=message) as info:
+        listfile.load_list_splits(str(tmp_path), train_split="train.csv", val_split="val.csv", test_split="test.csv")
+    assert str(tmp_path) in str(info.value)
+
+
+def _data_config(**fields):
+    config = base_config()
+    config.data.update(fields)
+    return config.data
+
+
+def test_load_splits_reads_each_source_from_the_config(tmp_path):
+    _make_split(tmp_path, "train", {"a": 4, "b": 4})
+    folder = data.load_splits(_data_config(root=str(tmp_path), val_fraction=0.25, test_fraction=0.25))
+    assert {s: len(folder[s]) for s in folder} == {"train": 4, "val": 2, "test": 2}
+    (tmp_path / "all.csv").write_text("filename,label\n" + "".join(f"train/a/{i:03d}.png,a\n" for i in range(4)))
+    listed = data.load_splits(_data_config(source="list", root=str(tmp_path), train_split="all.csv", val_fraction=0.5))
+    assert len(listed["train"]) == 2 and len(listed["val"]) == 2
+    with pytest.raises(sources.DataError, match="config.data.source='lmdb' is unknown"):
+        data.load_splits(_data_config(source="lmdb"))
+    with pytest.raises(sources.DataError, match="config.data.train_split='train' is not a list file"):
+        data.load_splits(_data_config(source="list", root=str(tmp_path)))
+
+
+@pytest.fixture
+def mock_tfds():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
+        yield
+
+
+def test_tfds_source_reads_a_data_set_by_name(mock_tfds):
+    splits = data.load_splits(_data_config(source="tfds", tfds_name="cifar10", val_split="test"))
+    train = splits["train"]
+    assert len(train) == 24 and train.class_names == tuple(str(i) for i in range(10))  # mock metadata names
+    example = train[5]
+    assert example["image"].shape == (32, 32, 3) and example["image"].dtype == np.uint8
+    assert example["label"].dtype == np.int32 and example["label"] == train.labels[5]
+    assert sum(train.class_counts().values()) == 24
+    assert repr(train) == "TfdsSource(cifar10/3.0.2, split='train', 24 records)"
+    with pytest.raises(sources.DataError, match="tfds_name"):
+        data.load_splits(_data_config(source="tfds"))
+    with pytest.raises(sources.DataError, match=r"train\[:90%\]"):
+        data.load_splits(_data_config(source="tfds", tfds_name="cifar10", val_fraction=0.1))
+
+
+def test_tfds_stream_resumes_exactly(mock_tfds):
+    train = data.load_splits(_data_config(source="tfds", tfds_name="cifar10", val_split="test"))["train"]
+    make = lambda: iter(pipeline.make_train_loader(
+        train, "decode|inception_crop(16)|flip_lr", global_batch_size=8, seed=1, num_workers=0))
+    iterator = make()
+    first = [next(iterator) for _ in range(2)]
+    assert first[0]["image"].shape == (8, 16, 16, 3)
+    state = iterator.get_state()
+    expected = [next(iterator) for _ in range(4)]
+    restored = make()
+    restored.set_state(state)
+    for got, want in zip([next(restored) for _ in range(4)], expected):
+        np.testing.assert_array_equal(got["image"], want["image"])
+        np.testing.assert_array_equal(got["label"], want["label"])
+    batches = list(pipeline.eval_batches(train, "decode|central_crop(16)", global_batch_size=8, num_workers=0))
+    assert sum(b["mask"].sum() for b in batches) == 24
+
+
+def test_training_on_a_tfds_set_resumes_to_the_same_parameters(mock_tfds, tmp_path):
+    import jax
+    import orbax.checkpoint as ocp
+
+    from jaxclf import config as config_lib, train
+
+    config = config_lib.load_config("tests/tiny_config.py", [
+        "data.source=tfds", "data.tfds_name=cifar10", "data.val_split=test", "batch_size=8", "total_steps=6"])
+    devices = jax.devices()[:1]
+    train.train_and_evaluate(config, str(tmp_path / "straight"), devices=devices)
+    train.train_and_evaluate(config, str(tmp_path / "resumed"), devices=devices, stop_at_step=3)
+    train.train_and_evaluate(config, str(tmp_path / "resumed"), devices=devices)
+    restore = lambda d: ocp.StandardCheckpointer().restore(str(tmp_path / d / "checkpoints" / "6" / "state"))
+    for a, b in zip(jax.tree.leaves(restore("straight")), jax.tree.leaves(restore("resumed"))):
+        np.testing.assert_array_equal(a, b)
+    with open(tmp_path / "straight" / "classes.json") as f:
+        assert json.load(f)["class_names"] == [str(i) for i in range(10)]

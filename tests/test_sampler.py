@@ -42,3 +42,16 @@ def test_weights_draw_in_proportion():
 def test_batch_must_divide_over_processes():
     with pytest.raises(ValueError, match="batch_size=6 must be a multiple of the 4 JAX processes"):
         GlobalBatchSampler(50, 6, 4, 0)
+
+
+def test_repr_is_short_and_changes_with_the_weights():
+    # grain stores repr(sampler) in every iterator state and refuses a state whose repr differs.
+    weights = np.ones(100_000)
+    sampler = GlobalBatchSampler(100_000, 8, 1, 0, weights)
+    assert len(repr(sampler)) < 200
+    assert repr(sampler) == repr(GlobalBatchSampler(100_000, 8, 1, 0, weights.copy()))
+    weights[5] = 2.0
+    assert repr(sampler) != repr(GlobalBatchSampler(100_000, 8, 1, 0, weights))
+    assert repr(sampler) != repr(GlobalBatchSampler(100_000, 8, 1, 0))
+    with pytest.raises(ValueError, match="weights must be 4 numbers >= 0"):
+        GlobalBatchSampler(4, 4, 1, 0, (1.0, -1.0, 1.0, 1.0))

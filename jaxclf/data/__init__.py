@@ -9,14 +9,22 @@ import os
 
 import ml_collections
 
-from jaxclf.data import digits, sources
+from jaxclf.data import digits, listfile, sources, tfds_source
 
 # Data sets that jaxclf can write to `config.data.root` itself (`config.data.prepare`).
 PREPARERS = {"sklearn_digits": digits.write_digits_folder}
 
+SOURCES = ("folder", "list", "tfds")
 
-def load_splits(data: ml_collections.ConfigDict) -> dict[str, sources.ImageFolder]:
-    """The sources named by `config.data`: {"train": ..., "val": ...}, each with the same class list."""
+
+def load_splits(data: ml_collections.ConfigDict) -> dict[str, sources.LabelledSource]:
+    """The sources named by `config.data`: {"train", "val"} and "test" where there is one, sharing one class list."""
+    if data.source not in SOURCES:
+        raise sources.DataError(f"config.data.source={data.source!r} is unknown; use one of {SOURCES}")
+    split_names = {"train_split": data.train_split, "val_split": data.val_split, "test_split": data.test_split}
+    fractions = {"val_fraction": data.val_fraction, "test_fraction": data.test_fraction}
+    if data.source == "tfds":
+        return tfds_source.load_tfds_splits(data.tfds_name, data_dir=data.root, **split_names, **fractions)
     if not data.root:
         raise sources.DataError(
             "config.data.root is not set: point it at a folder holding train/<class>/* images "
@@ -27,10 +35,5 @@ def load_splits(data: ml_collections.ConfigDict) -> dict[str, sources.ImageFolde
         if data.prepare not in PREPARERS:
             raise sources.DataError(f"config.data.prepare={data.prepare!r} is unknown; known: {sorted(PREPARERS)}")
         PREPARERS[data.prepare](root)
-    return sources.load_image_folder_splits(
-        root,
-        train_split=data.train_split,
-        val_split=data.val_split,
-        val_fraction=data.val_fraction,
-        split_seed=data.split_seed,
-    )
+    load = sources.load_image_folder_splits if data.source == "folder" else listfile.load_list_splits
+    return load(root, **split_names, **fractions, split_seed=data.split_seed)

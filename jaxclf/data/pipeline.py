@@ -1,8 +1,10 @@
 """grain loaders: an endless, checkpointable training stream and a padded single evaluation pass.
 
 Each JAX process loads only its shard and its share of the global batch; decoding and
-augmentation run in `num_workers` grain worker processes (0: in this process). Batches are
-`{"image": uint8[b, H, W, 3], "label": int32[b]}` with b = global_batch_size // jax.process_count().
+augmentation run in `num_workers` grain worker processes (0: in this process). Training batches
+are `{"image": uint8[b, H, W, 3], "label": int32[b], "skipped": int32[b]}` with
+b = global_batch_size // jax.process_count(); "skipped" counts unreadable images passed over
+(see reader.py). A spec starts with `decode`, which runs as part of reading the record.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from collections.abc import Iterator
 
 import grain
 import jax
+import numpy as np
 from absl import flags
 
-from jaxclf.data import ops as ops_lib
+from jaxclf.data import imbalance, ops as ops_lib
+from jaxclf.data.reader import DecodedSource
 from jaxclf.data.sampler import GlobalBatchSampler
 
 
@@ -60,20 +64,48 @@ def _local_batch_size(global_batch_size: int) -> int:
 
 
 def make_train_loader(
-    source, ops_spec: str, *, global_batch_size: int, seed: int, num_workers: int
+    source,
+    ops_spec: str,
+    *,
+    global_batch_size: int,
+    seed: int,
+    num_workers: int,
+    sampling: str = "uniform",
+    bad_images: str = "error",
 ) -> grain.DataLoader:
     """An endless stream of this process's rows of each global batch, reshuffled each epoch from `seed`.
 
     The global batches are the same for any number of processes (see data/sampler.py).
+    `sampling="balanced"` draws every class equally often (imbalance.py); `bad_images` is
+    "error" or "skip" (reader.py).
 
     `iter(loader)` supports get_state()/set_state(); a restored iterator continues with the
     exact batches (and random crops) the original would have produced.
     """
     batch_size = _local_batch_size(global_batch_size)
     shard = grain.sharding.ShardByJaxProcess()
-    sampler = GlobalBatchSampler(len(source), global_batch_size, jax.process_count(), seed)
-    operations = [*ops_lib.parse_ops(ops_spec), grain.transforms.Batch(batch_size, drop_remainder=True)]
-    return _make_loader(source, sampler, operations, num_workers=num_workers, shard_options=shard)
+    weights = imbalance.sampling_weights(sampling, source)
+    sampler = GlobalBatchSampler(len(source), global_batch_size, jax.process_count(), seed, weights)
+    decode, operations = _split_decode(ops_spec)
+    reader = DecodedSource(source, decode, bad_images, mask_replaced=False)
+    operations = [*operations, ToArray(), grain.transforms.Batch(batch_size, drop_remainder=True)]
+    return _make_loader(reader, sampler, operations, num_workers=num_workers, shard_options=shard)
+
+
+def _split_decode(ops_spec: str) -> tuple[ops_lib.Decode, list[ops_lib.Op]]:
+    """The spec's leading `decode` op (run by the reader) and the ops after it."""
+    operations = ops_lib.parse_ops(ops_spec)
+    if not isinstance(operations[0], ops_lib.Decode):
+        raise ValueError(f"the op spec {ops_spec!r} must start with decode (e.g. 'decode|...')")
+    return operations[0], operations[1:]
+
+
+@dataclasses.dataclass(frozen=True)
+class ToArray(grain.transforms.Map):
+    """The last op before batching: the image as a uint8[H, W, 3] array, whatever the ops left."""
+
+    def map(self, example: dict) -> dict:
+        return {**example, "image": np.asarray(example["image"])}
 
 
 def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
@@ -81,14 +113,17 @@ def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
     return math.ceil(num_examples / global_batch_size)
 
 
-def eval_batches(source, ops_spec: str, *, global_batch_size: int, num_workers: int) -> Iterator[dict]:
+def eval_batches(
+    source, ops_spec: str, *, global_batch_size: int, num_workers: int, bad_images: str = "error"
+) -> Iterator[dict]:
     """One unshuffled pass over this process's shard: {"image": uint8[b, H, W, 3], "label": int32[b], "mask": bool[b]}.
 
     Every process yields num_eval_batches(len(source), global_batch_size) batches, padded with
     mask=False rows, so collectives in the eval step line up even when shards differ in size.
+    With bad_images="skip", an unreadable image's row is masked out too.
     """
     batch_size = _local_batch_size(global_batch_size)
-    operations = ops_lib.parse_ops(ops_spec)
+    decode, operations = _split_decode(ops_spec)
     random_ops = [type(op).__name__ for op in operations if isinstance(op, grain.transforms.RandomMap)]
     if random_ops:
         raise ValueError(f"evaluation ops {ops_spec!r} include random ops {random_ops}; use deterministic ones")
@@ -99,10 +134,11 @@ def eval_batches(source, ops_spec: str, *, global_batch_size: int, num_workers: 
         end=(index + 1) * len(source) // count,
         length=num_eval_batches(len(source), global_batch_size) * batch_size,
     )
+    reader = DecodedSource(shard, decode, bad_images, mask_replaced=True)
     sampler = grain.samplers.IndexSampler(num_records=len(shard), shuffle=False, num_epochs=1)
-    operations = [*operations, grain.transforms.Batch(batch_size, drop_remainder=False)]
+    operations = [*operations, ToArray(), grain.transforms.Batch(batch_size, drop_remainder=False)]
     no_sharding = grain.sharding.NoSharding()  # `shard` is this process's part already
-    return iter(_make_loader(shard, sampler, operations, num_workers=num_workers, shard_options=no_sharding))
+    return iter(_make_loader(reader, sampler, operations, num_workers=num_workers, shard_options=no_sharding))
 
 
 @dataclasses.dataclass(frozen=True)

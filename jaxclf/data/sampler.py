@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import sys
 
 import grain
@@ -33,9 +34,15 @@ class GlobalBatchSampler:
     global_batch_size: int
     process_count: int
     seed: int
-    weights: tuple[float, ...] | None = None
+    weights: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
+        if self.weights is not None:
+            weights = np.array(self.weights, np.float64)  # a copy: the caller may change theirs
+            weights.flags.writeable = False
+            if weights.shape != (self.num_records,) or (weights < 0).any() or not weights.sum() > 0:
+                raise ValueError(f"weights must be {self.num_records} numbers >= 0, not all 0")
+            object.__setattr__(self, "weights", weights)
         if self.global_batch_size % self.process_count:
             raise ValueError(
                 f"batch_size={self.global_batch_size} must be a multiple of the {self.process_count} JAX processes"
@@ -74,8 +81,17 @@ class GlobalBatchSampler:
 
     @functools.cached_property
     def _cumulative_weights(self) -> np.ndarray:
-        cumulative = np.cumsum(np.asarray(self.weights, np.float64))
+        cumulative = np.cumsum(self.weights)
         return cumulative / cumulative[-1]
+
+    def __repr__(self) -> str:
+        # grain stores repr(sampler) in every iterator state and checks it on restore; the weights
+        # (one per record) enter as a digest, so a state is small and a changed sampling is caught.
+        weights = "None" if self.weights is None else hashlib.sha1(self.weights.tobytes()).hexdigest()[:16]
+        return (
+            f"GlobalBatchSampler(num_records={self.num_records}, global_batch_size={self.global_batch_size}, "
+            f"process_count={self.process_count}, seed={self.seed}, weights={weights})"
+        )
 
     def _draw(self, position: int) -> float:
         # A stream separate from the augmentation rng of the same position.

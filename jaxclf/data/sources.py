@@ -1,6 +1,8 @@
-"""Image-folder data sources: `root/<split>/<class>/*.jpg` read as grain random-access sources.
+"""Data sources: what labelled examples exist, as grain random-access sources; image folders live here.
 
-A source holds only file paths and labels; decoding happens later in the grain workers (ops.py).
+A file source holds only paths and labels; decoding happens later in the grain workers (ops/).
+The CSV/JSONL lists (listfile.py) and TFDS data sets (tfds_source.py) build on the same pieces:
+`LabelledSource` for class bookkeeping and `assemble_splits` for the train/val/test logic.
 """
 
 from __future__ import annotations
@@ -14,15 +16,28 @@ import zlib
 import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+SPLITS = ("train", "val", "test")
 
 
 class DataError(ValueError):
     """A problem with the user's data; the message names the path and says what to do."""
 
 
+class LabelledSource:
+    """What every source offers besides `__len__`/`__getitem__`: `labels: int32[N]` indexing `class_names`."""
+
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+
+    def class_counts(self) -> dict[str, int]:
+        """Number of examples per class name, in class order."""
+        counts = np.bincount(self.labels, minlength=len(self.class_names))
+        return {name: int(n) for name, n in zip(self.class_names, counts)}
+
+
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
-class ImageFolder:
-    """A grain random-access source of labelled image files; `labels: int32[N]` index `class_names`."""
+class LabelledFiles(LabelledSource):
+    """A grain random-access source of labelled image files (from a folder tree or a CSV/JSONL list)."""
 
     paths: tuple[str, ...]
     labels: np.ndarray
@@ -35,11 +50,6 @@ class ImageFolder:
         """The `i`-th example, undecoded: {"path": str, "label": np.int32}."""
         return {"path": self.paths[i], "label": self.labels[i]}
 
-    def class_counts(self) -> dict[str, int]:
-        """Number of examples per class name, in class order."""
-        counts = np.bincount(self.labels, minlength=len(self.class_names))
-        return {name: int(n) for name, n in zip(self.class_names, counts)}
-
     @functools.cached_property
     def _repr(self) -> str:
         # grain stores repr(source) in every iterator state and refuses to restore a state into a
@@ -48,65 +58,110 @@ class ImageFolder:
         digest = hashlib.sha1()
         for path, label in zip(self.paths, self.labels):
             digest.update(f"{label}:{os.path.basename(path)}\n".encode())
-        return f"ImageFolder({len(self)} images, {len(self.class_names)} classes, sha1={digest.hexdigest()[:16]})"
+        return f"LabelledFiles({len(self)} images, {len(self.class_names)} classes, sha1={digest.hexdigest()[:16]})"
 
     def __repr__(self) -> str:
         return self._repr
 
 
 def load_image_folder_splits(
-    root: str, *, train_split: str = "train", val_split: str = "val", val_fraction: float = 0.0, split_seed: int = 0
-) -> dict[str, ImageFolder]:
-    """Read `root/<train_split>/<class>/*` (and `root/<val_split>` or a held-out fraction) as {"train", "val"}.
+    root: str,
+    *,
+    train_split: str = "train",
+    val_split: str = "val",
+    test_split: str = "test",
+    val_fraction: float = 0.0,
+    test_fraction: float = 0.0,
+    split_seed: int = 0,
+) -> dict[str, LabelledFiles]:
+    """Read `root/<train_split>/<class>/*` and the val and test folders as {"train", "val"[, "test"]}.
 
-    Class order is the sorted class folder names of the train split. Without a val folder,
-    `val_fraction` of each class (a seeded, stratified split) becomes the val set.
+    Class order is the sorted class folder names of the train split. A val (test) folder that
+    does not exist is instead held out of train: `val_fraction` (`test_fraction`) of each class,
+    seeded and stratified. Without a test folder and with test_fraction=0 there is no "test".
     """
     root = os.path.abspath(os.path.expanduser(root))
     if not os.path.isdir(root):
         raise DataError(f"{root}: no such folder; expected {root}/{train_split}/<class>/<image files>")
-    train_dir = os.path.join(root, train_split)
-    if not os.path.isdir(train_dir):
-        raise DataError(f"{train_dir}: no such folder; put the training images in {train_dir}/<class>/<image files>")
-    train_files = _list_classes(train_dir)
-    class_names = tuple(sorted(train_files))
+    where = {"train": os.path.join(root, train_split), "val": os.path.join(root, val_split),
+             "test": os.path.join(root, test_split)}
+    if not os.path.isdir(where["train"]):
+        raise DataError(f"{where['train']}: no such folder; put the training images in {where['train']}/<class>/<image files>")
+    listed = {split: _list_classes(path) if os.path.isdir(path) else None for split, path in where.items()}
+    return assemble_splits(
+        listed, where, tuple(sorted(listed["train"])),
+        val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed,
+    )
 
-    val_dir = os.path.join(root, val_split)
-    if os.path.isdir(val_dir):
-        if val_fraction > 0:
-            raise DataError(
-                f"{val_dir} exists and val_fraction={val_fraction} also asks to hold out part of {train_dir}: "
-                "set val_fraction=0 to use the folder, or point val_split at a folder that does not exist"
-            )
-        val_files = _list_classes(val_dir)
-        unknown = sorted(set(val_files) - set(class_names))
-        if unknown:
-            raise DataError(
-                f"{val_dir} has class folders {unknown} that {train_dir} lacks; "
-                "every validation class needs training images (or remove those folders)"
-            )
-        return {"train": _make_folder(train_files, class_names), "val": _make_folder(val_files, class_names)}
 
-    if val_fraction <= 0:
+def assemble_splits(
+    listed: dict[str, dict[str, list[str]] | None],
+    where: dict[str, str],
+    class_names: tuple[str, ...],
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    split_seed: int,
+) -> dict[str, LabelledFiles]:
+    """Turn {split: {class: paths} or None if absent} into sources, holding absent val/test out of train.
+
+    `where[split]` names each split's folder or file in errors. Classes of val/test must occur in train.
+    """
+    fractions = {"val": val_fraction, "test": test_fraction}
+    for split, fraction in fractions.items():
+        if not 0 <= fraction < 1:
+            raise DataError(f"{split}_fraction={fraction} for {where['train']} must be in [0, 1)")
+        if listed[split] is not None and fraction > 0:
+            raise DataError(
+                f"{where[split]} exists and {split}_fraction={fraction} also asks to hold out part of "
+                f"{where['train']}: set {split}_fraction=0 to use it, or point {split}_split elsewhere"
+            )
+    if listed["val"] is None and val_fraction == 0:
         raise DataError(
-            f"{val_dir}: no such folder; add validation images there as {val_dir}/<class>/<image files>, "
+            f"{where['val']}: not found; add validation images there (as for {where['train']}), "
             "or hold out part of the training images with val_fraction > 0 (e.g. 0.1)"
         )
-    if val_fraction >= 1:
-        raise DataError(f"val_fraction={val_fraction} for {train_dir} must be below 1 (it is the held-out share)")
-    train_part, val_part = {}, {}
-    for name, files in train_files.items():
+    if val_fraction + test_fraction >= 1:
+        raise DataError(f"val_fraction + test_fraction = {val_fraction + test_fraction} must stay below 1")
+    for split in ("val", "test"):
+        unknown = sorted(set(listed[split] or ()) - set(class_names))
+        if unknown:
+            raise DataError(
+                f"{where[split]} has classes {unknown} that {where['train']} lacks; "
+                "every evaluated class needs training images (or remove them)"
+            )
+    held_out = {split: f for split, f in fractions.items() if f > 0}
+    parts = {"train": listed["train"], **{s: files for s, files in listed.items() if s != "train" and files}}
+    if held_out:
+        parts.update(_split_by_fractions(listed["train"], held_out, split_seed))
+        for split in held_out:
+            if not any(parts[split].values()):
+                raise DataError(
+                    f"{split}_fraction={held_out[split]} of {where['train']} holds out no image "
+                    f"(classes too small); raise {split}_fraction"
+                )
+    return {split: _make_source(parts[split], class_names) for split in SPLITS if split in parts}
+
+
+def _split_by_fractions(
+    files: dict[str, list[str]], fractions: dict[str, float], seed: int
+) -> dict[str, dict[str, list[str]]]:
+    """Per class, a seeded shuffle: the first share of it to "val", the next to "test", the rest to "train".
+
+    Every class keeps at least one training file.
+    """
+    parts = {"train": {}, **{split: {} for split in fractions}}
+    for name, class_files in files.items():
         # A per-class seed makes each class's split independent of which other classes exist.
-        rng = np.random.default_rng([split_seed, zlib.crc32(name.encode())])
-        order = rng.permutation(len(files))
-        num_val = min(round(val_fraction * len(files)), len(files) - 1)
-        val_part[name] = [files[k] for k in sorted(order[:num_val])]
-        train_part[name] = [files[k] for k in sorted(order[num_val:])]
-    if not any(val_part.values()):
-        raise DataError(
-            f"val_fraction={val_fraction} of {train_dir} holds out no image (classes too small); raise val_fraction"
-        )
-    return {"train": _make_folder(train_part, class_names), "val": _make_folder(val_part, class_names)}
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        order = list(rng.permutation(len(class_files)))
+        for split in ("val", "test"):
+            if split in fractions:
+                count = min(round(fractions[split] * len(class_files)), len(order) - 1)
+                parts[split][name] = [class_files[k] for k in sorted(order[:count])]
+                order = order[count:]
+        parts["train"][name] = [class_files[k] for k in sorted(order)]
+    return parts
 
 
 def _list_classes(split_dir: str) -> dict[str, list[str]]:
@@ -138,7 +193,7 @@ def _list_images(class_dir: str) -> list[str]:
     return sorted(paths)
 
 
-def _make_folder(files: dict[str, list[str]], class_names: tuple[str, ...]) -> ImageFolder:
+def _make_source(files: dict[str, list[str]], class_names: tuple[str, ...]) -> LabelledFiles:
     paths = [p for name in class_names for p in files.get(name, [])]
     labels = [label for label, name in enumerate(class_names) for _ in files.get(name, [])]
-    return ImageFolder(paths=tuple(paths), labels=np.asarray(labels, np.int32), class_names=class_names)
+    return LabelledFiles(paths=tuple(paths), labels=np.asarray(labels, np.int32), class_names=class_names)

@@ -1,0 +1,68 @@
+"""Reading a record and decoding its image, in the grain worker; an unreadable image stops the run or is replaced.
+
+Replacing inside the source keeps every batch full and makes the same index always give the same
+example, so a resumed run still sees exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import numpy as np
+
+from jaxclf.config import ConfigError
+from jaxclf.data.ops import BadImage, Decode
+from jaxclf.data.sources import DataError
+
+BAD_IMAGE_MODES = ("error", "skip")
+MAX_CONSECUTIVE_BAD = 100
+
+_warned: set[str] = set()  # files this process already warned about
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DecodedSource:
+    """`source` with `decode` applied to each record as it is read.
+
+    With bad_images="skip", a record whose image cannot be decoded is replaced by the next readable
+    one (i + 1, i + 2, ..., wrapping round) and a warning names the file once per process.
+    Training examples (`mask_replaced=False`) carry "skipped": int32, the number of records passed
+    over; evaluation examples (`mask_replaced=True`) get mask=False instead, so no image counts twice.
+    """
+
+    source: object
+    decode: Decode
+    bad_images: str = "error"
+    mask_replaced: bool = False
+
+    def __post_init__(self):
+        if self.bad_images not in BAD_IMAGE_MODES:
+            raise ConfigError(f"config.data.bad_images={self.bad_images!r}: use one of {BAD_IMAGE_MODES}")
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict:
+        tries = min(len(self.source), MAX_CONSECUTIVE_BAD)
+        for k in range(tries):
+            try:
+                example = self.decode.map(self.source[(i + k) % len(self.source)])
+            except BadImage as e:
+                if self.bad_images == "error":
+                    raise DataError(f"{e}; to skip unreadable images, set config.data.bad_images='skip'") from None
+                if e.name not in _warned:
+                    _warned.add(e.name)
+                    print(f"warning: skipping an unreadable image: {e}", file=sys.stderr)
+                continue
+            if self.mask_replaced:
+                if k:
+                    example["mask"] = False
+            else:
+                example["skipped"] = np.int32(k)
+            return example
+        raise DataError(f"{tries} records in a row from index {i} of {self.source!r} cannot be decoded; see the warnings above")
+
+    def __repr__(self) -> str:
+        # Part of grain's iterator state: it must not change between a run and its resumption.
+        return f"DecodedSource({self.source!r}, {self.decode!r}, bad_images={self.bad_images!r})"
