@@ -1,4 +1,5 @@
-"""Metrics of a run: one JSON object per line in `workdir/metrics.jsonl`, and a console line.
+"""Metrics of a run: one JSON object per line in `workdir/metrics.jsonl`, TensorBoard event files
+in `workdir` (`tensorboard --logdir DIR`; see tfevents.py), and a console line.
 
 Only process 0 writes; every other process's writer does nothing, so callers need not check.
 """
@@ -12,13 +13,17 @@ import time
 
 import jax
 
+from jaxclf.tfevents import EventWriter
+
 
 class MetricsWriter:
-    """Appends `{"step": ..., "<namespace>/<name>": value}` lines to `metrics.jsonl`."""
+    """Appends `{"step": ..., "<namespace>/<name>": value}` lines to `metrics.jsonl`, and the same
+    scalars (tagged `<namespace>/<name>`) to a TensorBoard event file of its own."""
 
     def __init__(self, workdir: str):
         self._active = jax.process_index() == 0
         self._path = os.path.join(workdir, "metrics.jsonl")
+        self._events = EventWriter(workdir)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         """Record `scalars` at `step` and print them on one console line."""
@@ -27,6 +32,7 @@ class MetricsWriter:
         record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
         with open(self._path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        self._events.add_scalars(step, {k: v for k, v in record.items() if k != "step"})
         shown = "  ".join(f"{k}={_format(v)}" for k, v in record.items() if k != "step")
         print(f"[{time.strftime('%H:%M:%S')}] step {step}  {shown}", file=sys.stderr, flush=True)
 

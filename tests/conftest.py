@@ -15,3 +15,22 @@ def digits_root(tmp_path_factory) -> str:
     from jaxclf.data import digits
 
     return digits.write_digits_folder(str(tmp_path_factory.mktemp("data") / "digits"), image_size=16)
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(digits_root, tmp_path_factory) -> str:
+    """A finished tiny run on the digits (tests/tiny_config.py, 60 steps, with EMA): what the inference
+    tools (evaluate, predict, export, explain) read. Its model `tiny_cnn` is registered in this process."""
+    import jax
+
+    from jaxclf import config as config_lib, train
+
+    config = config_lib.load_config(f"tests/tiny_config.py:{digits_root}")
+    config.total_steps = 60
+    config.optim.name = "adamw"
+    config.optim.lr = 0.01
+    config.ema_decay = 0.5
+    config.freeze_bn_stats = True  # 60 steps are too few for BatchNorm's running statistics to settle
+    workdir = str(tmp_path_factory.mktemp("trained") / "run")
+    train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+    return workdir

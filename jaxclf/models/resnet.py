@@ -137,12 +137,20 @@ class ResNet(nnx.Module):
                              dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
 
     def __call__(self, images: jax.Array) -> jax.Array:
+        return self.forward_head(self.forward_features(images))
+
+    def forward_features(self, images: jax.Array) -> jax.Array:
+        """The last stage's feature map, [B, H/32, W/32, C] (what Grad-CAM explains; timm's name)."""
         x = nnx.relu(self.bn1(self.conv1(images)))
         x = layers.max_pool_3x3_s2(x)
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for blk in layer:
                 x = blk(x)
-        return self.fc(jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
+        return x
+
+    def forward_head(self, features: jax.Array) -> jax.Array:
+        """Global average pool and classifier: [B, h, w, C] -> logits float32[B, num_classes]."""
+        return self.fc(jnp.mean(features.astype(jnp.float32), axis=(1, 2)))
 
 
 def _factory(block: type[BasicBlock] | type[Bottleneck], depths: tuple[int, int, int, int]):

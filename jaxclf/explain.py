@@ -1,0 +1,153 @@
+"""Show where a trained model looked: `python -m jaxclf.explain --workdir DIR IMAGE [--class NAME] --out PNG`.
+
+- Models with `forward_features`/`forward_head` (ResNets): Grad-CAM (Selvaraju et al., 2017) on
+  the last stage's feature map, for the predicted class or --class.
+- Models with `attention_maps` (ViTs): attention rollout (Abnar & Zuidema, 2020): each block's
+  head-averaged attention, mixed half and half with the identity for the residual path,
+  row-normalised and multiplied through the blocks; the map is the class token's row (or, with
+  average pooling, the mean of the patch tokens' rows) over the patches. It does not depend on
+  the class.
+The PNG shows the preprocessed image the model saw and the map laid over it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from flax import nnx
+
+from jaxclf import inference
+from jaxclf.steps import normalize_images
+
+
+def grad_cam(model: nnx.Module, images: jax.Array, class_index: int) -> np.ndarray:
+    """Grad-CAM of `class_index` for normalised `images` float32[1, H, W, 3]: float32[h, w] >= 0 on the feature grid.
+
+    Each feature channel is weighted by the mean gradient of the class logit over the map; the
+    weighted sum is clipped at 0.
+    """
+    return np.asarray(_grad_cam(model, images, class_index))
+
+
+@nnx.jit
+def _grad_cam(model: nnx.Module, images: jax.Array, class_index: jax.Array) -> jax.Array:
+    features = model.forward_features(images)
+    gradients = jax.grad(lambda f: model.forward_head(f)[0, class_index])(features)
+    weights = gradients.astype(jnp.float32).mean(axis=(1, 2), keepdims=True)
+    return jax.nn.relu((weights * features.astype(jnp.float32)).sum(axis=-1))[0]
+
+
+def attention_rollout(model: nnx.Module, images: jax.Array) -> np.ndarray:
+    """Attention rollout for normalised `images` float32[1, H, W, 3]: float32[gh, gw] >= 0 on the patch grid."""
+    return np.asarray(_attention_rollout(model, images))
+
+
+@nnx.jit
+def _attention_rollout(model: nnx.Module, images: jax.Array) -> jax.Array:
+    maps = model.attention_maps(images)[:, 0].mean(axis=1)  # [depth, N, N], heads averaged
+    tokens = maps.shape[-1]
+    rollout = jnp.eye(tokens)
+    for attention in maps:
+        mixed = 0.5 * attention + 0.5 * jnp.eye(tokens)
+        rollout = (mixed / mixed.sum(axis=-1, keepdims=True)) @ rollout
+    prefix = model.num_prefix_tokens
+    if model.global_pool == "token":
+        relevance = rollout[0, prefix:]
+    else:
+        relevance = rollout[prefix:, prefix:].mean(axis=0)
+    side = int(round(np.sqrt(tokens - prefix)))
+    return relevance.reshape(side, side)
+
+
+def explain(trained: inference.TrainedModel, image: np.ndarray, class_name: str | None = None) -> dict:
+    """Explain the model's output on one preprocessed `image` uint8[H, W, 3].
+
+    Returns {"heatmap": float32[H, W] in [0, 1] (upsampled), "method", "class", "probability",
+    "predicted", "predicted_probability"}.
+    """
+    probabilities = np.asarray(jax.nn.softmax(trained.logits(image[None])[0]))
+    predicted = int(probabilities.argmax())
+    if class_name is None:
+        class_index = predicted
+    elif class_name in trained.class_names:
+        class_index = trained.class_names.index(class_name)
+    else:
+        raise inference.WorkdirError(f"--class {class_name!r} is not a class of this run; classes: "
+                                     f"{', '.join(trained.class_names[:20])}{', ...' if len(trained.class_names) > 20 else ''}")
+    normalised = normalize_images(jnp.asarray(image[None]), trained.mean, trained.std)
+    model = trained.model
+    if hasattr(model, "attention_maps"):
+        coarse, method = attention_rollout(model, normalised), "attention rollout"
+    elif hasattr(model, "forward_features") and hasattr(model, "forward_head"):
+        coarse, method = grad_cam(model, normalised, class_index), "Grad-CAM"
+    else:
+        raise inference.WorkdirError(
+            f"model {trained.config.model_name!r} offers no hook to explain: it needs forward_features and "
+            "forward_head (Grad-CAM) or attention_maps (attention rollout)"
+        )
+    heatmap = np.asarray(jax.image.resize(jnp.asarray(coarse, jnp.float32), image.shape[:2], "bilinear"))
+    heatmap = np.clip(heatmap, 0.0, None)
+    heatmap = heatmap / heatmap.max() if heatmap.max() > 0 else heatmap
+    return {
+        "heatmap": heatmap,
+        "method": method,
+        "class": trained.class_names[class_index],
+        "probability": float(probabilities[class_index]),
+        "predicted": trained.class_names[predicted],
+        "predicted_probability": float(probabilities[predicted]),
+    }
+
+
+def save_overlay(image: np.ndarray, explanation: dict, path: str, source: str = "") -> str:
+    """A PNG of the image and of the heat map over it, titled with the method, class and probability."""
+    fig = Figure(figsize=(9, 4.8))
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    left.imshow(image)
+    left.set_title(f"input{': ' + os.path.basename(source) if source else ''}\npredicted {explanation['predicted']} "
+                   f"({explanation['predicted_probability']:.1%})", fontsize=10)
+    right.imshow(image)
+    overlay = right.imshow(explanation["heatmap"], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    target = "any class" if explanation["method"] == "attention rollout" else (
+        f"class {explanation['class']} ({explanation['probability']:.1%})")
+    right.set_title(f"{explanation['method']}: {target}", fontsize=10)
+    fig.colorbar(overlay, ax=right, fraction=0.046, pad=0.04)
+    for ax in (left, right):
+        ax.axis("off")
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; exit status 0, or 2 for a mistake in the arguments, workdir or data (message on stderr)."""
+    return inference.run_tool(_run, argv)
+
+
+def _run(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxclf.explain", description=__doc__.splitlines()[0])
+    inference.add_run_arguments(parser)
+    parser.add_argument("image", help="an image file")
+    parser.add_argument("--class", dest="class_name", help="class to explain (Grad-CAM); default: the predicted one")
+    parser.add_argument("--out", required=True, help="the PNG to write")
+    args = parser.parse_args(argv)
+    trained = inference.load_from_args(args)
+    image = trained.load_image(args.image)
+    explanation = explain(trained, image, args.class_name)
+    save_overlay(image, explanation, args.out, source=args.image)
+    print(f"{explanation['method']}, predicted {explanation['predicted']} ({explanation['predicted_probability']:.1%}); "
+          f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Export a trained run for deployment: `python -m jaxclf.export --workdir DIR --format stablehlo|onnx --out PATH`.
+
+Both formats take `uint8[B, H, W, 3]` RGB images (NHWC) that have had the run's eval
+preprocessing after decoding (the ops of data.pp_eval after `decode`, e.g. resize_small(256) and
+central_crop(224)), with any batch size B, and return `float32[B, num_classes]` logits (softmax
+them for probabilities). Normalisation with the run's mean/std is part of the exported program.
+`PATH.json` beside the artefact records the class names, input shape and preprocessing.
+
+- stablehlo: `jax.export` serialized bytes; load with
+  `jax.export.deserialize(open(PATH, "rb").read()).call(images)` (lowered for --platforms).
+- onnx: through jax2onnx (the `onnx` extra); run with onnxruntime.
+
+Each artefact is checked after writing: run on random images, it must give the JAX model's
+logits within --tolerance (relative to the largest logit, at least 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxclf import inference
+
+FORMATS = ("stablehlo", "onnx")
+
+
+class ExportError(RuntimeError):
+    """The artefact could not be produced, or does not reproduce the model; the message says which."""
+
+
+def resolve_image_size(trained: inference.TrainedModel, image_size: int | None) -> tuple[int, int]:
+    """(H, W) of the exported input: `image_size` if given, else the fixed size of the eval ops."""
+    if image_size:
+        return image_size, image_size
+    size = trained.input_size()
+    if size is None:
+        raise inference.WorkdirError(
+            f"data.pp_eval={trained.config.data.pp_eval!r} does not produce one image size; "
+            "pass --image_size (the side of the square images the model should take)"
+        )
+    return size
+
+
+def export_stablehlo(trained: inference.TrainedModel, height: int, width: int,
+                     platforms: Sequence[str] | None = None) -> bytes:
+    """`jax.export` of `trained.apply` (weights included) with a symbolic batch dimension, serialized."""
+    batch = jax.export.symbolic_shape("B")[0]
+    spec = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.uint8)
+    exported = jax.export.export(jax.jit(trained.apply), platforms=platforms)(spec)
+    return bytes(exported.serialize())
+
+
+def export_onnx(trained: inference.TrainedModel, height: int, width: int) -> bytes:
+    """ONNX model bytes of `trained.apply` through jax2onnx, with a symbolic batch dimension "B"."""
+    # jax2onnx logs a traceback for each of its plugins for other libraries (dm_pix) that do not
+    # import under this JAX; none of them is used here.
+    logging.getLogger("jax2onnx.plugins.plugin_system").setLevel(logging.ERROR)
+    try:
+        import jax2onnx
+    except ImportError:
+        raise ExportError("ONNX export needs jax2onnx: pip install -e '.[onnx]'") from None
+    try:
+        proto = jax2onnx.to_onnx(trained.apply, [jax.ShapeDtypeStruct(("B", height, width, 3), jnp.uint8)],
+                                 model_name=trained.config.model_name, input_names=["images"],
+                                 output_names=["logits"])
+    except Exception as e:  # noqa: BLE001 -- any converter failure: say which model and converter
+        raise ExportError(_onnx_failure(trained, f"{type(e).__name__}: {e}")) from e
+    return proto.SerializeToString()
+
+
+def _onnx_failure(trained: inference.TrainedModel, reason: str) -> str:
+    return (f"jax2onnx {importlib.metadata.version('jax2onnx')} cannot export {trained.config.model_name}: "
+            f"{reason.splitlines()[0][:500]}\nThe stablehlo format (--format stablehlo) exports every jaxclf model.")
+
+
+def stablehlo_runner(artefact: bytes) -> Callable[[np.ndarray], np.ndarray]:
+    """A function running a serialized stablehlo export on a batch of images."""
+    exported = jax.export.deserialize(bytearray(artefact))
+    return lambda images: np.asarray(exported.call(images))
+
+
+def onnx_runner(artefact: bytes) -> Callable[[np.ndarray], np.ndarray]:
+    """A function running an ONNX export with onnxruntime on a batch of images."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(artefact, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    return lambda images: session.run(None, {input_name: images})[0]
+
+
+def check_artefact(trained: inference.TrainedModel, run: Callable[[np.ndarray], np.ndarray], height: int,
+                   width: int, tolerance: float, batch_sizes: Sequence[int] = (1, 3)) -> float:
+    """Largest logit difference between `run` and the JAX model on random images of each batch size.
+
+    Raises ExportError when it exceeds `tolerance * max(1, largest |logit|)`.
+    """
+    worst = 0.0
+    for batch_size in batch_sizes:
+        images = np.random.default_rng(batch_size).integers(0, 256, (batch_size, height, width, 3), dtype=np.uint8)
+        expected = trained.logits(images)
+        got = np.asarray(run(images))
+        if got.shape != expected.shape:
+            raise ExportError(f"the artefact returned shape {got.shape} for batch {batch_size}; expected {expected.shape}")
+        difference = float(np.max(np.abs(got - expected)))
+        if not difference <= tolerance * max(1.0, float(np.max(np.abs(expected)))):
+            raise ExportError(f"the artefact's logits differ from the JAX model's by {difference:.3g} "
+                              f"(batch {batch_size}; tolerance {tolerance:g})")
+        worst = max(worst, difference)
+    return worst
+
+
+def sidecar(trained: inference.TrainedModel, fmt: str, path: str, height: int, width: int, **extra) -> dict:
+    """What a deployment needs besides the artefact: class names, input contract, preprocessing."""
+    after_decode = "|".join(op.strip() for op in trained.config.data.pp_eval.split("|")[1:])
+    return {
+        "format": fmt,
+        "file": os.path.basename(path),
+        "class_names": list(trained.class_names),
+        "input": {"name": "images", "shape": ["B", height, width, 3], "dtype": "uint8", "layout": "NHWC, RGB"},
+        "output": {"name": "logits", "shape": ["B", len(trained.class_names)], "dtype": "float32",
+                   "note": "logits; softmax them for probabilities"},
+        "preprocessing": {
+            "before_the_model": after_decode or "none (images must already be the input size)",
+            "pp_eval": trained.config.data.pp_eval,
+            "normalisation": "inside the exported program: (image / 255 - mean) / std",
+            "mean": list(trained.mean),
+            "std": list(trained.std),
+        },
+        "model_name": trained.config.model_name,
+        "workdir": os.path.abspath(trained.workdir),
+        "checkpoint_step": trained.step,
+        "weights": trained.weights,
+        **extra,
+    }
+
+
+def export(trained: inference.TrainedModel, fmt: str, out: str, *, image_size: int | None = None,
+           platforms: Sequence[str] | None = None, tolerance: float = 1e-4) -> dict:
+    """Write the artefact to `out` and its sidecar to `out + ".json"` after checking it; return the sidecar."""
+    if fmt not in FORMATS:
+        raise inference.WorkdirError(f"--format {fmt}: use one of {FORMATS}")
+    height, width = resolve_image_size(trained, image_size)
+    extra = {}
+    if fmt == "stablehlo":
+        platforms = list(platforms or [jax.export.default_export_platform()])
+        artefact = export_stablehlo(trained, height, width, platforms)
+        extra["platforms"] = platforms
+        runner = stablehlo_runner if jax.export.default_export_platform() in platforms else None
+    else:
+        artefact = export_onnx(trained, height, width)
+        runner = onnx_runner
+    if runner is not None:
+        try:
+            difference = check_artefact(trained, runner(artefact), height, width, tolerance)
+        except ExportError as e:
+            raise ExportError(_onnx_failure(trained, str(e)) if fmt == "onnx" else str(e)) from None
+        except Exception as e:  # noqa: BLE001 -- e.g. onnxruntime rejecting the converted graph
+            if fmt != "onnx":
+                raise
+            raise ExportError(_onnx_failure(trained, f"onnxruntime: {type(e).__name__}: {e}")) from e
+        extra["checked_max_logit_difference"] = difference
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "wb") as f:
+        f.write(artefact)
+    record = sidecar(trained, fmt, out, height, width, **extra)
+    with open(out + ".json", "w") as f:
+        json.dump(record, f, indent=2)
+    return record
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; exit status 0, 1 if the artefact cannot be made or does not reproduce the model,
+    2 for a mistake in the arguments, workdir or data (message on stderr)."""
+    return inference.run_tool(_run, argv)
+
+
+def _run(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxclf.export", description=__doc__.splitlines()[0])
+    inference.add_run_arguments(parser)
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--out", required=True, help="the artefact's path; PATH.json receives the sidecar")
+    parser.add_argument("--image_size", type=int, default=0,
+                        help="input side in pixels; 0: the size data.pp_eval produces")
+    parser.add_argument("--platforms", default="",
+                        help="stablehlo: comma-separated platforms to lower for (cpu,cuda,tpu); default: this one")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest logit difference accepted in the check, relative to the largest logit")
+    args = parser.parse_args(argv)
+    trained = inference.load_from_args(args)
+    platforms = [p for p in args.platforms.split(",") if p] or None
+    try:
+        record = export(trained, args.format, args.out, image_size=args.image_size or None, platforms=platforms,
+                        tolerance=args.tolerance)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    checked = record.get("checked_max_logit_difference")
+    print(f"wrote {args.out} ({args.format}, input uint8[B, {record['input']['shape'][1]}, "
+          f"{record['input']['shape'][2]}, 3]) and {args.out}.json"
+          + (f"; checked: logits within {checked:.2g} of the JAX model" if checked is not None else
+             "; not checked (lowered for other platforms than this one)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""A finished run loaded back from its workdir: config, class names, the model with chosen weights, preprocessing.
+
+evaluate, predict, export and explain all start from `load_trained(workdir, checkpoint)`, so they
+agree on which weights and which preprocessing a run means. Inference runs on one device (the
+first of `jax.devices()`), whatever devices trained the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from jaxclf import checkpoint, config as config_lib, models, train
+from jaxclf.data import classes, ops as ops_lib, sources
+from jaxclf.steps import normalize_images
+
+# Shapes tried by `TrainedModel.input_size` (portrait and landscape, larger than usual crops).
+_PROBE_SHAPES = ((640, 480), (480, 640))
+
+
+class WorkdirError(ValueError):
+    """A workdir, checkpoint choice or input that inference cannot use; the message names it."""
+
+
+# What the command-line tools report as a mistake in their arguments or data (exit status 2).
+USER_ERRORS = (WorkdirError, config_lib.ConfigError, sources.DataError, checkpoint.CheckpointError)
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    """The model of a run in eval mode, with the weights of one checkpoint on one device.
+
+    `weights` is "ema" (the run's exponential moving average) or "params" (the trained values).
+    """
+
+    workdir: str
+    config: ml_collections.ConfigDict
+    class_names: tuple[str, ...]
+    model: nnx.Module
+    step: int
+    weights: str
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.config.data.mean)
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.config.data.std)
+
+    def apply(self, images: jax.Array) -> jax.Array:
+        """uint8[B, H, W, 3] images after the eval preprocessing -> float32[B, C] logits (traceable, for export)."""
+        return _logits(self.model, images, self.mean, self.std)
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """`apply`, jitted with the weights passed as arguments (not baked into the program)."""
+        return np.asarray(self._jitted_apply(self._state, images))
+
+    @functools.cached_property
+    def _state(self) -> nnx.State:
+        return nnx.state(self.model)
+
+    @functools.cached_property
+    def _jitted_apply(self) -> Callable:
+        graphdef, mean, std = nnx.graphdef(self.model), self.mean, self.std
+        return jax.jit(lambda state, images: _logits(nnx.merge(graphdef, state), images, mean, std))
+
+    @functools.cached_property
+    def eval_ops(self) -> list[ops_lib.Op]:
+        """The ops of `config.data.pp_eval`, checked: `decode` first, nothing random."""
+        operations = ops_lib.parse_ops(self.config.data.pp_eval)
+        if not isinstance(operations[0], ops_lib.Decode):
+            raise WorkdirError(f"data.pp_eval={self.config.data.pp_eval!r} in {self._config_path} must start with decode")
+        random_ops = [type(op).__name__ for op in operations if isinstance(op, grain.transforms.RandomMap)]
+        if random_ops:
+            raise WorkdirError(f"data.pp_eval in {self._config_path} has random ops {random_ops}")
+        return operations
+
+    def load_image(self, path: str) -> np.ndarray:
+        """The image file at `path` as the model sees it: uint8[H, W, 3] after `config.data.pp_eval`.
+
+        Raises ops.BadImage (a DataError) naming the file when it cannot be decoded.
+        """
+        example = {"path": path}
+        for op in self.eval_ops:
+            example = op.map(example)
+        return ops_lib.as_array(example["image"])
+
+    def input_size(self) -> tuple[int, int] | None:
+        """(height, width) every image has after the eval ops, or None if it depends on the image."""
+        sizes = set()
+        for shape in _PROBE_SHAPES:
+            example = {"image": np.zeros((*shape, 3), np.uint8)}
+            try:
+                for op in self.eval_ops[1:]:
+                    example = op.map(example)
+            except ValueError:  # e.g. a crop larger than the probe
+                return None
+            sizes.add(ops_lib.as_array(example["image"]).shape[:2])
+        return sizes.pop() if len(sizes) == 1 else None
+
+    @property
+    def _config_path(self) -> str:
+        return os.path.join(self.workdir, "config.json")
+
+
+def _logits(model: nnx.Module, images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+    return model(normalize_images(images, mean, std)).astype(jnp.float32)
+
+
+def load_trained(workdir: str, checkpoint_choice: str | int = "best", *, use_ema: bool = True) -> TrainedModel:
+    """Load the run in `workdir` at `checkpoint_choice`: "best" (the best evaluation, else the latest),
+    "last", or a step number. With `use_ema` and a run that kept an EMA of its params, those are used."""
+    config = load_config(workdir)
+    class_names = tuple(classes.load_class_names(workdir))
+    if config.model_name not in models.list_models():
+        raise WorkdirError(
+            f"{workdir}/config.json names model {config.model_name!r}, which is not registered here; "
+            "if a config file defined it, pass that file with --import_file"
+        )
+    abstract = nnx.eval_shape(lambda: train.create_model(config, len(class_names)))
+    abstract.eval()
+    graphdef, params, model_state = nnx.split(abstract, nnx.Param, ...)
+    weights = "ema" if use_ema and config.ema_decay > 0 else "params"
+    on_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    as_target = functools.partial(
+        jax.tree.map, lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device)
+    )
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise WorkdirError(f"{workdir}/checkpoints does not exist: is {workdir} the workdir of a training run?")
+    checkpointer = checkpoint.Checkpointer(
+        workdir, keep=config.keep_checkpoints, best_metric=config.best_metric, best_mode=config.best_mode
+    )
+    try:
+        step = _choose_step(checkpointer, str(checkpoint_choice))
+        field = {"ema": "ema_params", "params": "params"}[weights]
+        restored = checkpointer.restore_state(step, {field: as_target(params), "model_state": as_target(model_state)})
+    finally:
+        checkpointer.close()
+    model = nnx.merge(graphdef, restored[field], restored["model_state"])
+    return TrainedModel(workdir, config, class_names, model, step, weights)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run recorded in `workdir/config.json`, over today's defaults (for fields added since)."""
+    path = os.path.join(workdir, "config.json")
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+    except FileNotFoundError:
+        raise WorkdirError(f"{path} does not exist: is {workdir} the workdir of a training run?") from None
+    config = config_lib.base_config()
+    config.update(ml_collections.ConfigDict(recorded))
+    return config
+
+
+def _choose_step(checkpointer: checkpoint.Checkpointer, choice: str) -> int:
+    steps = checkpointer.all_steps()
+    if not steps:
+        raise WorkdirError(f"{checkpointer.directory} holds no checkpoint")
+    if choice == "best":
+        return checkpointer.best_step()
+    if choice == "last":
+        return checkpointer.latest_step()
+    if not choice.isdigit() or int(choice) not in steps:
+        raise WorkdirError(f"--checkpoint {choice}: use best, last or one of the saved steps {sorted(steps)}")
+    return int(choice)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every inference tool shares: which run, which checkpoint, which weights."""
+    parser.add_argument("--workdir", required=True, help="the training run's workdir")
+    parser.add_argument("--checkpoint", default="best",
+                        help="best (the best evaluation, else the latest), last, or a step number")
+    parser.add_argument("--no_ema", action="store_true",
+                        help="use the trained params even where the run kept an EMA of them")
+    parser.add_argument("--import_file", action="append", default=[], metavar="FILE",
+                        help="a Python file to run first, e.g. the config file that registers the run's model")
+
+
+def load_from_args(args: argparse.Namespace) -> TrainedModel:
+    """`load_trained` with the flags of `add_run_arguments`."""
+    for path in args.import_file:
+        _import_file(path)
+    return load_trained(args.workdir, args.checkpoint, use_ema=not args.no_ema)
+
+
+def _import_file(path: str) -> None:
+    if not os.path.isfile(path):
+        raise WorkdirError(f"--import_file {path}: no such file")
+    spec = importlib.util.spec_from_file_location(f"jaxclf_import_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+
+def run_tool(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None) -> int:
+    """Run a tool's `main`, turning the errors a user can fix into one line on stderr and exit status 2."""
+    try:
+        return main(sys.argv[1:] if argv is None else list(argv))
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
