@@ -1,10 +1,13 @@
-"""Fine-tune ViT-B/16 at 224 px on your own image folder (train/<class>/*, val/<class>/*).
+"""Fine-tune ImageNet-pretrained ViT-B/16 at 224 px on your own image folder (train/<class>/*, val/<class>/*).
 
+    python -m jaxclf.convert vit_base_patch16_224.safetensors --model vit_base_patch16_224 \
+        --out weights/vit_base_patch16_224      # once: timm's file, an AugReg .npz or a HF folder
     python -m jaxclf.train --config configs/vit_b.py --workdir runs/vit_b \
         --config.data.root=/path/to/images
 
-AdamW with warmup and cosine decay, label smoothing and drop path, as timm fine-tunes ViTs; the
-ViT's mean/std are 0.5. Use --config.dtype=bfloat16 on GPUs.
+AdamW with warmup and cosine decay, label smoothing and drop path, as timm fine-tunes ViTs. The
+head is replaced (zero-initialised) for your classes; mean/std come from the weights.
+--config.model_init='' trains from scratch. Use --config.dtype=bfloat16 on GPUs.
 """
 
 from jaxclf.config import base_config
@@ -13,11 +16,10 @@ from jaxclf.config import base_config
 def get_config():
     config = base_config()
     config.model_name = "vit_base_patch16_224"
+    config.model_init = "weights/vit_base_patch16_224"
     config.model.drop_path_rate = 0.1
     config.data.pp_train = "decode|inception_crop(224)|flip_lr"
     config.data.pp_eval = "decode|resize_small(248)|central_crop(224)"
-    config.data.mean = (0.5, 0.5, 0.5)
-    config.data.std = (0.5, 0.5, 0.5)
     config.batch_size = 256
     config.num_epochs = 20.0
     config.optim.name = "adamw"

@@ -18,6 +18,8 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from jaxclf import tree_paths
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: from another model, or no readable checkpoint at all."""
@@ -94,11 +96,17 @@ class Checkpointer:
     def restore_meta(self, step: int) -> dict:
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
-    def restore_state(self, step: int, target_state):
-        """Only the train state at `step` (for evaluation, prediction, export), shaped like `target_state`."""
-        self._check_structure(step, target_state)
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
-        return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+    def restore_state(self, step: int, fields: dict) -> dict:
+        """Some fields of the train state at `step`, for evaluation, prediction and export.
+
+        `fields` maps TrainState field names ("params", "model_state", "ema_params") to abstract
+        trees whose jax.ShapeDtypeStructs give shape, dtype and sharding. The optimizer state is
+        not read, and the devices may differ from those that trained.
+        """
+        self._check_structure(step, fields)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(fields)
+        args = ocp.args.PyTreeRestore(fields, restore_args=restore_args, partial_restore=True)
+        return ocp.PyTreeCheckpointer().restore(os.path.join(self._path(step), "state"), args=args)
 
     def restore_latest(self, target_state, make_iterator: Callable[[dict], object]):
         """Restore the newest readable checkpoint: (step, state, data iterator, meta), or None if none.
@@ -154,20 +162,15 @@ class Checkpointer:
         saved = self._manager.item_metadata(step)["state"]
         if saved is None:
             raise OSError(f"no state metadata in {self._path(step)}")
-        saved_shapes = _shapes_by_path(saved)
-        target_shapes = _shapes_by_path(target_state)
-        problems = [f"missing in checkpoint: {k} {target_shapes[k]}" for k in target_shapes if k not in saved_shapes]
-        problems += [f"not in this model: {k} {saved_shapes[k]}" for k in saved_shapes if k not in target_shapes]
-        problems += [
-            f"shape of {k}: checkpoint {saved_shapes[k]}, model {target_shapes[k]}"
-            for k in target_shapes
-            if k in saved_shapes and saved_shapes[k] != target_shapes[k]
-        ]
+        saved_shapes = tree_paths.shapes(saved)
+        if isinstance(target_state, dict):  # some fields only (restore_state)
+            saved_shapes = {k: v for k, v in saved_shapes.items() if k.split("/", 1)[0] in target_state}
+        problems = tree_paths.mismatches(saved_shapes, tree_paths.shapes(target_state), "checkpoint", "this model")
         if problems:
-            shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
             raise CheckpointError(
                 f"checkpoint {self._path(step)} does not fit this model/optimizer (was it written by another "
-                f"config.model_name or config.optim?):\n  {shown}\nUse a new --workdir for a different model."
+                f"config.model_name or config.optim?):\n{tree_paths.format_problems(problems, 20)}\n"
+                "Use a new --workdir for a different model."
             )
 
     def _path(self, step: int) -> str:
@@ -178,18 +181,3 @@ class Checkpointer:
         self._manager.wait_until_finished()
         self._manager.close()
 
-
-def _shapes_by_path(tree) -> dict[str, tuple[int, ...]]:
-    """{'params/layer1/0/conv1/kernel': (3, 3, 64, 64), ...} for every array-like leaf of `tree`."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
-    return {_path_name(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
-
-
-def _path_name(path) -> str:
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-    return "/".join(p for p in parts if p != "value")

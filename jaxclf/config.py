@@ -31,20 +31,35 @@ def base_config() -> ml_collections.ConfigDict:
     c.model_name = "resnet18"  # a name from jaxclf.models.list_models()
     c.model = ml_collections.ConfigDict()  # keyword arguments of that model (e.g. img_size, drop_path_rate)
     c.num_classes = 0  # 0: the number of classes found in the data
+    # Pretrained weights: a folder from `python -m jaxclf.convert`, a weights file or a hub name.
+    c.model_init = ""
+    c.model_init_dont_load = ()  # regexes of param paths to leave at their fresh initialisation
+    c.model_init_pos_interpolation = "bilinear"  # ViT position embeddings for a new img_size: or "bicubic"
 
     c.data = ml_collections.ConfigDict()
+    # "folder": root/<split>/<class>/*; "list": CSV/JSONL files of filename,label (names relative to
+    # root); "tfds": the TFDS data set tfds_name, read from root ("": TFDS's data dir). See jaxclf/data.
+    c.data.source = "folder"
     c.data.root = ""  # folder holding <train_split>/<class>/* and optionally <val_split>/<class>/*
+    c.data.tfds_name = ""  # source="tfds": e.g. "cifar10" or "oxford_iiit_pet:4.*.*"
     c.data.prepare = ""  # "" or "sklearn_digits": write that data set to `root` first (once)
+    # Split names: folders (folder), .csv/.jsonl files (list) or TFDS splits such as "train[:90%]".
     c.data.train_split = "train"
     c.data.val_split = "val"
-    c.data.val_fraction = 0.0  # > 0 and no val folder: hold out this fraction of train, per class
+    c.data.test_split = "test"  # optional: used where it exists
+    c.data.val_fraction = 0.0  # > 0 and no val split: hold out this fraction of train, per class
+    c.data.test_fraction = 0.0  # > 0 and no test split: hold out this fraction of train (e.g. 0.15 with val 0.15)
     c.data.split_seed = 0
-    # Per-example ops run in grain worker processes; images stay uint8 (see jaxclf/data/ops.py).
+    c.data.bad_images = "error"  # an undecodable image: "error" stops naming it; "skip" replaces it (counted)
+    c.data.sampling = "uniform"  # "uniform" (each epoch a permutation) or "balanced" (classes drawn equally)
+    c.data.class_weights = "none"  # loss weights: "none", "balanced" (n / (C * count)) or "w0,w1,..."
+    # Per-example ops run in grain worker processes; images stay uint8 (see jaxclf/data/ops/).
     c.data.pp_train = "decode|inception_crop(224)|flip_lr"
     c.data.pp_eval = "decode|resize_small(256)|central_crop(224)"
     # Normalisation runs on the device, inside the jitted step: (image / 255 - mean) / std.
-    c.data.mean = (0.485, 0.456, 0.406)
-    c.data.std = (0.229, 0.224, 0.225)
+    # Empty: the mean/std stored with `model_init`'s weights, else ImageNet's.
+    c.data.mean = ()
+    c.data.std = ()
     c.data.num_workers = -1  # grain worker processes; -1: from the CPU count
 
     c.batch_size = 128  # global, over all devices and hosts
@@ -68,6 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.warmup_fraction = 0.0  # of the whole run
     c.optim.end_lr_fraction = 0.0  # cosine/linear: final lr = lr * end_lr_fraction
     c.optim.step_epochs = ()  # schedule="step": multiply the lr by step_factor at each of these epochs
+    c.optim.step_fractions = ()  # schedule="step": or at these fractions of the run (BiT-HyperRule: 0.3, 0.6, 0.9)
     c.optim.step_factor = 0.1
     c.optim.clip_grad_norm = 0.0  # > 0: clip gradients to this global norm
     c.optim.accumulate_steps = 1  # split each batch into this many micro-batches, one update (saves memory)

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from jaxclf import tree_paths
+
 # Parameters whose name ends with one of these get no weight decay, whatever their rank.
 NO_DECAY_NAMES = ("pos_embed", "cls_token")
 
@@ -22,18 +24,8 @@ class OptimConfigError(ValueError):
     """An inconsistent `config.optim`; the message names the fields."""
 
 
-def param_path(path) -> str:
-    """'layer1/0/conv1/kernel' for a jax key path into an nnx.State (the variable's `.value` dropped)."""
-    parts = []
-    for key in path:
-        name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", None)))
-        if name is not None and name != "value":
-            parts.append(str(name))
-    return "/".join(parts)
-
-
 def _map_with_names(fn, params):
-    return jax.tree_util.tree_map_with_path(lambda path, leaf: fn(param_path(path), leaf), params)
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: fn(tree_paths.path_name(path), leaf), params)
 
 
 def warmup_steps(optim: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int) -> int:
@@ -59,9 +51,13 @@ def make_schedule(optim: ml_collections.ConfigDict, total_steps: int, steps_per_
     elif optim.schedule == "linear":
         decay = optax.linear_schedule(optim.lr, end_lr, decay_steps)
     elif optim.schedule == "step":
-        if not optim.step_epochs:
-            raise OptimConfigError("config.optim.schedule='step' needs config.optim.step_epochs, e.g. (30, 60)")
-        boundaries = {int(round(e * steps_per_epoch)) - warmup: optim.step_factor for e in optim.step_epochs}
+        drops = [e * steps_per_epoch for e in optim.step_epochs] + [f * total_steps for f in optim.step_fractions]
+        if bool(optim.step_epochs) == bool(optim.step_fractions):
+            raise OptimConfigError(
+                "config.optim.schedule='step' needs one of config.optim.step_epochs, e.g. (30, 60), "
+                "or config.optim.step_fractions, e.g. (0.3, 0.6, 0.9)"
+            )
+        boundaries = {int(round(d)) - warmup: optim.step_factor for d in drops}
         decay = optax.piecewise_constant_schedule(optim.lr, boundaries)
     elif optim.schedule == "constant":
         decay = optax.constant_schedule(optim.lr)
@@ -94,7 +90,7 @@ def layer_index(name: str, num_layers: int) -> int:
 
 def lr_multipliers(optim: ml_collections.ConfigDict, params):
     """Per-parameter learning-rate multipliers: layer_decay ** (depth from the top), times head_lr_mult on the head."""
-    names = [param_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    names = [tree_paths.path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     depths = [layer_index(name, 0) for name in names]
     num_layers = max([d for d in depths] + [0])  # blocks/stages present in this model
     head = re.compile(optim.head_regex)

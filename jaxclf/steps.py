@@ -60,6 +60,9 @@ def create_train_state(
 
 def normalize_images(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
     """uint8[B, H, W, 3] in 0..255 -> float32 (images / 255 - mean) / std, done on the device."""
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"normalisation needs 3 channel means and stds, got mean={mean!r} std={std!r} "
+                         "(train.py fills an empty config.data.mean/std from the weights or ImageNet)")
     mean = jnp.asarray(mean, jnp.float32)
     std = jnp.asarray(std, jnp.float32)
     return (images.astype(jnp.float32) / 255.0 - mean) / std

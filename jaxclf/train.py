@@ -28,11 +28,13 @@ from jaxclf import (
     distributed,
     models,
     optim,
+    plots,
     preemption,
     sharding,
     steps,
+    weights,
 )
-from jaxclf.data import pipeline, sources
+from jaxclf.data import classes as data_classes, imbalance, pipeline, sources
 from jaxclf.metrics import MetricsWriter
 
 PREFETCH_BATCHES = 2
@@ -50,10 +52,11 @@ def train_and_evaluate(
     Raises `Preempted` after checkpointing when a stop signal arrives. `stop_at_step` ends the
     run early after checkpointing there (tests use it); `devices` restricts the mesh.
     """
+    pretrained = _read_model_init(config)
     _prepare_workdir(config, workdir)
     splits = data_lib.load_splits(config.data)
     train_set, val_set = splits["train"], splits["val"]
-    num_classes = _check_num_classes(config, train_set, workdir)
+    num_classes = _check_num_classes(config, splits, workdir)
 
     mesh = sharding.make_mesh(devices)
     eval_batch_size = config.eval_batch_size or config.batch_size
@@ -69,6 +72,8 @@ def train_and_evaluate(
     checkpoint_every = config.checkpoint_every_steps or eval_every
 
     model = create_model(config, num_classes)
+    if pretrained:
+        _load_model_init(model, pretrained[0], config)
     try:
         tx, schedule = optim.make_optimizer(config.optim, nnx.state(model, nnx.Param), total_steps, steps_per_epoch)
     except optim.OptimConfigError as e:
@@ -81,7 +86,10 @@ def train_and_evaluate(
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from None
     state = jax.device_put(state, state_sharding)
-    train_step = steps.make_train_step(train_graphdef, tx, mesh, config, num_classes, state_sharding)
+    class_weights = imbalance.class_weights(config.data.class_weights, list(train_set.class_counts().values()))
+    train_step = steps.make_train_step(
+        train_graphdef, tx, mesh, config, num_classes, state_sharding, class_weights=class_weights
+    )
     eval_step = steps.make_eval_step(
         eval_graphdef, mesh, state_sharding, mean=tuple(config.data.mean), std=tuple(config.data.std)
     )
@@ -94,6 +102,8 @@ def train_and_evaluate(
                 global_batch_size=config.batch_size,
                 seed=config.seed,
                 num_workers=num_workers,
+                sampling=config.data.sampling,
+                bad_images=config.data.bad_images,
             )
         )
 
@@ -121,7 +131,11 @@ def train_and_evaluate(
             models_to_evaluate["val_ema"] = state.ema_params
         totals = {name: steps.zero_eval_totals(mesh) for name in models_to_evaluate}
         for batch in pipeline.eval_batches(
-            val_set, config.data.pp_eval, global_batch_size=eval_batch_size, num_workers=config.data.num_workers
+            val_set,
+            config.data.pp_eval,
+            global_batch_size=eval_batch_size,
+            num_workers=config.data.num_workers,
+            bad_images=config.data.bad_images,
         ):
             batch = sharding.shard_batch(batch, mesh)
             for name, params in models_to_evaluate.items():
@@ -157,7 +171,7 @@ def train_and_evaluate(
             data_state = None  # the data position after the newest trained batch
             for step in range(start_step + 1, end_step + 1):
                 try:
-                    batch, batch_data_state = next(batches)
+                    batch, batch_data_state, skipped_images = next(batches)
                 except Exception:
                     if signals.received is None:
                         raise
@@ -168,7 +182,7 @@ def train_and_evaluate(
                     raise preemption.Preempted(step - 1, signals.received) from None
                 state, metrics = train_step(state, batch)
                 data_state = batch_data_state
-                train_log.add(metrics)  # stays on the device until the next log line
+                train_log.add({**metrics, "skipped_images": skipped_images})  # read back at the next log line
                 log_now = step % config.log_every_steps == 0 or step == end_step
                 stop_now = signals.should_stop(at_sync_point=log_now)
                 if log_now:
@@ -202,6 +216,8 @@ def train_and_evaluate(
     if status != "stopped":
         _write_result(workdir, status, step=end_step if status == "done" else step, val_metrics=val_metrics,
                       best=early_stopping.state())
+    if jax.process_index() == 0:
+        plots.plot_training_curves(workdir)  # workdir/plots/{loss,accuracy,lr}.png
     return val_metrics
 
 
@@ -273,6 +289,8 @@ class TrainLog:
 
     Reading them back is the loop's only host sync. A non-finite loss stops the run (or, with
     `nonfinite_loss="skip"`, is counted in `train/skipped_steps`: the step made no update).
+    Unreadable images this process replaced (config.data.bad_images="skip") are counted in
+    `data/skipped_images`.
     """
 
     def __init__(self, writer, schedule, batch_size: int, steps_per_epoch: int, nonfinite_loss: str, step: int):
@@ -281,6 +299,7 @@ class TrainLog:
         self._nonfinite_loss = nonfinite_loss
         self._pending: list[dict] = []
         self._skipped = 0
+        self._skipped_images = 0
         self.restart_clock(step)
 
     def add(self, metrics: dict) -> None:
@@ -306,12 +325,14 @@ class TrainLog:
                 "(config.optim.warmup_epochs), config.dtype='float32', or config.nonfinite_loss='skip'"
             )
         self._skipped += int(per_step.pop("skipped").sum())
+        self._skipped_images += int(per_step.pop("skipped_images").sum())
         good = ~bad
         scalars = {f"train/{k}": float(np.mean(v[good])) if good.any() else float("nan") for k, v in per_step.items()}
         now = time.perf_counter()
         scalars["train/images_per_sec"] = (step - self._clock_step) * self._batch_size / (now - self._clock)
         scalars["train/lr"] = float(self._schedule(step - 1))
         scalars["train/skipped_steps"] = self._skipped
+        scalars["data/skipped_images"] = self._skipped_images
         scalars["epoch"] = step / self._steps_per_epoch
         self._writer.write(step, scalars)
         self.restart_clock(step)
@@ -321,8 +342,9 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or Inf (config.nonfinite_loss="stop")."""
 
 
-def _prefetch_to_mesh(iterator, mesh) -> Iterator[tuple[dict, bytes]]:
-    """Yield (global batch on the mesh, iterator state just after it), copying ahead of use.
+def _prefetch_to_mesh(iterator, mesh) -> Iterator[tuple[dict, bytes, int]]:
+    """Yield (global batch on the mesh, iterator state just after it, unreadable images this process
+    replaced in it), copying ahead of use.
 
     The state travels with its batch so a checkpoint records the position of the last batch the
     model consumed, not of the batches already prefetched.
@@ -331,7 +353,8 @@ def _prefetch_to_mesh(iterator, mesh) -> Iterator[tuple[dict, bytes]]:
     while True:
         while len(queue) < PREFETCH_BATCHES:
             batch = next(iterator)
-            queue.append((sharding.shard_batch(batch, mesh), iterator.get_state()))
+            skipped_images = int(batch.pop("skipped").sum())
+            queue.append((sharding.shard_batch(batch, mesh), iterator.get_state(), skipped_images))
         yield queue.popleft()
 
 
@@ -346,28 +369,48 @@ def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
         raise config_lib.ConfigError(f"--workdir {workdir!r} is not writable: {e}") from None
 
 
-def _check_num_classes(config: ml_collections.ConfigDict, train_set: sources.ImageFolder, workdir: str) -> int:
-    """The number of classes, checked against the config and against an earlier run in `workdir`."""
-    class_names = list(train_set.class_names)
+def _check_num_classes(config: ml_collections.ConfigDict, splits: dict, workdir: str) -> int:
+    """The number of classes, checked against the config and against an earlier run in `workdir`
+    (workdir/classes.json, which also records the class counts of every split)."""
+    class_names = list(splits["train"].class_names)
     if config.num_classes and config.num_classes != len(class_names):
         raise config_lib.ConfigError(
             f"config.num_classes={config.num_classes} but {config.data.root} has {len(class_names)} classes; "
             "set --config.num_classes=0 to take the number from the data"
         )
-    path = os.path.join(workdir, "classes.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)["class_names"]
-        if saved != class_names:
-            raise config_lib.ConfigError(
-                f"the classes in {config.data.root} differ from those {path} records for this workdir; "
-                "use a new --workdir or the original data"
-            )
-    elif jax.process_index() == 0:
-        with open(path, "w") as f:
-            json.dump({"class_names": class_names, "train_counts": train_set.class_counts()}, f, indent=2)
-    print(f"{len(class_names)} classes, train counts: {train_set.class_counts()}", file=sys.stderr)
+    data_classes.write_or_check(workdir, splits, write=jax.process_index() == 0)
+    print(data_classes.describe_counts(splits), file=sys.stderr)
     return len(class_names)
+
+
+def _read_model_init(config: ml_collections.ConfigDict) -> tuple[dict, weights.Pretrained] | None:
+    """The weights `config.model_init` names; fills in what they imply and the config leaves open:
+    data.mean/std (else ImageNet's) and model options such as a ViT's LayerNorm epsilon."""
+    pretrained = None
+    if config.model_init:
+        try:
+            pretrained = weights.load(config.model_init, config.model_name)
+        except weights.WeightsError as e:
+            raise config_lib.ConfigError(f"config.model_init={config.model_init!r}: {e}") from None
+        info = pretrained[1]
+        with config.unlocked():
+            for key, value in info.model_options.items():
+                if key not in config.model:
+                    config.model[key] = value
+    preprocessing = pretrained[1].preprocessing if pretrained else weights.IMAGENET
+    for key in ("mean", "std"):
+        if not config.data[key]:
+            config.data[key] = tuple(preprocessing[key])
+    return pretrained
+
+
+def _load_model_init(model: nnx.Module, params: dict, config: ml_collections.ConfigDict) -> None:
+    try:
+        notes = weights.apply(model, params, dont_load=tuple(config.model_init_dont_load),
+                              pos_interpolation=config.model_init_pos_interpolation)
+    except weights.WeightsError as e:
+        raise config_lib.ConfigError(f"config.model_init={config.model_init!r}: {e}") from None
+    print(f"Loaded {config.model_init}" + "".join(f"\n  {note}" for note in notes), file=sys.stderr)
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nnx.Module:

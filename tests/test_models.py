@@ -1,5 +1,8 @@
 """Models: timm's parameter counts, torch-style padding, independent reference forwards, modes."""
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +14,7 @@ from jaxclf import models
 from jaxclf.models import layers, resnet
 
 RESNETS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+BIT_RESNETV2S = [f"resnetv2_{size}_bit" for size in ("50x1", "50x3", "101x1", "101x3", "152x2", "152x4")]
 VITS = [
     f"vit_{size}_patch{patch}_{img}"
     for size in ("tiny", "small", "base", "large") for patch in (16, 32) for img in (224, 384)
@@ -58,8 +62,11 @@ def _random_model(name: str, seed: int, num_classes: int = 10, **kwargs) -> nnx.
     return model
 
 
-def test_list_models_names_all_21_models():
-    assert models.list_models() == sorted(RESNETS + VITS)
+def test_list_models_names_all_27_models():
+    # In a fresh interpreter: other tests register their own small models in this one.
+    listed = subprocess.run([sys.executable, "-c", "from jaxclf import models; print(*models.list_models())"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert listed == sorted(RESNETS + BIT_RESNETV2S + VITS)
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -74,6 +81,8 @@ def test_list_models_names_all_21_models():
     ("vit_base_patch16_224", 86_567_656),
     ("vit_base_patch32_384", 88_297_192),
     ("vit_large_patch16_224", 304_326_632),
+    ("resnetv2_50x1_bit", 25_549_352),
+    ("resnetv2_101x3_bit", 387_934_888),
 ])
 def test_param_count_equals_timm(name, expected):
     model = nnx.eval_shape(lambda: models.create(name, num_classes=1000))

@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxclf import augment, checkpoint, config as config_lib, models, optim, sharding, steps, train
+from jaxclf import augment, checkpoint, config as config_lib, models, optim, sharding, steps, train, tree_paths
 from jaxclf.config import base_config
 from jaxclf.metrics import read_metrics
 
@@ -69,7 +69,7 @@ def _run(config, model, batches, mesh=None):
 
 
 def _leaves_by_name(tree):
-    return {optim.param_path(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {tree_paths.path_name(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 # --- optimisation --------------------------------------------------------------------------------
@@ -101,6 +101,11 @@ def test_warmup_in_steps_epochs_or_fraction_agree_and_only_one_may_be_set():
 def test_step_schedule_drops_at_the_given_epochs():
     schedule = optim.make_schedule(_config(optim__schedule="step", optim__step_epochs=(3.0, 6.0)).optim, 100, 10)
     assert [round(float(schedule(s)), 6) for s in (0, 29, 30, 59, 60, 99)] == [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+    # BiT-HyperRule's form: drops at fractions of the run, after a warmup.
+    by_fraction = optim.make_schedule(_config(optim__schedule="step", optim__step_fractions=(0.3, 0.6, 0.9),
+                                              optim__warmup_steps=10).optim, 100, 10)
+    assert [round(float(by_fraction(s)), 6) for s in (5, 10, 29, 30, 60, 90, 99)] == [
+        0.05, 0.1, 0.1, 0.01, 0.001, 0.0001, 0.0001]
 
 
 def test_gradient_clipping_bounds_the_update():

@@ -173,7 +173,7 @@ def test_checkpoint_of_another_model_lists_mismatched_keys(digits_root, tmp_path
         train.train_and_evaluate(wider, str(tmp_path / "run"))
     message = str(error.value)
     assert "does not fit this model" in message
-    assert "shape of params/conv/kernel: checkpoint (3, 3, 3, 16), model (3, 3, 3, 24)" in message
+    assert "shape of params/conv/kernel: checkpoint (3, 3, 3, 16), this model (3, 3, 3, 24)" in message
 
 
 def test_unwritable_workdir_fails_before_training(digits_root, tmp_path):

@@ -87,13 +87,18 @@ def test_batch_not_divisible_by_devices_is_named(digits_root, tmp_path):
 
 @pytest.mark.parametrize("config_file", ["configs/resnet50.py", "configs/vit_b.py"])
 def test_finetune_configs_without_data_name_the_field(config_file, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "jaxclf.train", "--config", config_file, "--workdir", str(tmp_path / "w")],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 2
+    def run(*overrides):
+        return subprocess.run(
+            [sys.executable, "-m", "jaxclf.train", "--config", config_file, "--workdir", str(tmp_path / "w"),
+             *overrides], capture_output=True, text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        )
+
+    result = run()  # no converted weights here
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "config.model_init='weights/" in result.stderr and "python -m jaxclf.convert" in result.stderr
+    result = run("--config.model_init=")  # from scratch: the data set is what is missing
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "config.data.root is not set" in result.stderr
-    assert "Traceback" not in result.stderr
 
 
 def test_command_line_overrides_reach_the_run(digits_root, tmp_path):

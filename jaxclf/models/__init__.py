@@ -71,4 +71,4 @@ def create(
 
 
 # Imported last because the model files call `register` while being imported.
-from jaxclf.models import resnet, vit  # noqa: E402,F401
+from jaxclf.models import resnet, resnetv2, vit  # noqa: E402,F401

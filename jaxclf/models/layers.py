@@ -51,15 +51,16 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
     return jnp.dot(patches, rhs.reshape(kh * kw * channels, out_channels), precision=kwargs.get("precision"))
 
 
-def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-    """Max-pool like torch `MaxPool2d(3, 2, padding=1)`: -inf padding of one pixel on every side.
+def max_pool_3x3_s2(x: jax.Array, pad_value: float = -jnp.inf) -> jax.Array:
+    """Max-pool like torch `MaxPool2d(3, 2, padding=1)`: one pixel of `pad_value` on every side
+    (-inf as torch; 0 gives timm's BiT stem, `ConstantPad2d(1, 0)` then `MaxPool2d(3, 2)`).
 
     x: [B, H, W, C] -> [B, ceil(H/2), ceil(W/2), C]. Written as the maximum of 9 strided slices,
     not `reduce_window`, because XLA:CPU's gradient of the latter (select-and-scatter) is 4-5x
     slower; values are identical.
     """
     _, height, width, _ = x.shape
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=pad_value)
     out_h, out_w = (height - 1) // 2 + 1, (width - 1) // 2 + 1
     slices = [padded[:, i : i + 2 * out_h - 1 : 2, j : j + 2 * out_w - 1 : 2, :] for i in range(3) for j in range(3)]
     return functools.reduce(jnp.maximum, slices)

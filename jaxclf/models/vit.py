@@ -3,7 +3,7 @@
 Attribute names mirror timm (`cls_token`, `pos_embed`, `blocks.i.{norm1,attn.qkv,attn.proj,norm2,
 mlp.fc1,mlp.fc2}`, `norm` / `fc_norm`, `head`) so converted weights map one-to-one, except
 timm's `patch_embed.proj` conv, which is `patch_embed` itself here. Numerics follow timm:
-pre-norm blocks, LayerNorm eps 1e-6, exact-erf GELU, attention scale head_dim**-0.5.
+pre-norm blocks, LayerNorm eps 1e-6 (an option), exact-erf GELU, attention scale head_dim**-0.5.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ def _linear(din: int, dout: int, *, rngs: nnx.Rngs, dtype: Any) -> nnx.Linear:
                       dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
-def _layer_norm(dim: int, *, rngs: nnx.Rngs, dtype: Any) -> nnx.LayerNorm:
-    """LayerNorm with timm's eps 1e-6."""
-    return nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+def _layer_norm(dim: int, eps: float, *, rngs: nnx.Rngs, dtype: Any) -> nnx.LayerNorm:
+    """LayerNorm (timm's eps is 1e-6; Hugging Face's ViT uses 1e-12)."""
+    return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
 def _dropout(rate: float, *, rngs: nnx.Rngs, broadcast_dims: tuple[int, ...] = ()) -> nnx.Dropout:
@@ -46,13 +46,21 @@ class Attention(nnx.Module):
         self.qkv = _linear(dim, 3 * dim, rngs=rngs, dtype=dtype)
         self.proj = _linear(dim, dim, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, return_weights: bool = False):
+        """x -> out, or (out, weights: float32[B, heads, N, N]) with `return_weights` (for explanations)."""
         b, n, d = x.shape
         # timm's qkv output is laid out as [3, heads, head_dim] along the feature axis.
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-        # Default scale is head_dim**-0.5; the softmax runs in float32 even for bfloat16 inputs.
-        out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
-        return self.proj(out.reshape(b, n, d))
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if not return_weights:
+            # Default scale is head_dim**-0.5; the softmax runs in float32 even for bfloat16 inputs.
+            out = jax.nn.dot_product_attention(q, k, v)
+            return self.proj(out.reshape(b, n, d))
+        # The same attention written out, since the fused call above does not expose its weights.
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * (d // self.num_heads) ** -0.5
+        weights = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+        return self.proj(out.reshape(b, n, d)), weights
 
 
 class Mlp(nnx.Module):
@@ -69,19 +77,24 @@ class Mlp(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm transformer block with stochastic depth. x: [B, N, D] -> [B, N, D]."""
 
-    def __init__(self, dim: int, num_heads: int, drop_path: float, *, rngs: nnx.Rngs, dtype: Any):
-        self.norm1 = _layer_norm(dim, rngs=rngs, dtype=dtype)
+    def __init__(self, dim: int, num_heads: int, drop_path: float, norm_eps: float, *, rngs: nnx.Rngs, dtype: Any):
+        self.norm1 = _layer_norm(dim, norm_eps, rngs=rngs, dtype=dtype)
         self.attn = Attention(dim, num_heads, rngs=rngs, dtype=dtype)
-        self.norm2 = _layer_norm(dim, rngs=rngs, dtype=dtype)
+        self.norm2 = _layer_norm(dim, norm_eps, rngs=rngs, dtype=dtype)
         self.mlp = Mlp(dim, 4 * dim, rngs=rngs, dtype=dtype)
         # Stochastic depth = dropout of a whole residual branch per example: one mask value per
         # example, broadcast over tokens and features, kept branches scaled by 1/(1-rate) as timm.
         self.drop_path1 = _dropout(drop_path, rngs=rngs, broadcast_dims=(1, 2))
         self.drop_path2 = _dropout(drop_path, rngs=rngs, broadcast_dims=(1, 2))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+    def __call__(self, x: jax.Array, return_attention: bool = False):
+        """x -> x, or (x, attention weights [B, heads, N, N]) with `return_attention`."""
+        attended = self.attn(self.norm1(x), return_weights=return_attention)
+        if return_attention:
+            attended, weights = attended
+        x = x + self.drop_path1(attended)
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return (x, weights) if return_attention else x
 
 
 class VisionTransformer(nnx.Module):
@@ -90,7 +103,9 @@ class VisionTransformer(nnx.Module):
     `drop_rate` is dropout on the pooled features before the head (timm's `drop_rate`);
     `drop_path_rate` is the stochastic depth of the last block, linear from 0 at the first;
     `global_pool` is 'token' (class token after `norm`) or 'avg' (mean of the patch tokens, then
-    `fc_norm`, as timm names it).
+    `fc_norm`, as timm names it); `norm_eps` is the LayerNorm epsilon; `pre_logits_size` > 0 adds
+    the original ViT's representation layer (Dense + tanh, `pre_logits`) before the head, as in
+    some vit_jax ImageNet-21k checkpoints.
     """
 
     def __init__(
@@ -106,6 +121,8 @@ class VisionTransformer(nnx.Module):
         drop_path_rate: float,
         class_token: bool,
         global_pool: str,
+        norm_eps: float,
+        pre_logits_size: int,
         rngs: nnx.Rngs,
         dtype: Any,
     ):
@@ -129,18 +146,45 @@ class VisionTransformer(nnx.Module):
         self.pos_embed = nnx.Param(
             _init(rngs.params(), (1, self.num_prefix_tokens + num_patches, width), jnp.float32))
         self.blocks = nnx.List([
-            Block(width, num_heads, float(rate), rngs=rngs, dtype=dtype)
+            Block(width, num_heads, float(rate), norm_eps, rngs=rngs, dtype=dtype)
             for rate in np.linspace(0.0, drop_path_rate, depth)
         ])
         if global_pool == "avg":
-            self.fc_norm = _layer_norm(width, rngs=rngs, dtype=dtype)
+            self.fc_norm = _layer_norm(width, norm_eps, rngs=rngs, dtype=dtype)
         else:
-            self.norm = _layer_norm(width, rngs=rngs, dtype=dtype)
+            self.norm = _layer_norm(width, norm_eps, rngs=rngs, dtype=dtype)
+        self.has_pre_logits = pre_logits_size > 0
+        if self.has_pre_logits:
+            self.pre_logits = _linear(width, pre_logits_size, rngs=rngs, dtype=jnp.float32)
         self.head_drop = _dropout(drop_rate, rngs=rngs)
         # The head runs in float32: it is cheap and its logits feed the float32 loss.
-        self.head = _linear(width, num_classes, rngs=rngs, dtype=jnp.float32)
+        self.head = _linear(pre_logits_size or width, num_classes, rngs=rngs, dtype=jnp.float32)
 
     def __call__(self, images: jax.Array) -> jax.Array:
+        x = self._embed(images)
+        for blk in self.blocks:
+            x = blk(x)
+        if self.global_pool == "avg":
+            x = self.fc_norm(jnp.mean(x[:, self.num_prefix_tokens:], axis=1))
+        else:
+            x = self.norm(x)[:, 0]
+        x = x.astype(jnp.float32)
+        if self.has_pre_logits:
+            x = jnp.tanh(self.pre_logits(x))
+        return self.head(self.head_drop(x))
+
+    def attention_maps(self, images: jax.Array) -> jax.Array:
+        """Every block's attention weights, float32[depth, B, heads, N, N] with N = prefix tokens +
+        patches in row-major order (for attention rollout, jaxclf/explain.py)."""
+        x = self._embed(images)
+        maps = []
+        for blk in self.blocks:
+            x, weights = blk(x, return_attention=True)
+            maps.append(weights)
+        return jnp.stack(maps)
+
+    def _embed(self, images: jax.Array) -> jax.Array:
+        """images [B, img_size, img_size, 3] -> tokens [B, N, width]: patches, class token, position embedding."""
         if images.shape[1:3] != (self.img_size, self.img_size):
             raise ValueError(
                 f"images are {images.shape[1]}x{images.shape[2]} but the model was built for "
@@ -151,14 +195,7 @@ class VisionTransformer(nnx.Module):
         if self.num_prefix_tokens:
             cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, d))
             x = jnp.concatenate([cls, x], axis=1)
-        x = x + self.pos_embed[...].astype(x.dtype)
-        for blk in self.blocks:
-            x = blk(x)
-        if self.global_pool == "avg":
-            x = self.fc_norm(jnp.mean(x[:, self.num_prefix_tokens:], axis=1))
-        else:
-            x = self.norm(x)[:, 0]
-        return self.head(self.head_drop(x.astype(jnp.float32)))
+        return x + self.pos_embed[...].astype(x.dtype)
 
 
 def _factory(width: int, depth: int, num_heads: int, patch_size: int, default_img_size: int):
@@ -174,11 +211,14 @@ def _factory(width: int, depth: int, num_heads: int, patch_size: int, default_im
         drop_path_rate: float = 0.0,
         class_token: bool = True,
         global_pool: str = "token",
+        norm_eps: float = 1e-6,
+        pre_logits_size: int = 0,
     ) -> VisionTransformer:
         return VisionTransformer(
             num_classes=num_classes, img_size=img_size, patch_size=patch_size, width=width,
             depth=depth, num_heads=num_heads, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-            class_token=class_token, global_pool=global_pool, rngs=rngs, dtype=dtype,
+            class_token=class_token, global_pool=global_pool, norm_eps=norm_eps,
+            pre_logits_size=pre_logits_size, rngs=rngs, dtype=dtype,
         )
 
     return factory

@@ -1,0 +1,189 @@
+"""Pretrained weights: read any supported file, convert it to jaxclf params, fit them to a model.
+
+    model, info = jaxclf.load_pretrained("converted/vit_b16", num_classes=37)
+
+Sources (detected from the names inside the file): torchvision / timm ResNets, timm ViTs, Hugging
+Face `ResNetForImageClassification` / `ViTForImageClassification` folders, vit_jax / big_vision ViT
+`.npz`, and BiT ResNetV2 (timm or the original `.npz`). `python -m jaxclf.convert` writes the result
+as a folder (`params.npz` + `pretrained.json`) that `config.model_init` points to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxclf import models, tree_paths
+from jaxclf.weights import bit, files, hub, resnet, surgery, vit
+from jaxclf.weights.files import WeightsError
+
+INFO_FILE = "pretrained.json"
+PARAMS_FILE = "params.npz"
+
+IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+INCEPTION = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceFormat:
+    """One kind of weights file: how to recognise it, convert it, and how its images were preprocessed."""
+
+    name: str
+    detect: Callable[[dict], bool]
+    convert: Callable[[dict], dict]
+    preprocessing: dict
+
+
+FORMATS = (
+    SourceFormat("torchvision", resnet.is_torchvision, resnet.from_torchvision,
+                 {**IMAGENET, "interpolation": "bilinear", "crop_pct": 0.875}),
+    SourceFormat("hf_resnet", resnet.is_hf, resnet.from_hf, {**IMAGENET, "interpolation": "bilinear", "crop_pct": 0.875}),
+    SourceFormat("timm_vit", vit.is_timm, vit.from_timm, {**INCEPTION, "interpolation": "bicubic", "crop_pct": 0.9}),
+    SourceFormat("hf_vit", vit.is_hf, vit.from_hf, {**INCEPTION, "interpolation": "bilinear", "crop_pct": 1.0}),
+    SourceFormat("vit_npz", vit.is_npz, vit.from_npz, {**INCEPTION, "interpolation": "bilinear", "crop_pct": 1.0}),
+    SourceFormat("timm_bit", bit.is_timm, bit.from_timm, {**INCEPTION, "interpolation": "bilinear", "crop_pct": 1.0}),
+    SourceFormat("bit_npz", bit.is_npz, bit.from_npz, {**INCEPTION, "interpolation": "bilinear", "crop_pct": 1.0}),
+)
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """What travels with converted weights: the model they fit and the preprocessing they expect."""
+
+    model_name: str
+    model_options: dict
+    num_classes: int
+    source: str
+    source_format: str
+    preprocessing: dict  # input_size, mean, std, interpolation, crop_pct
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def detect_format(tensors: dict, path: str, name: str = "") -> SourceFormat:
+    """The format `name`, or the one whose names `tensors` carries."""
+    if name:
+        by_name = {f.name: f for f in FORMATS}
+        if name not in by_name:
+            raise WeightsError(f"--format {name!r} is unknown; known: {', '.join(by_name)}")
+        return by_name[name]
+    for fmt in FORMATS:
+        if fmt.detect(tensors):
+            return fmt
+    raise WeightsError(
+        f"{path}: cannot tell which model wrote it (first keys: {sorted(tensors)[:6]}); "
+        f"give the format with --format ({', '.join(f.name for f in FORMATS)})"
+    )
+
+
+def convert(source: str, model_name: str = "", format_name: str = "") -> tuple[dict[str, np.ndarray], Pretrained]:
+    """Read `source` (a file, a Hugging Face / timm folder or a hub name) into (params, info)."""
+    path = hub.resolve(source)
+    tensors = files.read_tensors(path)
+    fmt = detect_format(tensors, path, format_name)
+    params = fmt.convert(tensors)
+    sidecar = hub.read_sidecar_config(path)
+    model_name = model_name or hub.model_name_from_config(sidecar)
+    if not model_name:
+        raise WeightsError(f"{path}: name the model it holds with --model (one of jaxclf.models.list_models())")
+    if model_name not in models.list_models():
+        raise WeightsError(f"--model {model_name!r} is not a jaxclf model; see jaxclf.models.list_models()")
+    options = {**hub.model_options_from_config(sidecar), **_options_from_params(params)}
+    if fmt.name == "vit_npz":
+        options.update(vit.npz_model_options(tensors))
+    head = next((params[k] for k in params if surgery.HEAD.match(k) and k.endswith("bias")), None)
+    preprocessing = {**fmt.preprocessing, "input_size": _input_size(model_name, options),
+                     **hub.preprocessing_from_config(sidecar)}
+    info = Pretrained(model_name, options, int(head.shape[0]) if head is not None else 0, source, fmt.name,
+                      preprocessing)
+    return params, info
+
+
+def _options_from_params(params: dict[str, np.ndarray]) -> dict:
+    """A ViT's image size follows from its position embedding and patch size."""
+    if "pos_embed" not in params or "patch_embed/kernel" not in params:
+        return {}
+    prefix = 1 if "cls_token" in params else 0
+    grid = math.isqrt(params["pos_embed"].shape[1] - prefix)
+    return {"img_size": grid * params["patch_embed/kernel"].shape[0]}
+
+
+def _input_size(model_name: str, options: dict) -> int:
+    if "img_size" in options:
+        return int(options["img_size"])
+    return 384 if model_name.endswith("_384") else 224
+
+
+def save(out_dir: str, params: dict[str, np.ndarray], info: Pretrained) -> None:
+    """Write converted weights as `out_dir/params.npz` + `out_dir/pretrained.json`."""
+    os.makedirs(out_dir, exist_ok=True)
+    np.savez(os.path.join(out_dir, PARAMS_FILE), **params)
+    with open(os.path.join(out_dir, INFO_FILE), "w") as f:
+        json.dump(info.to_json(), f, indent=2)
+
+
+def is_converted(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, INFO_FILE))
+
+
+def load(source: str, model_name: str = "") -> tuple[dict[str, np.ndarray], Pretrained]:
+    """(params, info) from a converted folder, or converted on the fly from any other source (as
+    `model_name` when the source does not say)."""
+    if not is_converted(source):
+        return convert(source, model_name)
+    with open(os.path.join(source, INFO_FILE)) as f:
+        info = Pretrained(**json.load(f))
+    with np.load(os.path.join(source, PARAMS_FILE)) as data:
+        params = dict(data)
+    return params, info
+
+
+def apply(
+    model: nnx.Module,
+    params: dict[str, np.ndarray],
+    *,
+    dont_load: tuple[str, ...] = (),
+    pos_interpolation: str = "bilinear",
+) -> list[str]:
+    """Load `params` into `model` in place after fitting them (head, position embedding, strict keys);
+    returns notes on what was changed for the caller to print."""
+    state = nnx.state(model)
+    target = {name: tuple(leaf.shape) for name, leaf in tree_paths.flatten(state).items()}
+    fitted, notes = surgery.fit(params, target, num_prefix_tokens=getattr(model, "num_prefix_tokens", 0),
+                                dont_load=dont_load, pos_interpolation=pos_interpolation)
+    new_state = _replace_leaves(state, fitted)
+    nnx.update(model, new_state)
+    return notes
+
+
+def _replace_leaves(state, values: dict[str, np.ndarray]):
+    def replace(path, leaf):
+        name = tree_paths.path_name(path)
+        return np.asarray(values[name], dtype=leaf.dtype) if name in values else leaf
+
+    return jax.tree_util.tree_map_with_path(replace, state)
+
+
+def load_pretrained(source: str, num_classes: int | None = None, **model_options) -> tuple[nnx.Module, Pretrained]:
+    """The model `source` holds, loaded and in eval mode, with the preprocessing it expects.
+
+    `num_classes` other than the weights' resets the head to zeros; `model_options` (e.g. `img_size`)
+    override the weights' own, resampling the position embedding where the size changes.
+    """
+    params, info = load(source)
+    options = {**info.model_options, **model_options}
+    model = models.create(info.model_name, num_classes=num_classes or info.num_classes or 1000, **options)
+    for note in apply(model, params):
+        print(f"jaxclf.load_pretrained: {note}")
+    model.eval()
+    if "img_size" in options:
+        info = dataclasses.replace(info, preprocessing={**info.preprocessing, "input_size": options["img_size"]})
+    return model, info
