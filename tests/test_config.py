@@ -7,10 +7,31 @@ from jaxclf import config as config_lib
 QUICKSTART = "configs/quickstart.py"
 
 
-def test_configs_load_and_validate():
-    for path in ("configs/quickstart.py", "configs/resnet50.py", "configs/vit_b.py"):
-        config = config_lib.load_config(path)
-        assert config.model_name
+CONFIGS = ["configs/quickstart.py", "configs/resnet50.py", "configs/vit_b.py", "configs/small_folder.py"] + [
+    f"configs/vit_transfer.py:{m},{d}" for m in ("b32", "b16") for d in ("cifar10", "cifar100", "pets", "flowers")
+] + [f"configs/bit_hyperrule.py:{d}" for d in ("cifar10", "cifar100", "pets", "flowers", "folder", "folder:60000")]
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_configs_load_and_validate(path):
+    from jaxclf import models
+    from jaxclf.data import ops
+
+    config = config_lib.load_config(path)
+    assert config.model_name in models.list_models()
+    ops.parse_ops(config.data.pp_train), ops.parse_ops(config.data.pp_eval)  # every op name and argument is valid
+
+
+def test_recipe_configs_follow_their_sources():
+    """The published recipes' numbers, read back: big_vision's transfer config and BiT-HyperRule."""
+    b32 = config_lib.load_config("configs/vit_transfer.py:b32,cifar100")
+    assert (b32.batch_size, b32.total_steps, b32.optim.warmup_steps, b32.optim.lr) == (512, 10_000, 500, 0.01)
+    assert (b32.optim.clip_grad_norm, b32.optim.weight_decay, b32.model.img_size) == (1.0, 0.0, 384)
+    pets = config_lib.load_config("configs/bit_hyperrule.py:pets")
+    assert (pets.total_steps, pets.optim.warmup_steps, tuple(pets.optim.step_fractions)) == (500, 100, (0.4, 0.6, 0.8))
+    assert pets.mixup_alpha == 0.0 and "resize(512)|random_crop(480)" in pets.data.pp_train
+    cifar = config_lib.load_config("configs/bit_hyperrule.py:cifar10")
+    assert (cifar.total_steps, cifar.mixup_alpha) == (10_000, 0.1) and "resize(160)|random_crop(128)" in cifar.data.pp_train
 
 
 def test_override_parses_to_field_type():
