@@ -70,10 +70,9 @@ class InceptionCrop(grain.transforms.RandomMap):
         return {**example, "image": crop.resize((self.size, self.size), RESAMPLING[self.method])}
 
 
-@register_op("resize_small")
 @dataclasses.dataclass(frozen=True)
-class ResizeSmall(grain.transforms.Map):
-    """Resize the shorter side to `size`, keeping the aspect (long side truncated, as torchvision Resize(int))."""
+class _Resizing(grain.transforms.Map):
+    """The arguments and checks the resizing ops share."""
 
     size: int
     method: str = "bilinear"
@@ -81,6 +80,12 @@ class ResizeSmall(grain.transforms.Map):
     def __post_init__(self):
         check_size(self.size)
         check_method(self.method)
+
+
+@register_op("resize_small")
+@dataclasses.dataclass(frozen=True)
+class ResizeSmall(_Resizing):
+    """Resize the shorter side to `size`, keeping the aspect (long side truncated, as torchvision Resize(int))."""
 
     def map(self, example: dict) -> dict:
         h, w = image_size(example["image"])
@@ -94,15 +99,8 @@ class ResizeSmall(grain.transforms.Map):
 
 @register_op("resize")
 @dataclasses.dataclass(frozen=True)
-class Resize(grain.transforms.Map):
+class Resize(_Resizing):
     """Resize to `size x size`, ignoring the aspect."""
-
-    size: int
-    method: str = "bilinear"
-
-    def __post_init__(self):
-        check_size(self.size)
-        check_method(self.method)
 
     def map(self, example: dict) -> dict:
         resized = as_pil(example["image"]).resize((self.size, self.size), RESAMPLING[self.method])
