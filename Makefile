@@ -3,27 +3,34 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+# Stamps keyed on pyproject.toml: the runtime install, and on top of it the test extra.
+HASH := $(shell cksum pyproject.toml | cut -d' ' -f1)
+RUN_STAMP := $(VENV)/.installed-run-$(HASH)
+STAMP := $(VENV)/.installed-test-$(HASH)
 WORKDIR ?= runs/quickstart
 
 .PHONY: install quickstart test test-all test-slurm clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(RUN_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e .
 	rm -f $(VENV)/.installed-* && touch $@
 
-quickstart: $(STAMP)
+$(STAMP): $(RUN_STAMP)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+quickstart: $(RUN_STAMP)
 	$(PY) -m jaxclf.train --config configs/quickstart.py --workdir $(WORKDIR)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not slurm" tests
+	$(PY) -m pytest -q -n 2 -m "not slow and not slurm" tests
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m "not slurm" tests
+	$(PY) -m pytest -q -n 2 -m "not slurm" tests
 
 # A real one-node SLURM cluster on this machine (needs root for apt-get the first time).
 test-slurm: $(STAMP)

@@ -6,7 +6,9 @@ Every (framework, model) measurement runs in a fresh subprocess (own peak memory
 and the frameworks alternate within each round, so machine noise hits them alike. Each measures
 the full step: forward, backward and an SGD-momentum update, on the same batch size, image size
 and thread count. Prints a table (median images/s over rounds, ratio to timm eager, first-step
-time including compilation, peak RSS) and writes JSON. On a GPU it runs unchanged (bf16 there).
+time including compilation, peak RSS; for jaxclf also XLA's FLOP count per image, the FLOP/s reached
+and, on GPUs of known peak, model FLOP utilisation) and writes JSON. On a GPU it runs unchanged
+(bf16 there).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def measure_jaxclf(model_name: str, batch: int, size: int, steps: int) -> dict:
     config = base_config()
     config.optim.update(dict(name="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, schedule="constant"))
     config.dtype = "bfloat16" if on_gpu else "float32"
+    config.data.mean, config.data.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     kwargs = {"img_size": size} if model_name.startswith("vit") else {}
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
     model = models.create(model_name, num_classes=1000, dtype=dtype, **kwargs)
@@ -54,14 +57,40 @@ def measure_jaxclf(model_name: str, batch: int, size: int, steps: int) -> dict:
         mesh,
     )
     start = time.perf_counter()
-    state, metrics = train_step(state, batch_data)
+    compiled = train_step.lower(state, batch_data).compile()
+    flops = _flops(compiled)
+    state, metrics = compiled(state, batch_data)
     jax.block_until_ready(metrics)
     first = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(steps):
-        state, metrics = train_step(state, batch_data)
+        state, metrics = compiled(state, batch_data)
     jax.block_until_ready(metrics)
-    return {"images_per_sec": steps * batch / (time.perf_counter() - start), "first_step_s": first}
+    images_per_sec = steps * batch / (time.perf_counter() - start)
+    record = {"images_per_sec": images_per_sec, "first_step_s": first, "device": jax.devices()[0].device_kind}
+    if flops:
+        record["gflops_per_image"] = flops / batch / 1e9
+        record["achieved_tflops"] = flops / batch * images_per_sec / 1e12
+        peak = _peak_flops(jax.devices()[0].device_kind)
+        if peak:
+            record["mfu"] = flops / batch * images_per_sec / peak
+    return record
+
+
+# Dense bf16 peak FLOP/s by device kind (vendor data sheets, SXM parts); CPUs: none (no MFU).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def _peak_flops(device_kind: str) -> float | None:
+    return next((peak for name, peak in PEAK_FLOPS.items() if name in device_kind), None)
+
+
+def _flops(compiled) -> float | None:
+    """FLOPs of one train step as XLA counts them (forward, backward and update), if it reports them."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    return float(analysis["flops"]) if analysis and analysis.get("flops") else None
 
 
 def measure_timm(model_name: str, batch: int, size: int, steps: int, compiled: bool) -> dict:
@@ -165,12 +194,16 @@ def _summary(records: list[dict]) -> dict:
         "images_per_sec_all": [r["images_per_sec"] for r in good],
         "first_step_s": statistics.median(r["first_step_s"] for r in good),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in good),
+        # jaxclf only: XLA's FLOP count, the FLOP/s reached, and model FLOP utilisation on known GPUs.
+        **{k: good[0][k] for k in ("device", "gflops_per_image") if k in good[0]},
+        **{k: statistics.median(r[k] for r in good) for k in ("achieved_tflops", "mfu") if k in good[0]},
     }
 
 
 def _print_table(results: dict, args) -> None:
     print(f"\nbatch {args.batch}, {args.size} px, {args.threads} threads, median of {args.rounds} rounds")
-    header = f"{'model':<24}{'framework':<15}{'img/s':>9}{'vs eager':>10}{'1st step s':>12}{'peak MB':>9}"
+    header = (f"{'model':<24}{'framework':<15}{'img/s':>9}{'vs eager':>10}{'1st step s':>12}{'peak MB':>9}"
+              f"{'GFLOP/img':>11}{'TFLOP/s':>9}{'MFU':>7}")
     print(header)
     print("-" * len(header))
     for model, by_framework in results.items():
@@ -183,7 +216,12 @@ def _print_table(results: dict, args) -> None:
             print(
                 f"{model:<24}{framework:<15}{r['images_per_sec']:>9.2f}{ratio:>10}"
                 f"{r['first_step_s']:>12.1f}{r['peak_rss_mb']:>9.0f}"
+                f"{_cell(r, 'gflops_per_image', 11, '.1f')}{_cell(r, 'achieved_tflops', 9, '.3f')}{_cell(r, 'mfu', 7, '.1%')}"
             )
+
+
+def _cell(record: dict, key: str, width: int, spec: str) -> str:
+    return f"{format(record[key], spec):>{width}}" if key in record else f"{'-':>{width}}"
 
 
 if __name__ == "__main__":
