@@ -189,6 +189,7 @@ def train_and_evaluate(
                     train_log.flush(step)
                 eval_metrics = None
                 if (step % eval_every == 0 or step == total_steps) and not stop_now:
+                    train_log.flush(step)  # the training window's throughput, before evaluation time
                     try:
                         eval_metrics = val_metrics = evaluate()
                     except Exception:
