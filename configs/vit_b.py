@@ -7,7 +7,7 @@
 
 AdamW with warmup and cosine decay, label smoothing and drop path, as timm fine-tunes ViTs. The
 head is replaced (zero-initialised) for your classes; mean/std come from the weights.
---config.model_init='' trains from scratch. Use --config.dtype=bfloat16 on GPUs.
+--config.model_init='' trains from scratch. Computes in bfloat16 on GPUs (config.dtype='auto').
 """
 
 from jaxclf.config import base_config

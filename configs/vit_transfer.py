@@ -13,10 +13,16 @@ the last 2% (CIFAR) or 10% of train, the test split for the result. The data set
 TFDS ArrayRecord files (`tfds build cifar10 --file_format=array_record` once, where TensorFlow is
 installed; --config.data.root=TFDS_DATA_DIR).
 
-Published test accuracy of ViT-B/32 with this recipe (mean of 5 runs, big_vision's config
-docstring): CIFAR-10 98.55%, CIFAR-100 91.35%, Pets 93.78%, Flowers 99.43%, with the learning
-rates set below. big_vision gives no B/16 numbers for it; B/16 uses the same settings. These
-runs have not been reproduced with jaxclf on a GPU yet (no weights or data sets on our machines).
+Published results this targets (test accuracy):
+- b32, AugReg i21k, this recipe (mean of 5 runs, big_vision's transfer.py docstring): CIFAR-10
+  98.55%, CIFAR-100 91.35%, Pets 93.78%, Flowers 99.43%, with the learning rates set below.
+- b16: big_vision publishes no numbers for this recipe, and the AugReg paper's per-checkpoint
+  transfer results (gs://vit_models/augreg/index.csv: CIFAR-100 and Pets only) are not reachable
+  from here. The nearest published: vit_jax's README ("Expected ViT results") fine-tunes the
+  *original* i21k ViT-B/16 with the same recipe (batch 512, 384 px, 10k steps, SGD-momentum, clip
+  1.0, cosine): CIFAR-10 99.02%, CIFAR-100 92.06%. No published Pets/Flowers number for B/16 was
+  found with a reachable source; B/16 uses the B/32 settings.
+These runs have not been reproduced with jaxclf on a GPU yet (no weights or data sets on our machines).
 """
 
 from jaxclf.config import base_config

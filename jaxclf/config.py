@@ -100,7 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mix_prob = 1.0
     c.mix_switch_prob = 0.5
     c.ema_decay = 0.0  # > 0: keep an exponential moving average of the params; evaluated as val_ema/*
-    c.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (params, loss and softmax stay float32)
+    # Compute dtype: "float32", "bfloat16" (params, loss and softmax stay float32), or "auto":
+    # bfloat16 on GPUs and TPUs, float32 on CPUs. config.json records the one a run used.
+    c.dtype = "auto"
 
     c.nonfinite_loss = "stop"  # a NaN/Inf loss: "stop" the run, or "skip" that step's update (counted)
 

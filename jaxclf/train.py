@@ -53,6 +53,7 @@ def train_and_evaluate(
     run early after checkpointing there (tests use it); `devices` restricts the mesh.
     """
     pretrained = _read_model_init(config)
+    config.dtype = compute_dtype(config.dtype)  # config.json records the dtype "auto" chose
     _prepare_workdir(config, workdir)
     splits = data_lib.load_splits(config.data)
     train_set, val_set = splits["train"], splits["val"]
@@ -414,11 +415,18 @@ def _load_model_init(model: nnx.Module, params: dict, config: ml_collections.Con
     print(f"Loaded {config.model_init}" + "".join(f"\n  {note}" for note in notes), file=sys.stderr)
 
 
+def compute_dtype(name: str) -> str:
+    """config.dtype with "auto" resolved for this machine: bfloat16 on accelerators, float32 on CPUs."""
+    if name == "auto":
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return name
+
+
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nnx.Module:
     """The model `config` names, with a `num_classes`-way head, in `config.dtype`."""
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.dtype)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(compute_dtype(config.dtype))
     if dtype is None:
-        raise config_lib.ConfigError(f"config.dtype={config.dtype!r}: use 'float32' or 'bfloat16'")
+        raise config_lib.ConfigError(f"config.dtype={config.dtype!r}: use 'auto', 'float32' or 'bfloat16'")
     try:
         return models.create(
             config.model_name, num_classes=num_classes, rngs=nnx.Rngs(config.seed), dtype=dtype, **config.model

@@ -232,6 +232,18 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32_loss():
     assert float(bf16[2][0]["loss"]) == pytest.approx(float(f32[2][0]["loss"]), rel=0.05)
 
 
+def test_dtype_auto_means_bfloat16_on_accelerators_and_float32_on_cpus(monkeypatch):
+    config = base_config()
+    assert config.dtype == "auto"
+    assert train.create_model(config, 3).conv1.dtype == jnp.float32  # these machines: CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert train.create_model(config, 3).conv1.dtype == jnp.bfloat16
+    assert train.compute_dtype("float32") == "float32"
+    config.dtype = "float16"
+    with pytest.raises(config_lib.ConfigError, match="config.dtype='float16'"):
+        train.create_model(config, 3)
+
+
 # --- stopping ------------------------------------------------------------------------------------
 
 

@@ -39,7 +39,8 @@ def test_quickstart_model_learns_digits(digits_root, tmp_path):
         assert key in train_records[-1]
     assert {"val/loss", "val/accuracy", "val/top5"} <= set(records[-1])
     with open(tmp_path / "run" / "config.json") as f:
-        assert json.load(f)["model_name"] == "resnet18"
+        saved = json.load(f)
+    assert saved["model_name"] == "resnet18" and saved["dtype"] == "float32"  # "auto" on a CPU
     assert json.load(open(tmp_path / "run" / "classes.json"))["class_names"] == [str(d) for d in range(10)]
 
 
