@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -26,12 +27,12 @@ import time
 FRAMEWORKS = ("jaxclf", "timm_eager", "timm_compiled")
 
 
-def measure_jaxclf(model_name: str, batch: int, size: int, steps: int) -> dict:
+def measure_jaxclf(model_name: str, batch: int, size: int, steps: int, attention: str = "xla") -> dict:
     import jax
 
     on_gpu = jax.default_backend() == "gpu"
     dtype = "bfloat16" if on_gpu else "float32"
-    train_step, state, batch_data = _jaxclf_step(model_name, batch, size, dtype, jax.devices()[:1])
+    train_step, state, batch_data = _jaxclf_step(model_name, batch, size, dtype, jax.devices()[:1], attention)
     start = time.perf_counter()
     lowered = train_step.lower(state, batch_data)
     compiled = lowered.compile()
@@ -49,8 +50,9 @@ def measure_jaxclf(model_name: str, batch: int, size: int, steps: int) -> dict:
         record["peak_device_mb"] = memory["peak_bytes_in_use"] / 2**20
     flops = _flops(lowered)
     if flops is None and jax.default_backend() != "cpu":
-        # The GPU client counts nothing; the same step lowered for a CPU device has the same FLOPs.
-        cpu_step, cpu_state, cpu_batch = _jaxclf_step(model_name, batch, size, dtype, jax.devices("cpu")[:1])
+        # The GPU client counts nothing; the same step lowered for a CPU device has the same FLOPs
+        # (with XLA's attention: the model's FLOPs, not those of cuDNN's padded tokens).
+        cpu_step, cpu_state, cpu_batch = _jaxclf_step(model_name, batch, size, dtype, jax.devices("cpu")[:1], "xla")
         flops = _flops(cpu_step.lower(cpu_state, cpu_batch))
     if flops:
         record["gflops_per_image"] = flops / batch / 1e9
@@ -61,7 +63,7 @@ def measure_jaxclf(model_name: str, batch: int, size: int, steps: int) -> dict:
     return record
 
 
-def _jaxclf_step(model_name: str, batch: int, size: int, dtype: str, devices: list):
+def _jaxclf_step(model_name: str, batch: int, size: int, dtype: str, devices: list, attention: str):
     """(jitted train step, state, batch) for `model_name` on `devices`, SGD-momentum like the timm side."""
     import jax
     import jax.numpy as jnp
@@ -75,7 +77,7 @@ def _jaxclf_step(model_name: str, batch: int, size: int, dtype: str, devices: li
     config.optim.update(dict(name="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, schedule="constant"))
     config.dtype = dtype
     config.data.mean, config.data.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-    kwargs = {"img_size": size} if model_name.startswith("vit") else {}
+    kwargs = {"img_size": size, "attention": attention} if model_name.startswith("vit") else {}
     with jax.default_device(devices[0]):
         model = models.create(model_name, num_classes=1000, dtype=jnp.dtype(dtype), **kwargs)
     mesh = sharding.make_mesh(devices)
@@ -151,10 +153,10 @@ def measure_timm(model_name: str, batch: int, size: int, steps: int, compiled: b
     return record
 
 
-def run_one(framework: str, model: str, batch: int, size: int, steps: int) -> dict:
+def run_one(framework: str, model: str, batch: int, size: int, steps: int, attention: str) -> dict:
     """Run in this process (the child): measure, add peak RSS, return the record."""
     if framework == "jaxclf":
-        record = measure_jaxclf(model, batch, size, steps)
+        record = measure_jaxclf(model, batch, size, steps, attention)
     else:
         record = measure_timm(model, batch, size, steps, compiled=framework == "timm_compiled")
     record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -162,13 +164,14 @@ def run_one(framework: str, model: str, batch: int, size: int, steps: int) -> di
 
 
 def child(args) -> None:
-    print(json.dumps(run_one(args.framework, args.model, args.batch, args.size, args.steps)))
+    print(json.dumps(run_one(args.framework, args.model, args.batch, args.size, args.steps, args.vit_attention)))
 
 
 def spawn(framework: str, model: str, args) -> dict:
     command = [
         sys.executable, __file__, "--child", "--framework", framework, "--model", model,
         "--batch", str(args.batch), "--size", str(args.size), "--steps", str(args.steps),
+        "--vit-attention", args.vit_attention,
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
@@ -186,6 +189,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement, after one untimed")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--vit-attention", default="xla", choices=("xla", "cudnn"),
+                        help="jaxclf ViTs' attention (cudnn: GPUs only)")
     parser.add_argument("--out", default="bench/results/train_step.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--framework", help=argparse.SUPPRESS)
@@ -240,7 +245,7 @@ def _print_table(results: dict, args) -> None:
         eager = by_framework.get("timm_eager", {}).get("images_per_sec")
         for framework, r in by_framework.items():
             if "error" in r:
-                print(f"{model:<24}{framework:<15}  error: {r['error'].splitlines()[-1][:60]}")
+                print(f"{model:<24}{framework:<15}  error: {_exception_line(r['error'])[:80]}")
                 continue
             ratio = f"{r['images_per_sec'] / eager:.2f}x" if eager else "-"
             print(
@@ -248,6 +253,12 @@ def _print_table(results: dict, args) -> None:
                 f"{r['first_step_s']:>12.1f}{r['peak_rss_mb']:>9.0f}{_cell(r, 'peak_device_mb', 8, '.0f')}"
                 f"{_cell(r, 'gflops_per_image', 11, '.1f')}{_cell(r, 'achieved_tflops', 9, '.3f')}{_cell(r, 'mfu', 7, '.1%')}"
             )
+
+
+def _exception_line(stderr_tail: str) -> str:
+    """The `SomeError: message` line of a child's stderr tail (JAX appends notes after it)."""
+    lines = stderr_tail.splitlines()
+    return next((line for line in reversed(lines) if re.match(r"^[\w.]+(Error|Exception)\b", line)), lines[-1])
 
 
 def _cell(record: dict, key: str, width: int, spec: str) -> str:

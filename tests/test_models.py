@@ -365,3 +365,24 @@ def test_small_map_conv_equals_lax_conv_forward_and_backward(shape, kernel, stri
     expected = jax.grad(lambda x, w: jnp.sum(reference(x, w) * probe), argnums=(0, 1))(x, w)
     for g, e in zip(grads, expected):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("length", [197, 50, 8])
+def test_padded_attention_equals_plain_attention_forward_and_backward(length):
+    # The padding and masking that attention="cudnn" wraps around cuDNN's kernel, run through XLA's.
+    q, k, v, cotangent = jax.random.normal(jax.random.key(length), (4, 3, length, 2, 16))
+    plain = lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(q, k, v) * cotangent)
+    padded = lambda q, k, v: jnp.sum(layers.padded_attention(q, k, v, multiple=64, implementation="xla") * cotangent)
+    value, grads = jax.value_and_grad(plain, argnums=(0, 1, 2))(q, k, v)
+    padded_value, padded_grads = jax.value_and_grad(padded, argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(padded_value, value, rtol=1e-5)
+    for got, want in zip(padded_grads, grads):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_cudnn_attention_off_gpu_says_to_use_xla():
+    model = models.create("vit_tiny_patch16_224", num_classes=3, img_size=32, attention="cudnn")
+    with pytest.raises(ValueError, match="attention='cudnn' needs an NVIDIA GPU"):
+        model(jnp.zeros((1, 32, 32, 3)))
+    with pytest.raises(ValueError, match="attention='flash'"):
+        models.create("vit_tiny_patch16_224", num_classes=3, attention="flash")

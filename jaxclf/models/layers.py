@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 # Convolutions whose output has at most this many pixels run as im2col + matmul (see below).
 SMALL_MAP_PIXELS = 4
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding, **kwargs: Any) -> jax.Array:
@@ -64,3 +65,34 @@ def max_pool_3x3_s2(x: jax.Array, pad_value: float = -jnp.inf) -> jax.Array:
     out_h, out_w = (height - 1) // 2 + 1, (width - 1) // 2 + 1
     slices = [padded[:, i : i + 2 * out_h - 1 : 2, j : j + 2 * out_w - 1 : 2, :] for i in range(3) for j in range(3)]
     return functools.reduce(jnp.maximum, slices)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "xla") -> jax.Array:
+    """Softmax attention, scale head_dim**-0.5. q, k, v: [B, N, heads, head_dim] -> [B, N, heads, head_dim].
+
+    "xla": `jax.nn.dot_product_attention`'s XLA version, any backend; it materialises the
+    [B, heads, N, N] scores. "cudnn": cuDNN's fused (flash) attention, NVIDIA GPUs and 16-bit
+    inputs only. Its training kernels take only even sequence lengths (ViT's 197 tokens fail), so
+    the tokens are padded to a multiple of 8 and the padding is masked out as keys and dropped as
+    queries.
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention={implementation!r}: use one of {ATTENTION_IMPLEMENTATIONS}")
+    if implementation == "xla":
+        return jax.nn.dot_product_attention(q, k, v)
+    if jax.default_backend() != "gpu":
+        raise ValueError(f"attention='cudnn' needs an NVIDIA GPU (this is {jax.default_backend()}); use 'xla'")
+    return padded_attention(q, k, v, multiple=8, implementation=implementation)
+
+
+def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, multiple: int, implementation: str) -> jax.Array:
+    """Attention over tokens padded to a length divisible by `multiple`; the result equals unpadded attention."""
+    batch, length = q.shape[:2]
+    padded = -(-length // multiple) * multiple
+    widths = ((0, 0), (0, padded - length), (0, 0), (0, 0))
+    lengths = jnp.full((batch,), length, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        jnp.pad(q, widths), jnp.pad(k, widths), jnp.pad(v, widths),
+        query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation=implementation,
+    )
+    return out[:, :length]

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxclf.models import register
+from jaxclf.models import layers, register
 
 _init = nnx.initializers.truncated_normal(0.02)
 # torch nn.Conv2d's default weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as in timm.
@@ -41,8 +41,9 @@ def _dropout(rate: float, *, rngs: nnx.Rngs, broadcast_dims: tuple[int, ...] = (
 class Attention(nnx.Module):
     """Multi-head self-attention with timm's fused qkv. x: [B, N, D] -> [B, N, D]."""
 
-    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any):
+    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any, implementation: str = "xla"):
         self.num_heads = num_heads
+        self.implementation = implementation
         self.qkv = _linear(dim, 3 * dim, rngs=rngs, dtype=dtype)
         self.proj = _linear(dim, dim, rngs=rngs, dtype=dtype)
 
@@ -54,7 +55,7 @@ class Attention(nnx.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if not return_weights:
             # Default scale is head_dim**-0.5; the softmax runs in float32 even for bfloat16 inputs.
-            out = jax.nn.dot_product_attention(q, k, v)
+            out = layers.dot_product_attention(q, k, v, self.implementation)
             return self.proj(out.reshape(b, n, d))
         # The same attention written out, since the fused call above does not expose its weights.
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * (d // self.num_heads) ** -0.5
@@ -77,9 +78,10 @@ class Mlp(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm transformer block with stochastic depth. x: [B, N, D] -> [B, N, D]."""
 
-    def __init__(self, dim: int, num_heads: int, drop_path: float, norm_eps: float, *, rngs: nnx.Rngs, dtype: Any):
+    def __init__(self, dim: int, num_heads: int, drop_path: float, norm_eps: float, attention: str, *,
+                 rngs: nnx.Rngs, dtype: Any):
         self.norm1 = _layer_norm(dim, norm_eps, rngs=rngs, dtype=dtype)
-        self.attn = Attention(dim, num_heads, rngs=rngs, dtype=dtype)
+        self.attn = Attention(dim, num_heads, rngs=rngs, dtype=dtype, implementation=attention)
         self.norm2 = _layer_norm(dim, norm_eps, rngs=rngs, dtype=dtype)
         self.mlp = Mlp(dim, 4 * dim, rngs=rngs, dtype=dtype)
         # Stochastic depth = dropout of a whole residual branch per example: one mask value per
@@ -105,7 +107,8 @@ class VisionTransformer(nnx.Module):
     `global_pool` is 'token' (class token after `norm`) or 'avg' (mean of the patch tokens, then
     `fc_norm`, as timm names it); `norm_eps` is the LayerNorm epsilon; `pre_logits_size` > 0 adds
     the original ViT's representation layer (Dense + tanh, `pre_logits`) before the head, as in
-    some vit_jax ImageNet-21k checkpoints.
+    some vit_jax ImageNet-21k checkpoints; `attention` is "xla" or "cudnn" (fused attention on
+    NVIDIA GPUs in bf16, `layers.dot_product_attention`).
     """
 
     def __init__(
@@ -125,7 +128,10 @@ class VisionTransformer(nnx.Module):
         pre_logits_size: int,
         rngs: nnx.Rngs,
         dtype: Any,
+        attention: str = "xla",
     ):
+        if attention not in layers.ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention={attention!r}: use one of {layers.ATTENTION_IMPLEMENTATIONS}")
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool={global_pool!r}: use 'token' or 'avg'")
         if global_pool == "token" and not class_token:
@@ -146,7 +152,7 @@ class VisionTransformer(nnx.Module):
         self.pos_embed = nnx.Param(
             _init(rngs.params(), (1, self.num_prefix_tokens + num_patches, width), jnp.float32))
         self.blocks = nnx.List([
-            Block(width, num_heads, float(rate), norm_eps, rngs=rngs, dtype=dtype)
+            Block(width, num_heads, float(rate), norm_eps, attention, rngs=rngs, dtype=dtype)
             for rate in np.linspace(0.0, drop_path_rate, depth)
         ])
         if global_pool == "avg":
@@ -213,12 +219,13 @@ def _factory(width: int, depth: int, num_heads: int, patch_size: int, default_im
         global_pool: str = "token",
         norm_eps: float = 1e-6,
         pre_logits_size: int = 0,
+        attention: str = "xla",
     ) -> VisionTransformer:
         return VisionTransformer(
             num_classes=num_classes, img_size=img_size, patch_size=patch_size, width=width,
             depth=depth, num_heads=num_heads, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
             class_token=class_token, global_pool=global_pool, norm_eps=norm_eps,
-            pre_logits_size=pre_logits_size, rngs=rngs, dtype=dtype,
+            pre_logits_size=pre_logits_size, rngs=rngs, dtype=dtype, attention=attention,
         )
 
     return factory
