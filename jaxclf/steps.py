@@ -74,13 +74,15 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
-def weighted_mean(losses: jax.Array, targets: jax.Array, class_weights: jax.Array | None) -> jax.Array:
-    """Mean of per-example `losses`; with `class_weights` [C], weighted by each target's class weight
-    and normalised by the weights' sum, as torch's CrossEntropyLoss(weight=...) does."""
+def example_weights(targets: jax.Array, class_weights: jax.Array | None) -> jax.Array:
+    """float32[B]: each example's weight in the loss, its (soft) target's class weight, or 1.
+
+    The loss is sum(losses * weights) / sum(weights) over the whole batch, as torch's
+    CrossEntropyLoss(weight=...) computes it.
+    """
     if class_weights is None:
-        return losses.mean()
-    weights = targets @ class_weights
-    return jnp.sum(losses * weights) / jnp.sum(weights)
+        return jnp.ones(targets.shape[0], jnp.float32)
+    return targets @ class_weights
 
 
 def make_train_step(
@@ -105,13 +107,15 @@ def make_train_step(
     mean, std = tuple(config.data.mean), tuple(config.data.std)
     accumulate = config.optim.accumulate_steps
 
-    def grads_and_metrics(params, model_state, images, targets, labels):
+    def grads_and_metrics(params, model_state, images, targets, labels, weights, weight_sum):
+        """Gradients of sum(losses * weights) / weight_sum: `weight_sum` is the whole batch's, so
+        micro-batches' losses and gradients add up to the batch's."""
         def loss_fn(params):
             # copy=True makes fresh variables in this (grad) trace, so BatchNorm may update them.
             model = nnx.merge(graphdef, params, model_state, copy=True)
             logits = model(images).astype(jnp.float32)
             losses = optax.softmax_cross_entropy(logits, targets)
-            loss = weighted_mean(losses, targets, class_weights)
+            loss = jnp.sum(losses * weights) / weight_sum
             return loss, (logits, nnx.state(model, nnx.Not(nnx.Param)))
 
         (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -131,13 +135,16 @@ def make_train_step(
             mix_prob=config.mix_prob,
             switch_prob=config.mix_switch_prob,
         )
+        weights = example_weights(targets, class_weights)
+        # A batch of only zero-weight classes has loss 0 and no gradient, not 0/0.
+        weight_sum = jnp.maximum(weights.sum(), jnp.finfo(jnp.float32).tiny)
         if accumulate == 1:
             grads, model_state, loss, accuracy = grads_and_metrics(
-                state.params, state.model_state, images, targets, batch["label"]
+                state.params, state.model_state, images, targets, batch["label"], weights, weight_sum
             )
         else:
             grads, model_state, loss, accuracy = _accumulated(
-                grads_and_metrics, state, accumulate, images, targets, batch["label"]
+                grads_and_metrics, state, accumulate, images, targets, batch["label"], weights, weight_sum
             )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -166,8 +173,9 @@ def make_train_step(
     )
 
 
-def _accumulated(grads_and_metrics, state: TrainState, k: int, images, targets, labels):
-    """Mean gradients over k micro-batches of the batch, run one after another (k times less activation memory).
+def _accumulated(grads_and_metrics, state: TrainState, k: int, images, targets, labels, weights, weight_sum):
+    """The batch's gradients as the sum over k micro-batches run one after another (k times less
+    activation memory); each micro-batch's loss is normalised by the whole batch's weight sum.
 
     Micro-batch j takes rows j, j+k, j+2k, ...: a reshape that keeps every device's rows on that
     device, so each micro-batch is still split over the whole mesh. BatchNorm statistics advance
@@ -182,14 +190,14 @@ def _accumulated(grads_and_metrics, state: TrainState, k: int, images, targets, 
 
     def body(carry, xs):
         grad_sum, model_state = carry
-        grads, model_state, loss, accuracy = grads_and_metrics(state.params, model_state, *xs)
+        grads, model_state, loss, accuracy = grads_and_metrics(state.params, model_state, *xs, weight_sum)
         return (jax.tree.map(jnp.add, grad_sum, grads), model_state), (loss, accuracy)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     (grad_sum, model_state), (losses, accuracies) = jax.lax.scan(
-        body, (zeros, state.model_state), (micro(images), micro(targets), micro(labels))
+        body, (zeros, state.model_state), (micro(images), micro(targets), micro(labels), micro(weights))
     )
-    return jax.tree.map(lambda g: g / k, grad_sum), model_state, losses.mean(), accuracies.mean()
+    return grad_sum, model_state, losses.sum(), accuracies.mean()
 
 
 def make_eval_step(

@@ -51,7 +51,7 @@ def _batch(seed: int, size: int = 16):
     }
 
 
-def _run(config, model, batches, mesh=None):
+def _run(config, model, batches, mesh=None, class_weights=None):
     mesh = mesh or sharding.make_mesh(jax.devices()[:1])
     tx, _ = optim.make_optimizer(config.optim, nnx.state(model, nnx.Param), 100, 10)
     graphdef, _, state = steps.create_train_state(
@@ -59,7 +59,7 @@ def _run(config, model, batches, mesh=None):
     )
     state_sharding = sharding.state_sharding(state, mesh, config.param_sharding)
     state = jax.device_put(state, state_sharding)
-    step = steps.make_train_step(graphdef, tx, mesh, config, 4, state_sharding)
+    step = steps.make_train_step(graphdef, tx, mesh, config, 4, state_sharding, class_weights)
     initial = jax.device_get(state)
     metrics = []
     for batch in batches:
@@ -75,16 +75,30 @@ def _leaves_by_name(tree):
 # --- optimisation --------------------------------------------------------------------------------
 
 
-def test_gradient_accumulation_equals_the_larger_batch():
+@pytest.mark.parametrize("class_weights", [None, (1.0, 10.0, 1.0, 5.0)])
+def test_gradient_accumulation_equals_the_larger_batch(class_weights):
     batch = _batch(0, size=32)
-    _, whole, _ = _run(_config(), ConvNet(nnx.Rngs(0)), [batch])
-    _, accumulated, metrics = _run(_config(optim__accumulate_steps=4), ConvNet(nnx.Rngs(0)), [batch])
+    weights = None if class_weights is None else jnp.asarray(class_weights)
+    _, whole, whole_metrics = _run(_config(), ConvNet(nnx.Rngs(0)), [batch], class_weights=weights)
+    _, accumulated, metrics = _run(_config(optim__accumulate_steps=4), ConvNet(nnx.Rngs(0)), [batch],
+                                   class_weights=weights)
+    # Class-weighted: the micro-batches' losses are normalised by the whole batch's weight sum.
+    assert float(metrics[0]["loss"]) == pytest.approx(float(whole_metrics[0]["loss"]), rel=1e-5)
     for name, value in _leaves_by_name(whole.params).items():
         np.testing.assert_allclose(_leaves_by_name(accumulated.params)[name], value, rtol=2e-5, atol=1e-6)
     # ... on 8 devices too, where each micro-batch is still split over the whole mesh.
-    _, sharded, _ = _run(_config(optim__accumulate_steps=4), ConvNet(nnx.Rngs(0)), [batch], sharding.make_mesh())
+    _, sharded, _ = _run(_config(optim__accumulate_steps=4), ConvNet(nnx.Rngs(0)), [batch], sharding.make_mesh(),
+                         class_weights=weights)
     for name, value in _leaves_by_name(whole.params).items():
         np.testing.assert_allclose(_leaves_by_name(sharded.params)[name], value, rtol=2e-5, atol=1e-6)
+
+
+def test_batch_of_only_zero_weight_classes_is_a_zero_loss_step_not_nan():
+    batch = {**_batch(0), "label": np.full(16, 2, np.int32)}
+    initial, final, metrics = _run(_config(), ConvNet(nnx.Rngs(0)), [batch], class_weights=jnp.asarray([1.0, 1.0, 0.0, 1.0]))
+    assert float(metrics[0]["loss"]) == 0.0
+    for before, after in zip(jax.tree.leaves(initial.params), jax.tree.leaves(final.params)):
+        np.testing.assert_array_equal(before, after)
 
 
 def test_warmup_in_steps_epochs_or_fraction_agree_and_only_one_may_be_set():
