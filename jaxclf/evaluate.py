@@ -77,7 +77,7 @@ def predict_source(
         source, trained.config.data.pp_eval, global_batch_size=batch_size,
         num_workers=trained.config.data.num_workers, bad_images=trained.config.data.bad_images,
     )
-    for b, batch in enumerate(batches):
+    for batch in batches:
         scores = log_softmax(trained.logits(batch["image"]).astype(np.float64), axis=-1)
         if tta == "flip":
             flipped = log_softmax(trained.logits(batch["image"][:, :, ::-1]).astype(np.float64), axis=-1)
@@ -85,7 +85,7 @@ def predict_source(
         mask = np.asarray(batch["mask"], bool)
         log_probs.append(scores[mask])
         labels.append(np.asarray(batch["label"])[mask])
-        indices.append(b * batch_size + np.flatnonzero(mask))
+        indices.append(np.asarray(batch["index"])[mask])
     return np.concatenate(log_probs), np.concatenate(labels).astype(np.int64), np.concatenate(indices)
 
 

@@ -13,6 +13,7 @@ from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
 from jaxclf import evaluate, inference, report
+from jaxclf.data import sources
 from jaxclf.metrics import read_metrics
 
 
@@ -137,3 +138,21 @@ def test_mistakes_are_named(trained_workdir, tmp_path, capsys):
     assert "one of the saved steps [60]" in capsys.readouterr().err
     assert evaluate.main(["--workdir", str(tmp_path / "nothing")]) == 2
     assert "config.json does not exist" in capsys.readouterr().err
+
+
+def test_predictions_pair_each_file_with_its_own_image_with_several_workers(trained_workdir):
+    # grain's workers each batch every other record: rows must be matched by their carried index.
+    trained = inference.load_trained(trained_workdir)
+    _, val = evaluate.load_split(trained, "val")
+    subset = sources.LabelledFiles(val.paths[::15], val.labels[::15], val.class_names)  # 24 files
+    by_workers = {}
+    for workers in (0, 2):
+        trained.config.data.num_workers = workers
+        log_probs, labels, indices = evaluate.predict_source(trained, subset, batch_size=10)
+        assert sorted(indices) == list(range(len(subset)))
+        order = np.argsort(indices)
+        by_workers[workers] = log_probs[order], labels[order]
+    np.testing.assert_allclose(by_workers[2][0], by_workers[0][0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(by_workers[2][1], subset.labels)
+    direct = log_softmax(trained.logits(trained.load_image(subset.paths[7])[None]).astype(np.float64), axis=1)[0]
+    np.testing.assert_allclose(by_workers[2][0][7], direct, rtol=1e-5, atol=1e-6)

@@ -108,19 +108,17 @@ class ToArray(grain.transforms.Map):
         return {**example, "image": np.asarray(example["image"])}
 
 
-def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
-    """Batches in one evaluation pass over `num_examples` (the last one padded)."""
-    return math.ceil(num_examples / global_batch_size)
-
-
 def eval_batches(
     source, ops_spec: str, *, global_batch_size: int, num_workers: int, bad_images: str = "error"
 ) -> Iterator[dict]:
-    """One unshuffled pass over this process's shard: {"image": uint8[b, H, W, 3], "label": int32[b], "mask": bool[b]}.
+    """One unshuffled pass over this process's shard, in full batches:
+    {"image": uint8[b, H, W, 3], "label": int32[b], "mask": bool[b], "index": int64[b]}.
 
-    Every process yields num_eval_batches(len(source), global_batch_size) batches, padded with
-    mask=False rows, so collectives in the eval step line up even when shards differ in size.
-    With bad_images="skip", an unreadable image's row is masked out too.
+    `index` is each row's position in `source` (-1 for padding). Rows come in no fixed order:
+    grain hands records to its workers round-robin and each worker batches its own. Every batch
+    is full (b rows, so the eval step compiles once), and every process yields the same number of
+    batches, padded with mask=False rows, so collectives in the eval step line up even when shards
+    differ in size. With bad_images="skip", an unreadable image's row is masked out too.
     """
     batch_size = _local_batch_size(global_batch_size)
     decode, operations = _split_decode(ops_spec)
@@ -128,22 +126,28 @@ def eval_batches(
     if random_ops:
         raise ValueError(f"evaluation ops {ops_spec!r} include random ops {random_ops}; use deterministic ones")
     index, count = jax.process_index(), jax.process_count()
+    batches = math.ceil(math.ceil(len(source) / count) / batch_size)  # of the largest shard
+    # Each worker batches every workers-th record: pad to whole batches for every worker (and use
+    # no more workers than batches, which would only add padding).
+    workers = min(resolve_num_workers(num_workers), batches)
+    batches = math.ceil(batches / max(workers, 1)) * max(workers, 1)
     shard = _PaddedShard(
         source,
         start=index * len(source) // count,
         end=(index + 1) * len(source) // count,
-        length=num_eval_batches(len(source), global_batch_size) * batch_size,
+        length=batches * batch_size,
     )
     reader = DecodedSource(shard, decode, bad_images, mask_replaced=True)
     sampler = grain.samplers.IndexSampler(num_records=len(shard), shuffle=False, num_epochs=1)
     operations = [*operations, ToArray(), grain.transforms.Batch(batch_size, drop_remainder=False)]
     no_sharding = grain.sharding.NoSharding()  # `shard` is this process's part already
-    return iter(_make_loader(reader, sampler, operations, num_workers=num_workers, shard_options=no_sharding))
+    return iter(_make_loader(reader, sampler, operations, num_workers=workers, shard_options=no_sharding))
 
 
 @dataclasses.dataclass(frozen=True)
 class _PaddedShard:
-    """`source[start:end]` with mask=True, then copies of one example with mask=False up to `length`."""
+    """`source[start:end]` with mask=True and their indices, then copies of one example with
+    mask=False (index -1) up to `length`."""
 
     source: object
     start: int
@@ -155,6 +159,6 @@ class _PaddedShard:
 
     def __getitem__(self, i: int) -> dict:
         if self.start + i < self.end:
-            return {**self.source[self.start + i], "mask": True}
+            return {**self.source[self.start + i], "mask": True, "index": np.int64(self.start + i)}
         # `start` < len(source) even for an empty shard (fewer examples than processes).
-        return {**self.source[self.start], "mask": False}
+        return {**self.source[self.start], "mask": False, "index": np.int64(-1)}
