@@ -195,6 +195,7 @@ def train_and_evaluate(
                         eval_metrics = val_metrics = evaluate()
                     except Exception:
                         if signals.received is None:
+                            save(step, data_state)  # keep the training done; the evaluation's error follows
                             raise
                         stop_now = True  # the signal ended the evaluation's data workers
                     else:

@@ -67,13 +67,31 @@ def test_resume_equals_uninterrupted_run(digits_root, tmp_path):
     assert last_loss(str(tmp_path / "straight")) == last_loss(str(tmp_path / "resumed"))
 
 
-def test_evaluation_counts_every_example_once(digits_root, tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_evaluation_counts_every_example_once(digits_root, tmp_path, num_workers):
     # 360 val images; 8 devices and batch 48 do not divide it: the last batch is padded and masked.
+    # With 2 workers each batches every other image: every batch must still be full for the mesh.
     config = _config(digits_root, total_steps=2, eval_batch_size=48)
+    config.data.num_workers = num_workers
     val = train.train_and_evaluate(config, str(tmp_path / "run"))
     num_val = sum(len(files) for _, _, files in os.walk(os.path.join(digits_root, "val")))
     assert val["val/examples"] == num_val
     assert num_val % 48 != 0
+
+
+def test_a_failing_evaluation_keeps_the_training_done(digits_root, tmp_path, monkeypatch):
+    config = _config(digits_root, total_steps=6)  # evaluates (and checkpoints) at the end only
+
+    def broken_eval(*args, **kwargs):
+        raise OSError("val images unreachable")
+
+    monkeypatch.setattr(train.pipeline, "eval_batches", broken_eval)
+    with pytest.raises(OSError, match="unreachable"):
+        train.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+    assert checkpoint.Checkpointer(str(tmp_path / "run"), keep=2).latest_step() == 6
+    monkeypatch.undo()
+    val = train.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+    assert val["val/examples"] == 360  # resumed at step 6 and evaluated
 
 
 def test_num_classes_mismatch_is_named(digits_root, tmp_path):
