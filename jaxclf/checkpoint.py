@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxclf import tree_paths
+from jaxclf.config import ConfigError
 
 
 class CheckpointError(ValueError):
@@ -130,9 +131,15 @@ class Checkpointer:
                         state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(iterator)
                     ),
                 )
-            except CheckpointError:
+            except (CheckpointError, ConfigError):
                 raise
             except Exception as e:  # noqa: BLE001 -- any read failure means: try the previous checkpoint
+                if _data_mismatch(e):
+                    raise CheckpointError(
+                        f"{self._path(step)} was written by a run that read its data differently: "
+                        f"{_data_mismatch(e)}. Resume with the same config.batch_size, seed, data and sampling "
+                        "as that run, or train in a new --workdir."
+                    ) from None
                 failures.append(f"{self._path(step)}: {type(e).__name__}: {e}".splitlines()[0])
                 print(f"warning: cannot read checkpoint {self._path(step)} ({failures[-1]})", file=sys.stderr)
                 continue
@@ -181,3 +188,13 @@ class Checkpointer:
         self._manager.wait_until_finished()
         self._manager.close()
 
+
+
+def _data_mismatch(error: BaseException) -> str | None:
+    """grain's complaint that the saved iterator belongs to another sampler or source, if that is
+    what `error` (or an error it wraps) is: a configuration change, not an unreadable checkpoint."""
+    while error is not None:
+        if isinstance(error, ValueError) and "in checkpoint does not match" in str(error):
+            return str(error).splitlines()[0].rstrip(".")
+        error = error.__cause__ or error.__context__
+    return None

@@ -176,6 +176,19 @@ def test_checkpoint_of_another_model_lists_mismatched_keys(digits_root, tmp_path
     assert "shape of params/conv/kernel: checkpoint (3, 3, 3, 16), this model (3, 3, 3, 24)" in message
 
 
+def test_resuming_with_other_data_settings_names_them_and_keeps_the_checkpoint(digits_root, tmp_path):
+    config = config_lib.load_config(f"tests/tiny_config.py:{digits_root}", ["total_steps=3"])
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    checkpoints = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
+    smaller_batch = config_lib.load_config(f"tests/tiny_config.py:{digits_root}", ["total_steps=6", "batch_size=16"])
+    with pytest.raises(checkpoint.CheckpointError, match="read its data differently: Sampler in checkpoint"):
+        train.train_and_evaluate(smaller_batch, str(tmp_path / "run"))
+    more_workers = config_lib.load_config(f"tests/tiny_config.py:{digits_root}", ["total_steps=6", "data.num_workers=1"])
+    with pytest.raises(config_lib.ConfigError, match="config.data.num_workers=1 but the checkpoint was written with 0"):
+        train.train_and_evaluate(more_workers, str(tmp_path / "run"))
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == checkpoints  # nothing set aside
+
+
 def test_unwritable_workdir_fails_before_training(digits_root, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
