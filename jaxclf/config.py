@@ -110,7 +110,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every_epochs = 1.0  # also evaluates at the end
     c.checkpoint_every_steps = 0  # 0: at every evaluation; always at the end and on a stop signal
     c.keep_checkpoints = 2  # the latest N, plus the best by best_metric
-    c.best_metric = "val/accuracy"  # a key of the evaluation metrics (val/*, val_ema/*)
+    # A key of the evaluation metrics (val/*, val_ema/*); with ema_decay > 0, val/* means val_ema/*.
+    c.best_metric = "val/accuracy"
     c.best_mode = "max"  # "max" or "min"
     c.early_stopping_patience = 0  # > 0: stop after this many evaluations without a new best
     return c

@@ -54,6 +54,7 @@ def train_and_evaluate(
     """
     pretrained = _read_model_init(config)
     config.dtype = compute_dtype(config.dtype)  # config.json records the dtype "auto" chose
+    _track_ema_as_best(config)
     _prepare_workdir(config, workdir)
     splits = data_lib.load_splits(config.data)
     train_set, val_set = splits["train"], splits["val"]
@@ -414,6 +415,16 @@ def _load_model_init(model: nnx.Module, params: dict, config: ml_collections.Con
     except weights.WeightsError as e:
         raise config_lib.ConfigError(f"config.model_init={config.model_init!r}: {e}") from None
     print(f"Loaded {config.model_init}" + "".join(f"\n  {note}" for note in notes), file=sys.stderr)
+
+
+def _track_ema_as_best(config: ml_collections.ConfigDict) -> None:
+    """With an EMA of the weights, choose the best checkpoint (and stop early) by the EMA's metrics:
+    the EMA weights are what evaluate, predict and export load by default (as timm's train.py)."""
+    if config.ema_decay > 0 and config.best_metric.startswith("val/"):
+        ema_metric = "val_ema/" + config.best_metric.removeprefix("val/")
+        print(f"config.best_metric: {config.best_metric} -> {ema_metric} (an EMA is kept; its weights are "
+              "the ones evaluated and exported by default)", file=sys.stderr)
+        config.best_metric = ema_metric
 
 
 def compute_dtype(name: str) -> str:

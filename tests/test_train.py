@@ -94,6 +94,17 @@ def test_a_failing_evaluation_keeps_the_training_done(digits_root, tmp_path, mon
     assert val["val/examples"] == 360  # resumed at step 6 and evaluated
 
 
+def test_with_ema_the_best_checkpoint_is_chosen_by_the_ema_metrics(digits_root, tmp_path):
+    config = _config(digits_root, total_steps=12, ema_decay=0.5, eval_every_epochs=0.1)
+    train.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+    with open(tmp_path / "run" / "config.json") as f:
+        assert json.load(f)["best_metric"] == "val_ema/accuracy"
+    evals = [r for r in read_metrics(str(tmp_path / "run")) if "val_ema/accuracy" in r]
+    with open(tmp_path / "run" / "result.json") as f:
+        best = json.load(f)["best"]
+    assert len(evals) >= 2 and best["best_value"] == max(r["val_ema/accuracy"] for r in evals)
+
+
 def test_num_classes_mismatch_is_named(digits_root, tmp_path):
     with pytest.raises(config_lib.ConfigError, match=r"config\.num_classes=7 .* has 10 classes"):
         train.train_and_evaluate(_config(digits_root, num_classes=7), str(tmp_path / "run"))
