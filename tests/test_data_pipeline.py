@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from jaxclf.data import pipeline, sources
+from jaxclf.data.sampler import GlobalBatchSampler
 
 NUM_IMAGES = 24  # 3 classes of 8
 TRAIN_OPS = "decode|inception_crop(4)|flip_lr"
@@ -74,6 +75,18 @@ def test_train_stream_is_fixed_by_the_seed(folder):
     _assert_same_batches(_take(iter(_loader(folder, seed=0)), 3), first)
     other = _take(iter(_loader(folder, seed=1)), 3)
     assert not np.array_equal(_ids(other[0]), _ids(first[0]))
+
+
+def test_seeds_give_unrelated_random_streams_not_shifted_copies():
+    # With key=seed+position, seed 1's stream was seed 0's shifted by one position.
+    weights = np.ones(100)
+    zero, one = (GlobalBatchSampler(100, 10, 1, seed, weights) for seed in (0, 1))
+    draws = lambda sampler: [sampler.record_at(p) for p in range(200)]
+    augment = lambda sampler: [sampler[i].rng.random() for i in range(200)]
+    assert draws(zero)[1:] != draws(one)[:-1] and augment(zero)[1:] != augment(one)[:-1]
+    assert draws(zero) == draws(GlobalBatchSampler(100, 10, 1, 0, weights))  # still fixed by the seed
+    # The balanced-sampling draw and the augmentation stream of one position are unrelated.
+    assert not set(np.round([zero._draw(p) for p in range(200)], 12)) & set(np.round(augment(zero), 12))
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])

@@ -58,7 +58,7 @@ class GlobalBatchSampler:
         return grain.RecordMetadata(
             index=index,
             record_key=self.record_at(position),
-            rng=np.random.Generator(np.random.Philox(key=self.seed + position)),
+            rng=_stream(self.seed, position, _AUGMENTATION),
         )
 
     def global_position(self, index: int) -> int:
@@ -94,5 +94,17 @@ class GlobalBatchSampler:
         )
 
     def _draw(self, position: int) -> float:
-        # A stream separate from the augmentation rng of the same position.
-        return np.random.Generator(np.random.Philox(key=self.seed + position, counter=1)).random()
+        return _stream(self.seed, position, _SAMPLING).random()
+
+
+_AUGMENTATION, _SAMPLING = 0, 1
+
+
+def _stream(seed: int, position: int, purpose: int) -> np.random.Generator:
+    """An independent random stream for each (seed, position in the global stream, purpose).
+
+    Philox's 128-bit key holds the position and the seed side by side, so seed s+1 is not seed s
+    shifted by one position (as with key=seed+position), and the sampling draw does not reuse the
+    augmentation's numbers (as with a shifted counter).
+    """
+    return np.random.Generator(np.random.Philox(key=[position, (2 * seed + purpose) % 2**64]))
