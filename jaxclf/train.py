@@ -154,13 +154,15 @@ def train_and_evaluate(
         return results
 
     writer = MetricsWriter(workdir)
-    train_log = TrainLog(writer, schedule, config.batch_size, steps_per_epoch, config.nonfinite_loss, start_step)
+    train_log = TrainLog(writer, schedule, config.batch_size, steps_per_epoch, config.nonfinite_loss, start_step,
+                         meta.get("skipped", {}))
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
     val_metrics: dict[str, float] = {}
 
     def save(step: int, data_state: bytes, metrics: dict | None = None) -> None:
         train_log.flush(step)  # never checkpoint a state whose loss was not checked
         meta["early_stopping"] = early_stopping.state()
+        meta["skipped"] = train_log.skipped()
         with jax.transfer_guard_device_to_host("allow"):
             checkpointer.save(step, state, checkpoint.IteratorState(data_state), meta, metrics)
 
@@ -297,14 +299,20 @@ class TrainLog:
     `data/skipped_images`.
     """
 
-    def __init__(self, writer, schedule, batch_size: int, steps_per_epoch: int, nonfinite_loss: str, step: int):
+    def __init__(self, writer, schedule, batch_size: int, steps_per_epoch: int, nonfinite_loss: str, step: int,
+                 skipped: dict):
+        """`skipped`: the counts a resumed run's checkpoint holds (`skipped()`), else {}."""
         self._writer, self._schedule = writer, schedule
         self._batch_size, self._steps_per_epoch = batch_size, steps_per_epoch
         self._nonfinite_loss = nonfinite_loss
         self._pending: list[dict] = []
-        self._skipped = 0
-        self._skipped_images = 0
+        self._skipped = skipped.get("steps", 0)
+        self._skipped_images = skipped.get("images", 0)
         self.restart_clock(step)
+
+    def skipped(self) -> dict:
+        """The run's counts so far of skipped steps and skipped images, for the checkpoint."""
+        return {"steps": self._skipped, "images": self._skipped_images}
 
     def add(self, metrics: dict) -> None:
         self._pending.append(metrics)

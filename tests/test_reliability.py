@@ -163,6 +163,11 @@ def test_skip_mode_counts_nonfinite_steps_and_keeps_parameters_finite(digits_roo
     assert 1 <= record["train/skipped_steps"] <= 6
     state = _final_state(tmp_path / "run", step=6)
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state["params"]))
+    # The count survives a resume (it travels in the checkpoint).
+    train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_at_step=3)
+    train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    resumed = [r for r in read_metrics(str(tmp_path / "resumed")) if "train/loss" in r][-1]
+    assert resumed["step"] == 6 and resumed["train/skipped_steps"] == record["train/skipped_steps"]
 
 
 def test_checkpoint_of_another_model_lists_mismatched_keys(digits_root, tmp_path):
