@@ -126,19 +126,16 @@ def train_and_evaluate(
         start_step, train_iter = 0, make_train_iterator(meta["num_workers"])
     early_stopping = EarlyStopping(config, meta.get("early_stopping"))
 
+    eval_loader = pipeline.EvalLoader(val_set, config.data.pp_eval, global_batch_size=eval_batch_size,
+                                      num_workers=config.data.num_workers, bad_images=config.data.bad_images)
+
     @jax.transfer_guard_device_to_host("allow")
     def evaluate() -> dict[str, float]:
         models_to_evaluate = {"val": state.params}
         if state.ema_params is not None:
             models_to_evaluate["val_ema"] = state.ema_params
         totals = {name: steps.zero_eval_totals(mesh) for name in models_to_evaluate}
-        for batch in pipeline.eval_batches(
-            val_set,
-            config.data.pp_eval,
-            global_batch_size=eval_batch_size,
-            num_workers=config.data.num_workers,
-            bad_images=config.data.bad_images,
-        ):
+        for batch in eval_loader.one_pass():
             batch = sharding.shard_batch(batch, mesh)
             for name, params in models_to_evaluate.items():
                 totals[name] = eval_step(params, state.model_state, batch, totals[name])

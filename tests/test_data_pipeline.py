@@ -167,6 +167,22 @@ def test_eval_batches_are_full_and_count_every_example_once(
     assert sorted(seen) == list(range(num_examples))
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_eval_loader_serves_identical_passes_from_the_same_workers(folder, num_workers):
+    loader = pipeline.EvalLoader(folder, "decode|central_crop(4)", global_batch_size=8, num_workers=num_workers)
+
+    def rows(batches):
+        return sorted((int(i), int(x)) for b in batches for i, x in zip(b["index"][b["mask"]], _ids(b)[b["mask"]]))
+
+    first = list(loader.one_pass())
+    assert len(first) == loader.num_batches and rows(first) == [(i, i) for i in range(len(folder))]
+    partial = loader.one_pass()
+    next(partial)
+    partial.close()  # a pass left part-way: the next one must still be whole
+    for _ in range(2):
+        assert rows(loader.one_pass()) == rows(first)
+
+
 def test_eval_rejects_random_ops_and_specs_start_with_decode(folder):
     with pytest.raises(ValueError, match="random"):
         pipeline.eval_batches(folder, TRAIN_OPS, global_batch_size=8, num_workers=0)

@@ -82,10 +82,11 @@ def test_evaluation_counts_every_example_once(digits_root, tmp_path, num_workers
 def test_a_failing_evaluation_keeps_the_training_done(digits_root, tmp_path, monkeypatch):
     config = _config(digits_root, total_steps=6)  # evaluates (and checkpoints) at the end only
 
-    def broken_eval(*args, **kwargs):
+    def broken_pass(self):
         raise OSError("val images unreachable")
+        yield
 
-    monkeypatch.setattr(train.pipeline, "eval_batches", broken_eval)
+    monkeypatch.setattr(train.pipeline.EvalLoader, "one_pass", broken_pass)
     with pytest.raises(OSError, match="unreachable"):
         train.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
     assert checkpoint.Checkpointer(str(tmp_path / "run"), keep=2).latest_step() == 6

@@ -108,40 +108,65 @@ class ToArray(grain.transforms.Map):
         return {**example, "image": np.asarray(example["image"])}
 
 
-def eval_batches(
-    source, ops_spec: str, *, global_batch_size: int, num_workers: int, bad_images: str = "error"
-) -> Iterator[dict]:
-    """One unshuffled pass over this process's shard, in full batches:
+class EvalLoader:
+    """Evaluation passes over this process's shard, in full batches, from one set of worker processes:
     {"image": uint8[b, H, W, 3], "label": int32[b], "mask": bool[b], "index": int64[b]}.
 
     `index` is each row's position in `source` (-1 for padding). Rows come in no fixed order:
     grain hands records to its workers round-robin and each worker batches its own. Every batch
-    is full (b rows, so the eval step compiles once), and every process yields the same number of
-    batches, padded with mask=False rows, so collectives in the eval step line up even when shards
-    differ in size. With bad_images="skip", an unreadable image's row is masked out too.
+    is full (b rows, so the eval step compiles once), and every process yields `num_batches`
+    per pass, padded with mask=False rows, so collectives in the eval step line up even when
+    shards differ in size. With bad_images="skip", an unreadable image's row is masked out too.
+
+    The workers start once and serve every pass (starting them took ~1.5-2 s per evaluation).
     """
-    batch_size = _local_batch_size(global_batch_size)
-    decode, operations = _split_decode(ops_spec)
-    random_ops = [type(op).__name__ for op in operations if isinstance(op, grain.transforms.RandomMap)]
-    if random_ops:
-        raise ValueError(f"evaluation ops {ops_spec!r} include random ops {random_ops}; use deterministic ones")
-    index, count = jax.process_index(), jax.process_count()
-    batches = math.ceil(math.ceil(len(source) / count) / batch_size)  # of the largest shard
-    # Each worker batches every workers-th record: pad to whole batches for every worker (and use
-    # no more workers than batches, which would only add padding).
-    workers = min(resolve_num_workers(num_workers), batches)
-    batches = math.ceil(batches / max(workers, 1)) * max(workers, 1)
-    shard = _PaddedShard(
-        source,
-        start=index * len(source) // count,
-        end=(index + 1) * len(source) // count,
-        length=batches * batch_size,
-    )
-    reader = DecodedSource(shard, decode, bad_images, mask_replaced=True)
-    sampler = grain.samplers.IndexSampler(num_records=len(shard), shuffle=False, num_epochs=1)
-    operations = [*operations, ToArray(), grain.transforms.Batch(batch_size, drop_remainder=False)]
-    no_sharding = grain.sharding.NoSharding()  # `shard` is this process's part already
-    return iter(_make_loader(reader, sampler, operations, num_workers=workers, shard_options=no_sharding))
+
+    def __init__(self, source, ops_spec: str, *, global_batch_size: int, num_workers: int, bad_images: str = "error"):
+        batch_size = _local_batch_size(global_batch_size)
+        decode, operations = _split_decode(ops_spec)
+        random_ops = [type(op).__name__ for op in operations if isinstance(op, grain.transforms.RandomMap)]
+        if random_ops:
+            raise ValueError(f"evaluation ops {ops_spec!r} include random ops {random_ops}; use deterministic ones")
+        index, count = jax.process_index(), jax.process_count()
+        batches = math.ceil(math.ceil(len(source) / count) / batch_size)  # of the largest shard
+        # Each worker batches every workers-th record: pad to whole batches for every worker (and
+        # use no more workers than batches, which would only add padding). Then each pass of the
+        # endless record stream below is exactly `num_batches` batches.
+        workers = min(resolve_num_workers(num_workers), batches)
+        self.num_batches = math.ceil(batches / max(workers, 1)) * max(workers, 1)
+        shard = _PaddedShard(
+            source,
+            start=index * len(source) // count,
+            end=(index + 1) * len(source) // count,
+            length=self.num_batches * batch_size,
+        )
+        reader = DecodedSource(shard, decode, bad_images, mask_replaced=True)
+        sampler = grain.samplers.IndexSampler(num_records=len(shard), shuffle=False, num_epochs=None)
+        operations = [*operations, ToArray(), grain.transforms.Batch(batch_size, drop_remainder=False)]
+        no_sharding = grain.sharding.NoSharding()  # `shard` is this process's part already
+        self._loader = _make_loader(reader, sampler, operations, num_workers=workers, shard_options=no_sharding)
+        self._iterator = None
+
+    def one_pass(self) -> Iterator[dict]:
+        """The next pass: every example of the shard once, in `num_batches` batches."""
+        if self._iterator is None:
+            self._iterator = iter(self._loader)
+        done = 0
+        try:
+            for done in range(1, self.num_batches + 1):
+                yield next(self._iterator)
+        finally:
+            if done < self.num_batches:  # left part-way: the stream is out of step, start afresh
+                self._iterator = None
+
+
+def eval_batches(
+    source, ops_spec: str, *, global_batch_size: int, num_workers: int, bad_images: str = "error"
+) -> Iterator[dict]:
+    """One evaluation pass (see EvalLoader), for a single evaluation."""
+    loader = EvalLoader(source, ops_spec, global_batch_size=global_batch_size, num_workers=num_workers,
+                        bad_images=bad_images)
+    return loader.one_pass()
 
 
 @dataclasses.dataclass(frozen=True)
