@@ -174,6 +174,34 @@ def test_stem_max_pool_matches_torch_padding(size):
         assert out.shape == same.shape and not np.array_equal(out, same)
 
 
+def _max_pool_grad_reference(x: np.ndarray, grad_out: np.ndarray, pad_value: float) -> np.ndarray:
+    """Each window's gradient added at its first maximum in row-major order, as torch's MaxPool2d."""
+    b, h, w, c = x.shape
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=pad_value)
+    grad = np.zeros_like(padded)
+    for i in range(grad_out.shape[1]):
+        for j in range(grad_out.shape[2]):
+            first = padded[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3].reshape(b, 9, c).argmax(axis=1)
+            for n in range(b):
+                for ch in range(c):
+                    k = first[n, ch]
+                    grad[n, 2 * i + k // 3, 2 * j + k % 3, ch] += grad_out[n, i, j, ch]
+    return grad[:, 1:h + 1, 1:w + 1]
+
+
+@pytest.mark.parametrize("pad_value", [-np.inf, 0.0])
+@pytest.mark.parametrize("shape", [(2, 8, 9, 3), (1, 7, 6, 2)])
+def test_stem_max_pool_gradient_goes_to_first_maximum(shape, pad_value):
+    # Small integers tie often (as ReLU zeros do): every window's gradient must go to one pixel, the
+    # first maximum, not be split among the tied ones (autodiff of a max splits ties).
+    rng = np.random.default_rng(3)
+    x = rng.integers(-2, 3, shape).astype(np.float32)
+    out, vjp = jax.vjp(lambda v: layers.max_pool_3x3_s2(v, pad_value), jnp.asarray(x))
+    grad_out = rng.standard_normal(out.shape).astype(np.float32)
+    grad = np.asarray(jax.jit(vjp)(jnp.asarray(grad_out))[0])
+    np.testing.assert_allclose(grad, _max_pool_grad_reference(x, grad_out, pad_value), rtol=1e-6, atol=1e-6)
+
+
 def test_resnet50_puts_stride_on_3x3_conv():
     model = nnx.eval_shape(lambda: models.create("resnet50", num_classes=10))
     first = model.layer2[0]
