@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxclf import checkpoint, config as config_lib, models, train
+from jaxclf import checkpoint, config as config_lib, models, train, xla_cpu
 from jaxclf.data import classes, ops as ops_lib, sources
 from jaxclf.steps import normalize_images
 
@@ -76,7 +76,10 @@ class TrainedModel:
     @functools.cached_property
     def _jitted_apply(self) -> Callable:
         graphdef, mean, std = nnx.graphdef(self.model), self.mean, self.std
-        return jax.jit(lambda state, images: _logits(nnx.merge(graphdef, state), images, mean, std))
+        return jax.jit(
+            lambda state, images: _logits(nnx.merge(graphdef, state), images, mean, std),
+            compiler_options=xla_cpu.compiler_options(jax.default_backend()),
+        )
 
     @functools.cached_property
     def eval_ops(self) -> list[ops_lib.Op]:

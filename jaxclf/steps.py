@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxclf import augment, sharding
+from jaxclf import augment, sharding, xla_cpu
 
 
 @flax.struct.dataclass
@@ -170,6 +170,7 @@ def make_train_step(
         in_shardings=(state_sharding, sharding.batch_sharded(mesh)),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=0,
+        compiler_options=xla_cpu.compiler_options(mesh.devices.flat[0].platform),
     )
 
 
@@ -232,6 +233,7 @@ def make_eval_step(
         ),
         out_shardings=replicated,
         donate_argnums=3,
+        compiler_options=xla_cpu.compiler_options(mesh.devices.flat[0].platform),
     )
 
 

@@ -1,5 +1,7 @@
 """Train and eval steps: 8 devices compute what 1 device computes; eval sums honour the mask."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from jaxclf import optim, sharding, steps
+from jaxclf import optim, sharding, steps, xla_cpu
 from jaxclf.config import base_config
 
 NORM = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -150,3 +152,34 @@ def test_normalize_images_and_label_smoothing():
     assert float(steps.cross_entropy(jnp.asarray([[5.0, -5.0]]), jnp.asarray([0]), 1.0)[0]) == pytest.approx(
         5.0 + np.log(1 + np.exp(-10.0)), rel=1e-5
     )
+
+
+def _libraries_running(op: str, hlo: str) -> set[str]:
+    """Kernel libraries (fusion kinds such as "__ynn_fusion") whose fused computations contain `op`;
+    "xla" where `op` also runs outside any library fusion."""
+    bodies = dict(re.findall(r"\n%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S))
+    libraries = set()
+    for callee, kind in re.findall(r'calls=%?([\w.\-]+)[^\n]*"kind":"(__\w+)"', hlo):
+        if re.search(rf"\b{op}\(", bodies.get(callee, "")):
+            libraries.add(kind)
+    entry = hlo[hlo.index("\nENTRY"):]
+    if re.search(rf"= \S+ {op}\(", entry):
+        libraries.add("xla")
+    return libraries
+
+
+def test_train_step_on_cpu_compiles_with_the_tuned_kernel_libraries():
+    # xla_cpu.CPU_OPTIONS: convolutions on XLA's own kernels (YNNPACK's were 1.8x slower for a
+    # ResNet-18 step), matmuls on XNNPACK, reductions on YNNPACK.
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    _, _, state, train_step = _setup(WideNet(4, nnx.Rngs(0)), mesh, _config())
+    hlo = train_step.lower(state, sharding.shard_batch(_batch(0), mesh)).compile().as_text()
+    assert _libraries_running("convolution", hlo) == {"xla"}
+    assert "__ynn_fusion" in _libraries_running("reduce", hlo)
+    assert xla_cpu.compiler_options("cpu") == xla_cpu.CPU_OPTIONS
+    assert xla_cpu.compiler_options("gpu") is None
+
+
+def test_xla_flags_from_the_user_replace_the_tuned_options(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+    assert xla_cpu.compiler_options("cpu") is None
