@@ -76,6 +76,7 @@ def _jaxclf_step(model_name: str, batch: int, size: int, dtype: str, devices: li
     config = base_config()
     config.optim.update(dict(name="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, schedule="constant"))
     config.dtype = dtype
+    config.model_name = model_name
     config.data.mean, config.data.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     kwargs = {"img_size": size, "attention": attention} if model_name.startswith("vit") else {}
     with jax.default_device(devices[0]):

@@ -170,7 +170,7 @@ def make_train_step(
         in_shardings=(state_sharding, sharding.batch_sharded(mesh)),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=0,
-        compiler_options=xla_cpu.compiler_options(mesh.devices.flat[0].platform),
+        compiler_options=xla_cpu.compiler_options(mesh.devices.flat[0].platform, config.model_name),
     )
 
 
