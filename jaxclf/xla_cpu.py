@@ -45,7 +45,7 @@ def compiler_options(platform: str, train_model_name: str | None = None) -> dict
 def _options_accepted(options: tuple) -> bool:
     """Whether XLA:CPU compiles a trivial program with `options` (unknown options fail to compile)."""
     try:
-        probe = jax.device_put(np.zeros(2, np.float32), jax.devices("cpu")[0])
+        probe = jax.device_put(np.zeros(2, np.float32), jax.local_devices(backend="cpu")[0])
         jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(probe).compile()
     except Exception:  # noqa: BLE001 - any compile failure means: do not pass the options
         return False
