@@ -207,6 +207,9 @@ def test_resnet50_puts_stride_on_3x3_conv():
     first = model.layer2[0]
     assert first.conv1.strides == (1, 1) and first.conv2.strides == (2, 2)
     assert first.downsample[0].strides == (2, 2) and first.downsample[0].padding == ((0, 0), (0, 0))
+    pointwise = [first.conv1, first.conv3, first.downsample[0]]
+    assert all(conv.conv_general_dilated is layers.pointwise_conv_general_dilated for conv in pointwise)
+    assert first.conv2.conv_general_dilated is layers.conv_general_dilated
     assert model.layer1[1].downsample is None
 
 
@@ -365,16 +368,19 @@ def test_vit_rejects_inconsistent_options(kwargs, match):
 
 
 @pytest.mark.parametrize(
-    "shape, kernel, stride, pad",
+    "conv, shape, kernel, stride, pad",
     [
-        ((2, 2, 2, 8), 3, 1, 1),  # im2col path: 2x2 output
-        ((2, 1, 1, 8), 3, 1, 1),  # 1x1 map: only the centre tap sees data
-        ((2, 4, 4, 8), 3, 2, 1),  # strided onto 2x2
-        ((2, 3, 3, 8), 1, 2, 0),  # 1x1 downsample conv onto 2x2
-        ((2, 5, 5, 8), 3, 1, 1),  # large output: plain XLA path
+        (layers.conv_general_dilated, (2, 2, 2, 8), 3, 1, 1),  # im2col path: 2x2 output
+        (layers.conv_general_dilated, (2, 1, 1, 8), 3, 1, 1),  # 1x1 map: only the centre tap sees data
+        (layers.conv_general_dilated, (2, 4, 4, 8), 3, 2, 1),  # strided onto 2x2
+        (layers.conv_general_dilated, (2, 3, 3, 8), 1, 2, 0),  # 1x1 downsample conv onto 2x2
+        (layers.conv_general_dilated, (2, 5, 5, 8), 3, 1, 1),  # large output: plain XLA path
+        (layers.pointwise_conv_general_dilated, (2, 5, 6, 8), 1, 1, 0),  # bottleneck 1x1: a matmul on CPU
+        (layers.pointwise_conv_general_dilated, (2, 7, 6, 8), 1, 2, 0),  # strided 1x1 downsample, odd height
+        (layers.pointwise_conv_general_dilated, (2, 5, 5, 8), 3, 1, 1),  # not 1x1: the convolution
     ],
 )
-def test_small_map_conv_equals_lax_conv_forward_and_backward(shape, kernel, stride, pad):
+def test_conv_variants_equal_lax_conv_forward_and_backward(conv, shape, kernel, stride, pad):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
     w = jnp.asarray(rng.normal(size=(kernel, kernel, shape[-1], 6)), jnp.float32)
@@ -382,17 +388,22 @@ def test_small_map_conv_equals_lax_conv_forward_and_backward(shape, kernel, stri
     padding = ((pad, pad), (pad, pad))
 
     def ours(x, w):
-        return layers.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn)
+        return conv(x, w, (stride, stride), padding, dimension_numbers=dn)
 
     def reference(x, w):
         return jax.lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn)
 
     np.testing.assert_allclose(ours(x, w), reference(x, w), rtol=1e-5, atol=1e-5)
     probe = jnp.asarray(rng.normal(size=reference(x, w).shape), jnp.float32)
-    grads = jax.grad(lambda x, w: jnp.sum(ours(x, w) * probe), argnums=(0, 1))(x, w)
-    expected = jax.grad(lambda x, w: jnp.sum(reference(x, w) * probe), argnums=(0, 1))(x, w)
+    loss = lambda f: lambda x, w: jnp.sum(f(x, w) * probe)
+    grads = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, w)
+    expected = jax.grad(loss(reference), argnums=(0, 1))(x, w)
     for g, e in zip(grads, expected):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+    if conv is layers.pointwise_conv_general_dilated:
+        # On CPU the 1x1 conv and both its gradients are matmuls (elsewhere the backend's convolution).
+        hlo = jax.jit(jax.grad(loss(ours), argnums=(0, 1))).lower(x, w).compile().as_text()
+        assert ("convolution(" in hlo) == (kernel != 1 or jax.default_backend() != "cpu")
 
 
 @pytest.mark.parametrize("length", [197, 50, 8])
@@ -408,6 +419,35 @@ def test_padded_attention_equals_plain_attention_forward_and_backward(length):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_auto_attention_is_xla_off_nvidia_gpus():
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 197, 3, 64), jnp.bfloat16)
+    if layers._cudnn_attention_available(jnp.bfloat16):
+        pytest.skip("an NVIDIA GPU: auto is cuDNN's (test_cudnn_attention_matches_xla_on_nvidia_gpus)")
+    np.testing.assert_array_equal(layers.dot_product_attention(q, k, v, "auto"), jax.nn.dot_product_attention(q, k, v))
+    assert models.create("vit_tiny_patch16_224", num_classes=3).blocks[0].attn.implementation == "auto"
+
+
+@pytest.mark.skipif(
+    not layers._cudnn_attention_available(jnp.bfloat16), reason="needs an NVIDIA GPU (run with JAX_PLATFORMS=cuda)"
+)
+@pytest.mark.parametrize("length", [197, 50])
+def test_cudnn_attention_matches_xla_on_nvidia_gpus(length):
+    q, k, v, cotangent = (t.astype(jnp.bfloat16) for t in jax.random.normal(jax.random.key(length), (4, 8, length, 6, 64)))
+
+    def loss(implementation):
+        return lambda q, k, v: jnp.sum((layers.dot_product_attention(q, k, v, implementation) * cotangent).astype(jnp.float32))
+
+    value, grads = jax.jit(jax.value_and_grad(loss("xla"), argnums=(0, 1, 2)))(q, k, v)
+    for implementation in ("cudnn", "auto"):
+        fused = jax.jit(jax.value_and_grad(loss(implementation), argnums=(0, 1, 2)))
+        assert "cudnn" in fused.lower(q, k, v).compile().as_text().lower()
+        fused_value, fused_grads = fused(q, k, v)
+        np.testing.assert_allclose(fused_value, value, rtol=2e-2, atol=1.0)
+        for got, want in zip(fused_grads, grads):
+            np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.skipif(layers._cudnn_attention_available(jnp.bfloat16), reason="an NVIDIA GPU runs cuDNN's attention")
 def test_cudnn_attention_off_gpu_says_to_use_xla():
     model = models.create("vit_tiny_patch16_224", num_classes=3, img_size=32, attention="cudnn")
     with pytest.raises(ValueError, match="attention='cudnn' needs an NVIDIA GPU"):

@@ -176,7 +176,8 @@ def test_train_step_on_cpu_compiles_with_the_tuned_kernel_libraries():
     hlo = train_step.lower(state, sharding.shard_batch(_batch(0), mesh)).compile().as_text()
     assert _libraries_running("convolution", hlo) == {"xla"}
     assert "__ynn_fusion" in _libraries_running("reduce", hlo)
-    assert xla_cpu.compiler_options("cpu") == xla_cpu.compiler_options("cpu", "resnet50") == xla_cpu.CPU_OPTIONS
+    assert xla_cpu.compiler_options("cpu") == xla_cpu.compiler_options("cpu", "resnet18") == xla_cpu.CPU_OPTIONS
+    assert xla_cpu.compiler_options("cpu", "resnet50") == {**xla_cpu.CPU_OPTIONS, **xla_cpu.BOTTLENECK_TRAIN_OPTIONS}
     assert xla_cpu.compiler_options("cpu", "vit_small_patch16_224") == {**xla_cpu.CPU_OPTIONS, **xla_cpu.VIT_TRAIN_OPTIONS}
     assert xla_cpu.compiler_options("gpu") is None
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 # Convolutions whose output has at most this many pixels run as im2col + matmul (see below).
 SMALL_MAP_PIXELS = 4
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding, **kwargs: Any) -> jax.Array:
@@ -50,6 +50,64 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
         axis=-1,
     )  # [B, out_h, out_w, kh * kw * C], ordered like rhs.reshape(kh * kw * C, O)
     return jnp.dot(patches, rhs.reshape(kh * kw * channels, out_channels), precision=kwargs.get("precision"))
+
+
+def pointwise_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding, **kwargs: Any) -> jax.Array:
+    """`conv_general_dilated`, but unpadded 1x1 NHWC convs run as `pointwise_conv` on CPU.
+
+    Pass as `nnx.Conv(..., conv_general_dilated=...)` (the 1x1 convs of ResNet bottlenecks).
+    """
+    pointwise = (
+        rhs.shape[:2] == (1, 1)
+        and all(tuple(p) == (0, 0) for p in padding)
+        and kwargs.get("feature_group_count", 1) == 1
+        and all(d == 1 for d in kwargs.get("lhs_dilation") or (1, 1))
+        and kwargs.get("dimension_numbers") == jax.lax.conv_dimension_numbers(
+            lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")
+        )
+    )
+    if not pointwise:
+        return conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+    return jax.lax.platform_dependent(
+        lhs, rhs,
+        cpu=functools.partial(pointwise_conv, strides=tuple(window_strides), precision=kwargs.get("precision")),
+        default=functools.partial(conv_general_dilated, window_strides=window_strides, padding=padding, **kwargs),
+    )
+
+
+def pointwise_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1), precision=None) -> jax.Array:
+    """Unpadded 1x1 conv as a matmul: x [B, H, W, C], kernel [1, 1, C, O] -> [B, H/s, W/s, O].
+
+    The kernel gradient transposes the output gradient, never x. XLA:CPU transposes one operand
+    of each weight-gradient matmul or convolution, and when that operand is a block's input it
+    recomputes the BatchNorm/add/ReLU chain of all earlier blocks inside the transposed copy (on
+    ResNet-50 such copies took ~40% of the step). With YNNPACK matmuls (`xla_cpu.py`) the
+    ResNet-50 CPU train step is ~13% faster than with convolutions (bench/README.md).
+    """
+    sh, sw = strides
+    if (sh, sw) != (1, 1):
+        x = x[:, ::sh, ::sw, :]
+    return _pointwise(x, kernel.reshape(kernel.shape[2:]), precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _pointwise(x: jax.Array, kernel: jax.Array, precision) -> jax.Array:
+    return jax.lax.dot_general(x, kernel, (((3,), (0,)), ((), ())), precision=precision)
+
+
+def _pointwise_fwd(x: jax.Array, kernel: jax.Array, precision):
+    return _pointwise(x, kernel, precision), (x, kernel)
+
+
+def _pointwise_grad(precision, residuals, grad_out: jax.Array):
+    x, kernel = residuals
+    grad_x = jax.lax.dot_general(grad_out, kernel, (((3,), (1,)), ((), ())), precision=precision)
+    # [O, C] with grad_out as the transposed operand, then the small [O, C] -> [C, O] transpose.
+    grad_kernel = jax.lax.dot_general(grad_out, x, (((0, 1, 2), (0, 1, 2)), ((), ())), precision=precision).T
+    return grad_x, grad_kernel.astype(kernel.dtype)
+
+
+_pointwise.defvjp(_pointwise_fwd, _pointwise_grad)
 
 
 def max_pool_3x3_s2(x: jax.Array, pad_value: float = -jnp.inf) -> jax.Array:
@@ -118,22 +176,31 @@ def _interleave_taps(tap0: jax.Array, tap1: jax.Array, tap2: jax.Array, axis: in
 _max_pool.defvjp(_max_pool_fwd, _max_pool_grad)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "xla") -> jax.Array:
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto") -> jax.Array:
     """Softmax attention, scale head_dim**-0.5. q, k, v: [B, N, heads, head_dim] -> [B, N, heads, head_dim].
 
     "xla": `jax.nn.dot_product_attention`'s XLA version, any backend; it materialises the
     [B, heads, N, N] scores. "cudnn": cuDNN's fused (flash) attention, NVIDIA GPUs and 16-bit
     inputs only. Its training kernels take only even sequence lengths (ViT's 197 tokens fail), so
     the tokens are padded to a multiple of 8 and the padding is masked out as keys and dropped as
-    queries.
+    queries. "auto": "cudnn" where it can run (an NVIDIA GPU, 16-bit inputs; on an H100 it made the
+    bf16 ViT-B/16 train step 1.39x faster, bench/README.md), else "xla".
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention={implementation!r}: use one of {ATTENTION_IMPLEMENTATIONS}")
+    if implementation == "auto":
+        implementation = "cudnn" if _cudnn_attention_available(q.dtype) else "xla"
     if implementation == "xla":
         return jax.nn.dot_product_attention(q, k, v)
-    if jax.default_backend() != "gpu":
+    if not _cudnn_attention_available(jnp.bfloat16):
         raise ValueError(f"attention='cudnn' needs an NVIDIA GPU (this is {jax.default_backend()}); use 'xla'")
     return padded_attention(q, k, v, multiple=8, implementation=implementation)
+
+
+def _cudnn_attention_available(dtype) -> bool:
+    """Whether cuDNN's fused attention runs here: the default backend is an NVIDIA GPU and `dtype` is 16-bit."""
+    nvidia = jax.default_backend() == "gpu" and "nvidia" in jax.devices()[0].device_kind.lower()
+    return nvidia and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, multiple: int, implementation: str) -> jax.Array:

@@ -22,13 +22,19 @@ _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 _fc_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def _conv(cin: int, cout: int, kernel: int, stride: int, *, rngs: nnx.Rngs, dtype: Any) -> nnx.Conv:
-    """Bias-free `kernel`x`kernel` conv padded by (kernel-1)//2 on every side, like torchvision."""
+def _conv(
+    cin: int, cout: int, kernel: int, stride: int, *, rngs: nnx.Rngs, dtype: Any, pointwise: bool = False
+) -> nnx.Conv:
+    """Bias-free `kernel`x`kernel` conv padded by (kernel-1)//2 on every side, like torchvision.
+
+    `pointwise` (1x1 convs of bottlenecks): `layers.pointwise_conv_general_dilated`, a matmul on CPU.
+    """
     pad = (kernel - 1) // 2
     return nnx.Conv(
         cin, cout, (kernel, kernel), strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=_conv_init,
-        dtype=dtype, param_dtype=jnp.float32, conv_general_dilated=layers.conv_general_dilated, rngs=rngs,
+        padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=_conv_init, dtype=dtype, param_dtype=jnp.float32,
+        conv_general_dilated=layers.pointwise_conv_general_dilated if pointwise else layers.conv_general_dilated,
+        rngs=rngs,
     )
 
 
@@ -41,11 +47,14 @@ def _bn(features: int, *, rngs: nnx.Rngs, dtype: Any, zero_scale: bool = False) 
     )
 
 
-def _downsample(cin: int, cout: int, stride: int, *, rngs: nnx.Rngs, dtype: Any) -> nnx.List | None:
+def _downsample(
+    cin: int, cout: int, stride: int, *, rngs: nnx.Rngs, dtype: Any, pointwise: bool = False
+) -> nnx.List | None:
     """Shortcut projection [1x1/stride conv, BN] (torch `downsample.0/.1`), None for identity."""
     if stride == 1 and cin == cout:
         return None
-    return nnx.List([_conv(cin, cout, 1, stride, rngs=rngs, dtype=dtype), _bn(cout, rngs=rngs, dtype=dtype)])
+    conv = _conv(cin, cout, 1, stride, rngs=rngs, dtype=dtype, pointwise=pointwise)
+    return nnx.List([conv, _bn(cout, rngs=rngs, dtype=dtype)])
 
 
 def _shortcut(downsample: nnx.List | None, x: jax.Array) -> jax.Array:
@@ -84,13 +93,13 @@ class Bottleneck(nnx.Module):
 
     def __init__(self, cin: int, planes: int, stride: int, *, zero_init_last_bn: bool, rngs: nnx.Rngs, dtype: Any):
         cout = planes * self.expansion
-        self.conv1 = _conv(cin, planes, 1, 1, rngs=rngs, dtype=dtype)
+        self.conv1 = _conv(cin, planes, 1, 1, rngs=rngs, dtype=dtype, pointwise=True)
         self.bn1 = _bn(planes, rngs=rngs, dtype=dtype)
         self.conv2 = _conv(planes, planes, 3, stride, rngs=rngs, dtype=dtype)
         self.bn2 = _bn(planes, rngs=rngs, dtype=dtype)
-        self.conv3 = _conv(planes, cout, 1, 1, rngs=rngs, dtype=dtype)
+        self.conv3 = _conv(planes, cout, 1, 1, rngs=rngs, dtype=dtype, pointwise=True)
         self.bn3 = _bn(cout, rngs=rngs, dtype=dtype, zero_scale=zero_init_last_bn)
-        self.downsample = _downsample(cin, cout, stride, rngs=rngs, dtype=dtype)
+        self.downsample = _downsample(cin, cout, stride, rngs=rngs, dtype=dtype, pointwise=True)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = nnx.relu(self.bn1(self.conv1(x)))

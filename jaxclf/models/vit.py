@@ -41,7 +41,7 @@ def _dropout(rate: float, *, rngs: nnx.Rngs, broadcast_dims: tuple[int, ...] = (
 class Attention(nnx.Module):
     """Multi-head self-attention with timm's fused qkv. x: [B, N, D] -> [B, N, D]."""
 
-    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any, implementation: str = "xla"):
+    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any, implementation: str = "auto"):
         self.num_heads = num_heads
         self.implementation = implementation
         self.qkv = _linear(dim, 3 * dim, rngs=rngs, dtype=dtype)
@@ -107,8 +107,8 @@ class VisionTransformer(nnx.Module):
     `global_pool` is 'token' (class token after `norm`) or 'avg' (mean of the patch tokens, then
     `fc_norm`, as timm names it); `norm_eps` is the LayerNorm epsilon; `pre_logits_size` > 0 adds
     the original ViT's representation layer (Dense + tanh, `pre_logits`) before the head, as in
-    some vit_jax ImageNet-21k checkpoints; `attention` is "xla" or "cudnn" (fused attention on
-    NVIDIA GPUs in bf16, `layers.dot_product_attention`).
+    some vit_jax ImageNet-21k checkpoints; `attention` is "auto" (cuDNN's fused attention on
+    NVIDIA GPUs in bf16, XLA's elsewhere), "xla" or "cudnn" (`layers.dot_product_attention`).
     """
 
     def __init__(
@@ -128,7 +128,7 @@ class VisionTransformer(nnx.Module):
         pre_logits_size: int,
         rngs: nnx.Rngs,
         dtype: Any,
-        attention: str = "xla",
+        attention: str = "auto",
     ):
         if attention not in layers.ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attention={attention!r}: use one of {layers.ATTENTION_IMPLEMENTATIONS}")
@@ -219,7 +219,7 @@ def _factory(width: int, depth: int, num_heads: int, patch_size: int, default_im
         global_pool: str = "token",
         norm_eps: float = 1e-6,
         pre_logits_size: int = 0,
-        attention: str = "xla",
+        attention: str = "auto",
     ) -> VisionTransformer:
         return VisionTransformer(
             num_classes=num_classes, img_size=img_size, patch_size=patch_size, width=width,
