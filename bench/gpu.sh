@@ -21,10 +21,10 @@ timeout "${BENCH_LARGE_S:-330}" $python bench/train_step.py --models resnet50,vi
 timeout "${BENCH_SMALL_S:-180}" $python bench/train_step.py --models resnet18,vit_small_patch16_224 \
   --batch 128 --steps 20 --rounds 1 --out "$out/train_step_gpu_small.json"
 
-# jaxclf's ViTs with cuDNN's fused attention (config.model.attention="cudnn"), against the above.
-timeout "${BENCH_CUDNN_S:-90}" $python bench/train_step.py --frameworks jaxclf --vit-attention cudnn \
+# jaxclf's ViTs with XLA's attention instead of the GPU default (cuDNN's fused attention), against the above.
+timeout "${BENCH_XLA_ATTENTION_S:-90}" $python bench/train_step.py --frameworks jaxclf --vit-attention xla \
   --models vit_base_patch16_224,vit_small_patch16_224 --batch 128 --steps 20 --rounds 1 \
-  --out "$out/train_step_gpu_vit_cudnn.json"
+  --out "$out/train_step_gpu_vit_xla_attention.json"
 
 timeout "${TRAIN_S:-60}" $python -m jaxclf.train --config configs/quickstart.py --workdir /tmp/jaxclf_gpu_quickstart \
   --config.num_epochs=5 2>&1 | grep -v "leaked shared_memory" | tail -25

@@ -27,7 +27,7 @@ import time
 FRAMEWORKS = ("jaxclf", "timm_eager", "timm_compiled")
 
 
-def measure_jaxclf(model_name: str, batch: int, size: int, steps: int, attention: str = "xla") -> dict:
+def measure_jaxclf(model_name: str, batch: int, size: int, steps: int, attention: str = "auto") -> dict:
     import jax
 
     on_gpu = jax.default_backend() == "gpu"
@@ -190,8 +190,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement, after one untimed")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--vit-attention", default="xla", choices=("xla", "cudnn"),
-                        help="jaxclf ViTs' attention (cudnn: GPUs only)")
+    parser.add_argument("--vit-attention", default="auto", choices=("auto", "xla", "cudnn"),
+                        help="jaxclf ViTs' attention (auto: cudnn on NVIDIA GPUs in bf16, else xla)")
     parser.add_argument("--out", default="bench/results/train_step.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--framework", help=argparse.SUPPRESS)
