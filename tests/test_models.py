@@ -406,6 +406,24 @@ def test_conv_variants_equal_lax_conv_forward_and_backward(conv, shape, kernel, 
         assert ("convolution(" in hlo) == (kernel != 1 or jax.default_backend() != "cpu")
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_softmax_attention_gradient_equals_autodiff_of_jax_attention(dtype, tolerance):
+    # The hand-written backward against autodiff of jax.nn.dot_product_attention, on ViT-like shapes.
+    qkv_key, cotangent_key = jax.random.split(jax.random.key(0))
+    qkv = jax.random.normal(qkv_key, (3, 197, 3, 4, 16)).astype(dtype)
+    cotangent = jax.random.normal(cotangent_key, (3, 197, 4, 16)).astype(dtype)
+    reference = lambda qkv: jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    loss = lambda f: lambda qkv: jnp.sum((f(qkv) * cotangent).astype(jnp.float32))
+    value, grad = jax.jit(jax.value_and_grad(loss(layers.softmax_attention)))(qkv)
+    expected_value, expected_grad = jax.value_and_grad(loss(reference))(qkv)
+    np.testing.assert_allclose(value, expected_value, rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(np.asarray(grad, np.float32), np.asarray(expected_grad, np.float32),
+                               rtol=tolerance, atol=tolerance)
+    out, weights = layers.softmax_attention_and_weights(qkv)
+    np.testing.assert_allclose(np.asarray(weights, np.float32).sum(-1), 1.0, rtol=tolerance)
+    np.testing.assert_array_equal(out, layers.softmax_attention(qkv))
+
+
 @pytest.mark.parametrize("length", [197, 50, 8])
 def test_padded_attention_equals_plain_attention_forward_and_backward(length):
     # The padding and masking that attention="cudnn" wraps around cuDNN's kernel, run through XLA's.
@@ -423,7 +441,8 @@ def test_auto_attention_is_xla_off_nvidia_gpus():
     q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 197, 3, 64), jnp.bfloat16)
     if layers._cudnn_attention_available(jnp.bfloat16):
         pytest.skip("an NVIDIA GPU: auto is cuDNN's (test_cudnn_attention_matches_xla_on_nvidia_gpus)")
-    np.testing.assert_array_equal(layers.dot_product_attention(q, k, v, "auto"), jax.nn.dot_product_attention(q, k, v))
+    qkv = jnp.stack([q, k, v], axis=2)
+    np.testing.assert_array_equal(layers.qkv_attention(qkv, "auto"), layers.softmax_attention(qkv))
     assert models.create("vit_tiny_patch16_224", num_classes=3).blocks[0].attn.implementation == "auto"
 
 
@@ -435,7 +454,8 @@ def test_cudnn_attention_matches_xla_on_nvidia_gpus(length):
     q, k, v, cotangent = (t.astype(jnp.bfloat16) for t in jax.random.normal(jax.random.key(length), (4, 8, length, 6, 64)))
 
     def loss(implementation):
-        return lambda q, k, v: jnp.sum((layers.dot_product_attention(q, k, v, implementation) * cotangent).astype(jnp.float32))
+        attention = lambda q, k, v: layers.qkv_attention(jnp.stack([q, k, v], axis=2), implementation)
+        return lambda q, k, v: jnp.sum((attention(q, k, v) * cotangent).astype(jnp.float32))
 
     value, grads = jax.jit(jax.value_and_grad(loss("xla"), argnums=(0, 1, 2)))(q, k, v)
     for implementation in ("cudnn", "auto"):

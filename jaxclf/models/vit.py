@@ -52,16 +52,10 @@ class Attention(nnx.Module):
         b, n, d = x.shape
         # timm's qkv output is laid out as [3, heads, head_dim] along the feature axis.
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if not return_weights:
-            # Default scale is head_dim**-0.5; the softmax runs in float32 even for bfloat16 inputs.
-            out = layers.dot_product_attention(q, k, v, self.implementation)
-            return self.proj(out.reshape(b, n, d))
-        # The same attention written out, since the fused call above does not expose its weights.
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * (d // self.num_heads) ** -0.5
-        weights = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
-        return self.proj(out.reshape(b, n, d)), weights
+            return self.proj(layers.qkv_attention(qkv, self.implementation).reshape(b, n, d))
+        out, weights = layers.softmax_attention_and_weights(qkv)
+        return self.proj(out.reshape(b, n, d)), weights.astype(jnp.float32)
 
 
 class Mlp(nnx.Module):
@@ -108,7 +102,7 @@ class VisionTransformer(nnx.Module):
     `fc_norm`, as timm names it); `norm_eps` is the LayerNorm epsilon; `pre_logits_size` > 0 adds
     the original ViT's representation layer (Dense + tanh, `pre_logits`) before the head, as in
     some vit_jax ImageNet-21k checkpoints; `attention` is "auto" (cuDNN's fused attention on
-    NVIDIA GPUs in bf16, XLA's elsewhere), "xla" or "cudnn" (`layers.dot_product_attention`).
+    NVIDIA GPUs in bf16, XLA's elsewhere), "xla" or "cudnn" (`layers.qkv_attention`).
     """
 
     def __init__(
