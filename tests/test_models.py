@@ -406,6 +406,41 @@ def test_conv_variants_equal_lax_conv_forward_and_backward(conv, shape, kernel, 
         assert ("convolution(" in hlo) == (kernel != 1 or jax.default_backend() != "cpu")
 
 
+@pytest.mark.parametrize("features_in, features_out", [(8, 24), (24, 8)])
+def test_linear_dot_general_equals_lax_and_transposes_the_narrower_operand(features_in, features_out):
+    rng = np.random.default_rng(features_in)
+    x = jnp.asarray(rng.normal(size=(2, 5, features_in)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(features_in, features_out)), jnp.float32)
+    probe = jnp.asarray(rng.normal(size=(2, 5, features_out)), jnp.float32)
+    numbers = (((2,), (0,)), ((), ()))
+    loss = lambda dot: lambda x, kernel: jnp.sum(dot(x, kernel, numbers) * probe)
+    np.testing.assert_allclose(layers.linear_dot_general(x, kernel, numbers), jax.lax.dot_general(x, kernel, numbers),
+                               rtol=1e-6, atol=1e-6)
+    grad = jax.jit(jax.grad(loss(layers.linear_dot_general), argnums=(0, 1)))
+    for ours, expected in zip(grad(x, kernel), jax.grad(loss(jax.lax.dot_general), argnums=(0, 1))(x, kernel)):
+        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+    if jax.default_backend() == "cpu":
+        # The kernel gradient's transposed copy is [min(C, O), 10], never the wider [max(C, O), 10].
+        hlo = grad.lower(x, kernel).compile().as_text()
+        narrow, wide = sorted((features_in, features_out))
+        assert f"f32[{narrow},10]" in hlo and f"f32[{wide},10]" not in hlo
+
+
+def test_gelu_is_exact_erf_gelu_in_value_and_gradient():
+    # layers.gelu (through XLA's float32 erf) against float64 erf, where GELU's curve bends and in
+    # its tails: x * Phi(x) and its slope Phi(x) + x * phi(x), as torch's nn.GELU().
+    x = np.concatenate([np.linspace(-12, 12, 200_001), [0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0]]).astype(np.float32)
+    x64 = x.astype(np.float64)
+    cdf = 0.5 * (1 + erf(x64 / np.sqrt(2)))
+    values = np.asarray(jax.jit(layers.gelu)(x), np.float64)
+    slopes = np.asarray(jax.jit(jax.vmap(jax.grad(layers.gelu)))(x), np.float64)
+    np.testing.assert_allclose(values, x64 * cdf, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(slopes, cdf + x64 * np.exp(-x64**2 / 2) / np.sqrt(2 * np.pi), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(values, jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)
+    half = jnp.asarray(x[::1000], jnp.bfloat16)
+    assert layers.gelu(half).dtype == jax.grad(lambda x: layers.gelu(x).sum())(half).dtype == jnp.bfloat16
+
+
 @pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_softmax_attention_gradient_equals_autodiff_of_jax_attention(dtype, tolerance):
     # The hand-written backward against autodiff of jax.nn.dot_product_attention, on ViT-like shapes.

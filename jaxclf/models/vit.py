@@ -23,9 +23,9 @@ _patch_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def _linear(din: int, dout: int, *, rngs: nnx.Rngs, dtype: Any) -> nnx.Linear:
-    """Linear with trunc-normal(0.02) kernel, zero bias, float32 params."""
+    """Linear with trunc-normal(0.02) kernel, zero bias, float32 params (CPU gradient: `layers.linear_dot_general`)."""
     return nnx.Linear(din, dout, kernel_init=_init, bias_init=nnx.initializers.zeros,
-                      dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+                      dtype=dtype, param_dtype=jnp.float32, dot_general=layers.linear_dot_general, rngs=rngs)
 
 
 def _layer_norm(dim: int, eps: float, *, rngs: nnx.Rngs, dtype: Any) -> nnx.LayerNorm:
@@ -66,7 +66,7 @@ class Mlp(nnx.Module):
         self.fc2 = _linear(hidden, dim, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+        return self.fc2(layers.gelu(self.fc1(x)))
 
 
 class Block(nnx.Module):
