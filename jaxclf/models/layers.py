@@ -66,13 +66,18 @@ def pointwise_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_stride
             lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")
         )
     )
-    if not pointwise:
+    if not (pointwise and compiles_for_cpu()):
         return conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
-    return jax.lax.platform_dependent(
-        lhs, rhs,
-        cpu=functools.partial(pointwise_conv, strides=tuple(window_strides), precision=kwargs.get("precision")),
-        default=functools.partial(conv_general_dilated, window_strides=window_strides, padding=padding, **kwargs),
-    )
+    return pointwise_conv(lhs, rhs, tuple(window_strides), kwargs.get("precision"))
+
+
+def compiles_for_cpu() -> bool:
+    """Whether the code being traced will run on XLA:CPU (the default backend), for CPU-only formulations.
+
+    Decided at trace time: `jax.lax.platform_dependent` wraps both formulations in a conditional,
+    and that made the bf16 ViT-S train step on an H100 20% slower (bench/README.md).
+    """
+    return jax.default_backend() == "cpu"
 
 
 def pointwise_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1), precision=None) -> jax.Array:
@@ -99,14 +104,9 @@ def linear_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precis
     where x is [3152 x 384] (bench/README.md). Other platforms and calls get `jax.lax.dot_general`.
     """
     contracts_last_axis = dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())) and rhs.ndim == 2
-    if not contracts_last_axis or any(value is not None for value in kwargs.values()):
+    if not (contracts_last_axis and compiles_for_cpu()) or any(value is not None for value in kwargs.values()):
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kwargs)
-    transpose_input = rhs.shape[0] < rhs.shape[1]
-    return jax.lax.platform_dependent(
-        lhs, rhs,
-        cpu=lambda x, kernel: _matmul(x, kernel, precision, transpose_input),
-        default=lambda x, kernel: jax.lax.dot_general(x, kernel, dimension_numbers, precision=precision),
-    )
+    return _matmul(lhs, rhs, precision, rhs.shape[0] < rhs.shape[1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
