@@ -291,7 +291,8 @@ class TrainLog:
     """Per-step train metrics kept on the device and written as window means at log steps.
 
     Reading them back is the loop's only host sync. A non-finite loss stops the run (or, with
-    `nonfinite_loss="skip"`, is counted in `train/skipped_steps`: the step made no update).
+    `nonfinite_loss="skip"`, is counted in `train/skipped_steps`: the step made no update and did
+    not advance the LR schedule).
     Unreadable images this process replaced (config.data.bad_images="skip") are counted in
     `data/skipped_images`.
     """
@@ -339,7 +340,9 @@ class TrainLog:
         scalars = {f"train/{k}": float(np.mean(v[good])) if good.any() else float("nan") for k, v in per_step.items()}
         now = time.perf_counter()
         scalars["train/images_per_sec"] = (step - self._clock_step) * self._batch_size / (now - self._clock)
-        scalars["train/lr"] = float(self._schedule(step - 1))
+        # A skipped step keeps the previous optimizer state, schedule count included: the count is
+        # the number of steps that updated, and the latest update used schedule(count - 1).
+        scalars["train/lr"] = float(self._schedule(max(step - 1 - self._skipped, 0)))
         scalars["train/skipped_steps"] = self._skipped
         scalars["data/skipped_images"] = self._skipped_images
         scalars["epoch"] = step / self._steps_per_epoch

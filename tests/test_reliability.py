@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxclf import checkpoint, config as config_lib, preemption, train
+from jaxclf import checkpoint, config as config_lib, data, optim, preemption, train
 from jaxclf.metrics import read_metrics
 
 TOTAL_STEPS = 24
@@ -163,6 +163,15 @@ def test_skip_mode_counts_nonfinite_steps_and_keeps_parameters_finite(digits_roo
     assert 1 <= record["train/skipped_steps"] <= 6
     state = _final_state(tmp_path / "run", step=6)
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state["params"]))
+    # Skipped steps leave the optimizer state as it was, so its schedule count lags the step by
+    # their number, and the logged lr is the one the latest update used.
+    updates = 6 - record["train/skipped_steps"]
+    counts = {int(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]
+              if "count" in jax.tree_util.keystr(path)}
+    assert counts == {updates}
+    steps_per_epoch = len(data.load_splits(config.data)["train"]) // config.batch_size
+    _, schedule = optim.make_optimizer(config.optim, state["params"], 6, steps_per_epoch)
+    assert record["train/lr"] == pytest.approx(float(schedule(max(updates - 1, 0))))
     # The count survives a resume (it travels in the checkpoint).
     train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_at_step=3)
     train.train_and_evaluate(config, str(tmp_path / "resumed"))
