@@ -85,7 +85,7 @@ def time_loop(state, step, mesh, schedule, batch: int, n: int, log_every: int, s
     """(state, seconds per step) of the training loop's per-step work around `step`."""
     with tempfile.TemporaryDirectory() as workdir, open(os.devnull, "w") as devnull, \
             contextlib.redirect_stderr(devnull):  # the log lines themselves are not the point here
-        log = train.TrainLog(MetricsWriter(workdir), schedule, batch, 1000, "stop", 0)
+        log = train.TrainLog(MetricsWriter(workdir), schedule, batch, 1000, "stop", 0, {})
         batches = train._prefetch_to_mesh(InMemoryIterator(batch), mesh)  # noqa: SLF001 - the loop's own helper
         with preemption.StopSignals() as signals:
             start = time.perf_counter()

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jaxclf import (
     checkpoint,
@@ -293,7 +294,8 @@ class TrainLog:
     Reading them back is the loop's only host sync. A non-finite loss stops the run (or, with
     `nonfinite_loss="skip"`, is counted in `train/skipped_steps`: the step made no update and did
     not advance the LR schedule).
-    Unreadable images this process replaced (config.data.bad_images="skip") are counted in
+    Unreadable images the loaders replaced (config.data.bad_images="skip"), summed over processes
+    at each flush (which every process calls at the same steps), are counted in
     `data/skipped_images`.
     """
 
@@ -335,7 +337,10 @@ class TrainLog:
                 "(config.optim.warmup_epochs), config.dtype='float32', or config.nonfinite_loss='skip'"
             )
         self._skipped += int(per_step.pop("skipped").sum())
-        self._skipped_images += int(per_step.pop("skipped_images").sum())
+        window_skipped_images = int(per_step.pop("skipped_images").sum())
+        if jax.process_count() > 1:  # each process counted what its own loader replaced
+            window_skipped_images = int(multihost_utils.process_allgather(np.int32(window_skipped_images)).sum())
+        self._skipped_images += window_skipped_images
         good = ~bad
         scalars = {f"train/{k}": float(np.mean(v[good])) if good.any() else float("nan") for k, v in per_step.items()}
         now = time.perf_counter()

@@ -2,6 +2,7 @@
 localhost with gloo) train together and match one process with 4 devices."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from jaxclf.data import sources
+from jaxclf.data.sampler import GlobalBatchSampler
 from jaxclf.metrics import read_metrics
 
 STEPS = 12
@@ -45,18 +48,15 @@ def _final_state(workdir):
     return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
-@pytest.mark.parametrize("num_workers", [0, 1])
-def test_two_processes_match_one_process(digits_root, tmp_path, num_workers):
-    workers = f"--config.data.num_workers={num_workers}"
-    single = subprocess.run(
-        _command(digits_root, tmp_path / "single", workers), env=_env(4), capture_output=True, text=True, timeout=300
-    )
+def _train_single_and_two_processes(tmp_path, *args) -> None:
+    """Train with `args` in one process of 4 devices (workdir "single") and two of 2 ("multi")."""
+    single = subprocess.run(_command(*args[:1], tmp_path / "single", *args[1:]), env=_env(4),
+                            capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
-
     port = _free_port()
     processes = [
         subprocess.Popen(
-            _command(digits_root, tmp_path / "multi", workers, "--coordinator_address", f"127.0.0.1:{port}",
+            _command(*args[:1], tmp_path / "multi", *args[1:], "--coordinator_address", f"127.0.0.1:{port}",
                      "--num_processes", "2", "--process_id", str(i)),
             env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
@@ -65,6 +65,11 @@ def test_two_processes_match_one_process(digits_root, tmp_path, num_workers):
     outputs = [p.communicate(timeout=300) for p in processes]
     for p, (_, err) in zip(processes, outputs):
         assert p.returncode == 0, err
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_two_processes_match_one_process(digits_root, tmp_path, num_workers):
+    _train_single_and_two_processes(tmp_path, digits_root, f"--config.data.num_workers={num_workers}")
 
     # Each process read its own data shard: both iterator positions are in the checkpoint.
     data_files = sorted(f for f in os.listdir(tmp_path / "multi" / "checkpoints" / str(STEPS) / "data") if f.startswith("process"))
@@ -78,3 +83,21 @@ def test_two_processes_match_one_process(digits_root, tmp_path, num_workers):
     )
     for a, b in zip(jax.tree.leaves(_final_state(tmp_path / "multi")), jax.tree.leaves(_final_state(tmp_path / "single"))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_skipped_images_are_counted_over_both_processes(digits_root, tmp_path):
+    # Break the first records of batch rows that process 0 reads (row 0) and process 1 reads (row 16
+    # of the 32): the logged count must be the global one, as one process counts it.
+    root = tmp_path / "digits"
+    shutil.copytree(digits_root, root)
+    paths = sources.load_image_folder_splits(str(root))["train"].paths
+    sampler = GlobalBatchSampler(len(paths), 32, 1, seed=0)
+    broken = {sampler.record_at(0), sampler.record_at(16)}
+    for index in broken:
+        with open(paths[index], "wb") as f:
+            f.write(b"\x89PNG truncated")
+    draws = sum(sampler.record_at(position) in broken for position in range(STEPS * 32))
+    _train_single_and_two_processes(tmp_path, root, "--config.data.bad_images=skip")
+    for run in ("single", "multi"):
+        logged = [r for r in read_metrics(str(tmp_path / run)) if "data/skipped_images" in r]
+        assert logged[-1]["data/skipped_images"] == draws >= 2, run
