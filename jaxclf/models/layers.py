@@ -75,7 +75,7 @@ def compiles_for_cpu() -> bool:
     """Whether the code being traced will run on XLA:CPU (the default backend), for CPU-only formulations.
 
     Decided at trace time: `jax.lax.platform_dependent` wraps both formulations in a conditional,
-    and that made the bf16 ViT-S train step on an H100 20% slower (bench/README.md).
+    and that made the bf16 ViT-S train step on an H100 11-20% slower (bench/README.md).
     """
     return jax.default_backend() == "cpu"
 
