@@ -29,3 +29,17 @@ def test_train_step_bench_compares_jaxclf_with_timm(tmp_path):
     assert set(measured) == {"jaxclf", "timm_eager"}
     assert all(entry["images_per_sec"] > 0 for entry in measured.values())
     assert measured["jaxclf"]["gflops_per_image"] > 0
+
+
+def test_profile_step_groups_thunk_times_by_op(tmp_path):
+    out = tmp_path / "profile.json"
+    result = subprocess.run(
+        [sys.executable, "bench/profile_step.py", "--model", "resnet18", "--size", "32", "--batch", "2",
+         "--top", "5", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(row["ms"] >= 0 and row["thunks"] >= 1 for row in rows)
+    assert any(row["op"].startswith("transpose(jvp") for row in rows)  # the backward pass is in it
+    assert [row["ms"] for row in rows] == sorted((row["ms"] for row in rows), reverse=True)
