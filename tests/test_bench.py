@@ -5,41 +5,33 @@ import subprocess
 import sys
 
 
-def test_host_overhead_bench_runs_the_training_loop(tmp_path):
-    out = tmp_path / "host_overhead.json"
-    result = subprocess.run(
-        [sys.executable, "bench/host_overhead.py", "--steps", "20", "--rounds", "1", "--log_every", "10", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )
+def _run_bench(script: str, out, *args: str) -> dict:
+    """Run `bench/<script> ... --out out` and return the JSON it wrote."""
+    result = subprocess.run([sys.executable, f"bench/{script}", *args, "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_host_overhead_bench_runs_the_training_loop(tmp_path):
+    report = _run_bench("host_overhead.py", tmp_path / "host_overhead.json",
+                        "--steps", "20", "--rounds", "1", "--log_every", "10")
     assert set(report["us_per_step"]) == {"bare", "loop", "sync"}
     assert all(value > 0 for value in report["us_per_step"].values())
 
 
 def test_train_step_bench_compares_jaxclf_with_timm(tmp_path):
-    out = tmp_path / "train_step.json"
-    result = subprocess.run(
-        [sys.executable, "bench/train_step.py", "--models", "resnet18", "--frameworks", "jaxclf,timm_eager",
-         "--size", "32", "--batch", "2", "--steps", "1", "--rounds", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    measured = json.loads(out.read_text())["results"]["resnet18"]
+    report = _run_bench("train_step.py", tmp_path / "train_step.json", "--models", "resnet18",
+                        "--frameworks", "jaxclf,timm_eager", "--size", "32", "--batch", "2", "--steps", "1", "--rounds", "1")
+    measured = report["results"]["resnet18"]
     assert set(measured) == {"jaxclf", "timm_eager"}
     assert all(entry["images_per_sec"] > 0 for entry in measured.values())
     assert measured["jaxclf"]["gflops_per_image"] > 0
 
 
 def test_profile_step_groups_thunk_times_by_op(tmp_path):
-    out = tmp_path / "profile.json"
-    result = subprocess.run(
-        [sys.executable, "bench/profile_step.py", "--model", "resnet18", "--size", "32", "--batch", "2",
-         "--top", "5", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    rows = json.loads(out.read_text())["rows"]
+    rows = _run_bench("profile_step.py", tmp_path / "profile.json",
+                      "--model", "resnet18", "--size", "32", "--batch", "2", "--top", "5")["rows"]
     assert rows and all(row["ms"] >= 0 and row["thunks"] >= 1 for row in rows)
     assert any(row["op"].startswith("transpose(jvp") for row in rows)  # the backward pass is in it
     assert [row["ms"] for row in rows] == sorted((row["ms"] for row in rows), reverse=True)
