@@ -1,5 +1,6 @@
 """Models: timm's parameter counts, torch-style padding, independent reference forwards, modes."""
 
+import re
 import subprocess
 import sys
 
@@ -457,6 +458,11 @@ def test_softmax_attention_gradient_equals_autodiff_of_jax_attention(dtype, tole
     out, weights = layers.softmax_attention_and_weights(qkv)
     np.testing.assert_allclose(np.asarray(weights, np.float32).sum(-1), 1.0, rtol=tolerance)
     np.testing.assert_array_equal(out, layers.softmax_attention(qkv))
+    if jax.default_backend() == "cpu" and dtype == jnp.float32:
+        # Every batched product comes out as [B, heads, tokens, *]: through einsum XLA:CPU computed
+        # the head_dim-first f32[3,4,16,197], a form Eigen runs ~40% slower (bench/README.md).
+        hlo = jax.jit(jax.value_and_grad(loss(layers.softmax_attention))).lower(qkv).compile().as_text()
+        assert set(re.findall(r"= f32\[([\d,]+)\]\{[\d,]+\} dot\(", hlo)) == {"3,4,197,16", "3,4,197,197"}
 
 
 @pytest.mark.parametrize("length", [197, 50, 8])

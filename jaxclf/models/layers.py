@@ -247,30 +247,46 @@ def softmax_attention(qkv: jax.Array) -> jax.Array:
 
 def softmax_attention_and_weights(qkv: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`softmax_attention`'s output and its weights [B, heads, N, N] (in qkv's dtype), by autodiff."""
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * q.shape[-1] ** -0.5, k)
+    out, probs, _ = _attention_forward(qkv)
+    return out, probs
+
+
+def _attention_forward(qkv: jax.Array):
+    """Output [B, N, heads, head_dim], weights, and q, k, v as [B, heads, N, head_dim]."""
+    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    logits = _head_dot(q * q.shape[-1] ** -0.5, k, 3, 3)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v), probs
+    return _head_dot(probs, v, 3, 2).transpose(0, 2, 1, 3), probs, (q, k, v)
+
+
+def _head_dot(a: jax.Array, b: jax.Array, a_contracting: int, b_contracting: int) -> jax.Array:
+    """Matmul batched over the leading [B, heads], contracting one axis of each.
+
+    Written as `dot_general` rather than einsum so that each product's output is [B, heads, rows,
+    cols] with the first operand's rows: through einsum XLA:CPU computed out^T, [B, heads,
+    head_dim, N], and Eigen runs that form at ~50 against ~80-100 GFLOP/s (bench/README.md).
+    """
+    return jax.lax.dot_general(a, b, (((a_contracting,), (b_contracting,)), ((0, 1), (0, 1))))
 
 
 def _softmax_attention_fwd(qkv: jax.Array):
-    out, probs = softmax_attention_and_weights(qkv)
-    return out, (qkv, probs, out)
+    out, probs, heads = _attention_forward(qkv)
+    return out, (heads, probs, out)
 
 
 def _softmax_attention_grad(residuals, grad_out: jax.Array):
-    qkv, probs, out = residuals
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    (q, k, v), probs, out = residuals
     scale = q.shape[-1] ** -0.5
     # d logits = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O) since dP = dO V^T.
     # An elementwise product and a sum: as an einsum XLA:CPU ran it as [B*N*heads] 1x1 dots (10 ms a block).
     row_dot = jnp.sum(grad_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1).transpose(0, 2, 1)[..., None]
-    grad_probs = jnp.einsum("bqhd,bkhd->bhqk", grad_out, v).astype(jnp.float32)
+    grad_out = grad_out.transpose(0, 2, 1, 3)
+    grad_probs = _head_dot(grad_out, v, 3, 3).astype(jnp.float32)
     grad_logits = (probs.astype(jnp.float32) * (grad_probs - row_dot)).astype(q.dtype)
-    grad_q = jnp.einsum("bhqk,bkhd->bqhd", grad_logits, k) * scale
-    grad_k = jnp.einsum("bhqk,bqhd->bkhd", grad_logits, q) * scale
-    grad_v = jnp.einsum("bhqk,bqhd->bkhd", probs, grad_out)
-    return (jnp.stack([grad_q, grad_k, grad_v], axis=2).astype(qkv.dtype),)
+    grad_q = _head_dot(grad_logits, k, 3, 2) * scale
+    grad_k = _head_dot(grad_logits, q, 2, 2) * scale
+    grad_v = _head_dot(probs, grad_out, 2, 2)
+    return (jnp.stack([grad_q, grad_k, grad_v], axis=1).transpose(0, 3, 1, 2, 4).astype(q.dtype),)
 
 
 softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_grad)
