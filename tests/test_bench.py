@@ -35,3 +35,11 @@ def test_profile_step_groups_thunk_times_by_op(tmp_path):
     assert rows and all(row["ms"] >= 0 and row["thunks"] >= 1 for row in rows)
     assert any(row["op"].startswith("transpose(jvp") for row in rows)  # the backward pass is in it
     assert [row["ms"] for row in rows] == sorted((row["ms"] for row in rows), reverse=True)
+
+
+def test_matmul_bench_times_xla_and_torch_on_vit_shapes(tmp_path):
+    report = _run_bench("matmul.py", tmp_path / "matmul.json", "--model", "vit_small_patch16_224",
+                        "--batch", "1", "--size", "64", "--rounds", "1")
+    products = {row["product"] for row in report["rows"]}
+    assert {"qkv x W", "fc2 x^T dy", "attn P V"} <= products and len(products) == 15
+    assert all(row["xla_ms"] > 0 and row["torch_ms"] > 0 for row in report["rows"])
