@@ -18,6 +18,16 @@ def digits_root(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tfds_data_dir(tmp_path_factory) -> str:
+    """A TFDS data dir holding the ArrayRecord set of tests/tfds_on_disk.py ("jaxclf_test_images")."""
+    import tfds_on_disk  # top-level (pytest puts tests/ on sys.path): as tests.tfds_on_disk, TFDS wants importlib_resources
+
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    tfds_on_disk.prepare(data_dir)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
 def trained_workdir(digits_root, tmp_path_factory) -> str:
     """A finished tiny run on the digits (tests/tiny_config.py, 60 steps, with EMA): what the inference
     tools (evaluate, predict, export, explain) read. Its model `tiny_cnn` is registered in this process."""

@@ -250,31 +250,42 @@ def test_load_splits_reads_each_source_from_the_config(tmp_path):
         data.load_splits(_data_config(source="list", root=str(tmp_path)))
 
 
-@pytest.fixture
-def mock_tfds():
-    import tensorflow_datasets as tfds
-
-    with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
-        yield
+def _tfds_config(data_dir: str, **fields):
+    return _data_config(**{"source": "tfds", "tfds_name": "jaxclf_test_images", "root": data_dir, "val_split": "test", **fields})
 
 
-def test_tfds_source_reads_a_data_set_by_name(mock_tfds):
-    splits = data.load_splits(_data_config(source="tfds", tfds_name="cifar10", val_split="test"))
+def test_tfds_source_reads_a_data_set_by_name(tfds_data_dir):
+    splits = data.load_splits(_tfds_config(tfds_data_dir))
     train = splits["train"]
-    assert len(train) == 24 and train.class_names == tuple(str(i) for i in range(10))  # mock metadata names
+    assert len(train) == 24 and len(splits["val"]) == 8 and train.class_names == ("cat", "dog", "fox")
     example = train[5]
     assert example["image"].shape == (32, 32, 3) and example["image"].dtype == np.uint8
-    assert example["label"].dtype == np.int32 and example["label"] == train.labels[5]
-    assert sum(train.class_counts().values()) == 24
-    assert repr(train) == "TfdsSource(cifar10/3.0.2, split='train', 24 records)"
+    assert example["label"].dtype == np.int32
+    assert train.class_counts() == {"cat": 12, "dog": 6, "fox": 6}  # tests/tfds_on_disk.py's labels
+    assert repr(train) == "TfdsSource(jaxclf_test_images/1.0.0, split='train', 24 records)"
     with pytest.raises(sources.DataError, match="tfds_name"):
         data.load_splits(_data_config(source="tfds"))
     with pytest.raises(sources.DataError, match=r"train\[:90%\]"):
-        data.load_splits(_data_config(source="tfds", tfds_name="cifar10", val_fraction=0.1))
+        data.load_splits(_tfds_config(tfds_data_dir, val_fraction=0.1))
+    with pytest.raises(sources.DataError, match="tfds build no_such_set"):
+        data.load_splits(_tfds_config(tfds_data_dir, tfds_name="no_such_set"))
 
 
-def test_tfds_stream_resumes_exactly(mock_tfds):
-    train = data.load_splits(_data_config(source="tfds", tfds_name="cifar10", val_split="test"))["train"]
+def test_tfds_labels_are_read_without_decoding_images(tfds_data_dir, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    train = data.load_splits(_tfds_config(tfds_data_dir))["train"]
+    decoded = [int(train[i]["label"]) for i in range(len(train))]
+    decode = tfds.features.Image.decode_example_np
+    calls = []
+    monkeypatch.setattr(tfds.features.Image, "decode_example_np", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    fresh = data.load_splits(_tfds_config(tfds_data_dir))["train"]
+    assert fresh.labels.dtype == np.int32 and fresh.labels.tolist() == decoded
+    assert calls == []  # decoding each image just for its label made start-up slow on big sets
+
+
+def test_tfds_stream_resumes_exactly(tfds_data_dir):
+    train = data.load_splits(_tfds_config(tfds_data_dir))["train"]
     make = lambda: iter(pipeline.make_train_loader(
         train, "decode|inception_crop(16)|flip_lr", global_batch_size=8, seed=1, num_workers=0))
     iterator = make()
@@ -291,14 +302,15 @@ def test_tfds_stream_resumes_exactly(mock_tfds):
     assert sum(b["mask"].sum() for b in batches) == 24
 
 
-def test_training_on_a_tfds_set_resumes_to_the_same_parameters(mock_tfds, tmp_path):
+def test_training_on_a_tfds_set_resumes_to_the_same_parameters(tfds_data_dir, tmp_path):
     import jax
     import orbax.checkpoint as ocp
 
     from jaxclf import config as config_lib, train
 
     config = config_lib.load_config("tests/tiny_config.py", [
-        "data.source=tfds", "data.tfds_name=cifar10", "data.val_split=test", "batch_size=8", "total_steps=6"])
+        "data.source=tfds", "data.tfds_name=jaxclf_test_images", f"data.root={tfds_data_dir}", "data.val_split=test",
+        "batch_size=8", "total_steps=6"])
     devices = jax.devices()[:1]
     train.train_and_evaluate(config, str(tmp_path / "straight"), devices=devices)
     train.train_and_evaluate(config, str(tmp_path / "resumed"), devices=devices, stop_at_step=3)
@@ -307,4 +319,4 @@ def test_training_on_a_tfds_set_resumes_to_the_same_parameters(mock_tfds, tmp_pa
     for a, b in zip(jax.tree.leaves(restore("straight")), jax.tree.leaves(restore("resumed"))):
         np.testing.assert_array_equal(a, b)
     with open(tmp_path / "straight" / "classes.json") as f:
-        assert json.load(f)["class_names"] == [str(i) for i in range(10)]
+        assert json.load(f)["class_names"] == ["cat", "dog", "fox"]

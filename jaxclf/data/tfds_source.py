@@ -23,8 +23,9 @@ class TfdsSource(LabelledSource):
     def __init__(self, name: str, split: str, data_dir: str | None):
         import tensorflow_datasets as tfds  # imported here: only TFDS runs need it
 
+        self._open = functools.partial(tfds.data_source, name, split=split, data_dir=data_dir, download=False)
         try:
-            self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+            self._source = self._open()
         except Exception as e:  # TFDS raises several types for a missing data set or split
             raise DataError(
                 f"TFDS data set {name!r}, split {split!r}: {e}\n(config.data.tfds_name / *_split; prepare it with "
@@ -49,12 +50,20 @@ class TfdsSource(LabelledSource):
 
     @functools.cached_property
     def labels(self) -> np.ndarray:
-        """int32[N]: every record's label. Reading them decodes every record once (threads; slow for big sets)."""
+        """int32[N]: every record's label, read with the images left encoded (TFDS's SkipDecoding).
+
+        Every start needs them (class counts). 3,000 records of 375x500 JPEGs: 0.8 s, against 5-5.6 s
+        when each image was decoded for its label (~40 min at ImageNet's 1.28M records).
+        """
+        import tensorflow_datasets as tfds
+
         if len(self) > 50_000:
             print(f"Reading the labels of {len(self)} records of {self._description} ...", file=sys.stderr)
-        with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            labels = list(pool.map(lambda i: self._source[i]["label"], range(len(self)), chunksize=256))
-        return np.asarray(labels, np.int32)
+        undecoded = self._open(decoders={"image": tfds.decode.SkipDecoding()})
+        chunks = [list(range(start, min(start + 1024, len(self)))) for start in range(0, len(self), 1024)]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            labels = pool.map(lambda keys: [record["label"] for record in undecoded.__getitems__(keys)], chunks)
+            return np.asarray([label for chunk in labels for label in chunk], np.int32)
 
     def __repr__(self) -> str:
         # grain compares repr(source) on restore: name the data, not where it is stored.
