@@ -1,7 +1,8 @@
 """TFDS data sets as sources, through `tfds.data_source` (ArrayRecord files read without TensorFlow).
 
 The data set must be prepared in ArrayRecord format already (`tfds build NAME
---file_format=array_record`, which needs TensorFlow on the machine that prepares it). TFDS decodes
+--file_format=array_record`). TFDS's catalogue builders encode images through TensorFlow; a builder
+of your own that yields encoded image bytes needs none (tests/tfds_on_disk.py). TFDS decodes
 each record's image itself, so examples arrive as {"image": uint8[H, W, C], "label"} and the
 `decode` op only makes them RGB (`decode(size)` cannot shrink them).
 """
