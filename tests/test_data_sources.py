@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import shutil
 
 import numpy as np
@@ -263,6 +264,9 @@ def test_tfds_source_reads_a_data_set_by_name(tfds_data_dir):
     assert example["label"].dtype == np.int32
     assert train.class_counts() == {"cat": 12, "dog": 6, "fox": 6}  # tests/tfds_on_disk.py's labels
     assert repr(train) == "TfdsSource(jaxclf_test_images/1.0.0, split='train', 24 records)"
+    in_worker = pickle.loads(pickle.dumps(train))  # as grain ships it to worker processes
+    np.testing.assert_array_equal(in_worker[5]["image"], example["image"])
+    np.testing.assert_array_equal(in_worker.labels, train.labels)
     with pytest.raises(sources.DataError, match="tfds_name"):
         data.load_splits(_data_config(source="tfds"))
     with pytest.raises(sources.DataError, match=r"train\[:90%\]"):

@@ -22,9 +22,7 @@ class TfdsSource(LabelledSource):
     """One split of a TFDS data set with an "image" and a ClassLabel "label" feature."""
 
     def __init__(self, name: str, split: str, data_dir: str | None):
-        import tensorflow_datasets as tfds  # imported here: only TFDS runs need it
-
-        self._open = functools.partial(tfds.data_source, name, split=split, data_dir=data_dir, download=False)
+        self._name, self._split, self._data_dir = name, split, data_dir
         try:
             self._source = self._open()
         except Exception as e:  # TFDS raises several types for a missing data set or split
@@ -41,6 +39,13 @@ class TfdsSource(LabelledSource):
             )
         self.class_names = tuple(info.features["label"].names)
         self._description = f"{info.full_name}, split={split!r}"
+
+    def _open(self, **kwargs):
+        """`tfds.data_source` of this split (a method: the function itself does not pickle, and grain
+        ships sources to its worker processes)."""
+        import tensorflow_datasets as tfds  # imported here: only TFDS runs need it
+
+        return tfds.data_source(self._name, split=self._split, data_dir=self._data_dir, download=False, **kwargs)
 
     def __len__(self) -> int:
         return len(self._source)
