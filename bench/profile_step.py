@@ -25,8 +25,6 @@ import time
 
 import jax
 
-from jaxclf import host_memory
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_step import _jaxclf_step  # noqa: E402 - the benchmark's own step, options included
 
@@ -72,7 +70,6 @@ def main() -> None:
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args()
 
-    host_memory.reuse_freed_memory()  # as jaxclf's command-line tools run, before JAX starts
     step, state, batch = _jaxclf_step(args.model, args.batch, args.size, "float32", jax.devices()[:1], "auto")
     step = step.lower(state, batch).compile()  # with the jit's CPU options; its HLO names the thunks
     for _ in range(2):

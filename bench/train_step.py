@@ -10,8 +10,6 @@ time including compilation, peak RSS and, on GPUs, peak device memory; for jaxcl
 count per image, the FLOP/s reached and, on GPUs of known peak, model FLOP utilisation) and writes
 JSON (after each model, so a run cut short keeps what it measured). On a GPU it runs unchanged:
 bf16 (timm under autocast, channels-last, TF32). `bench/gpu.sh` holds the GPU settings.
-jaxclf runs with its command-line tools' allocator setting (`jaxclf.host_memory`); add
-`timm_eager+reuse` to --frameworks to measure timm with the same setting as well.
 """
 
 from __future__ import annotations
@@ -157,17 +155,7 @@ def measure_timm(model_name: str, batch: int, size: int, steps: int, compiled: b
 
 
 def run_one(framework: str, model: str, batch: int, size: int, steps: int, attention: str) -> dict:
-    """Run in this process (the child): measure, add peak RSS, return the record.
-
-    jaxclf runs with freed memory kept for reuse, as its command-line tools set it up
-    (`jaxclf.host_memory`); a timm framework named with "+reuse" (e.g. timm_eager+reuse) gets the
-    same setting, to show what it gives PyTorch.
-    """
-    from jaxclf import host_memory
-
-    framework, _, option = framework.partition("+")
-    if framework == "jaxclf" or option == "reuse":
-        host_memory.reuse_freed_memory()  # before either framework starts its threads
+    """Run in this process (the child): measure, add peak RSS, return the record."""
     if framework == "jaxclf":
         record = measure_jaxclf(model, batch, size, steps, attention)
     else:
@@ -250,7 +238,7 @@ def _summary(records: list[dict]) -> dict:
 
 def _print_table(results: dict, args) -> None:
     print(f"\nbatch {args.batch}, {args.size} px, {args.threads} threads, median of {args.rounds} rounds")
-    header = (f"{'model':<24}{'framework':<18}{'img/s':>9}{'vs eager':>10}{'1st step s':>12}{'peak MB':>9}{'dev MB':>8}"
+    header = (f"{'model':<24}{'framework':<15}{'img/s':>9}{'vs eager':>10}{'1st step s':>12}{'peak MB':>9}{'dev MB':>8}"
               f"{'GFLOP/img':>11}{'TFLOP/s':>9}{'MFU':>7}")
     print(header)
     print("-" * len(header))
@@ -258,11 +246,11 @@ def _print_table(results: dict, args) -> None:
         eager = by_framework.get("timm_eager", {}).get("images_per_sec")
         for framework, r in by_framework.items():
             if "error" in r:
-                print(f"{model:<24}{framework:<18}  error: {_exception_line(r['error'])[:80]}")
+                print(f"{model:<24}{framework:<15}  error: {_exception_line(r['error'])[:80]}")
                 continue
             ratio = f"{r['images_per_sec'] / eager:.2f}x" if eager else "-"
             print(
-                f"{model:<24}{framework:<18}{r['images_per_sec']:>9.2f}{ratio:>10}"
+                f"{model:<24}{framework:<15}{r['images_per_sec']:>9.2f}{ratio:>10}"
                 f"{r['first_step_s']:>12.1f}{r['peak_rss_mb']:>9.0f}{_cell(r, 'peak_device_mb', 8, '.0f')}"
                 f"{_cell(r, 'gflops_per_image', 11, '.1f')}{_cell(r, 'achieved_tflops', 9, '.3f')}{_cell(r, 'mfu', 7, '.1%')}"
             )

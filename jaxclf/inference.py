@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxclf import checkpoint, config as config_lib, host_memory, models, train, xla_cpu
+from jaxclf import checkpoint, config as config_lib, models, train, xla_cpu
 from jaxclf.data import classes, ops as ops_lib, sources
 from jaxclf.steps import normalize_images
 
@@ -211,7 +211,6 @@ def _import_file(path: str) -> None:
 
 def run_tool(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None) -> int:
     """Run a tool's `main`, turning the errors a user can fix into one line on stderr and exit status 2."""
-    host_memory.reuse_freed_memory()  # before JAX starts its threads
     try:
         return main(sys.argv[1:] if argv is None else list(argv))
     except USER_ERRORS as e:

@@ -27,7 +27,6 @@ from jaxclf import (
     config as config_lib,
     data as data_lib,
     distributed,
-    host_memory,
     models,
     optim,
     plots,
@@ -492,7 +491,6 @@ def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]:
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 2 a mistake in the config, data or checkpoint (message on stderr),
     75 (`EXIT_PREEMPTED`) stopped by a signal after checkpointing, 3 the loss became NaN/Inf."""
-    host_memory.reuse_freed_memory()  # before JAX starts its threads
     try:
         config, workdir = parse_args(sys.argv[1:] if argv is None else argv)
         train_and_evaluate(config, workdir)
