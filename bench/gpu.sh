@@ -21,8 +21,8 @@ timeout "${BENCH_LARGE_S:-330}" $python bench/train_step.py --models resnet50,vi
 timeout "${BENCH_SMALL_S:-180}" $python bench/train_step.py --models resnet18,vit_small_patch16_224 \
   --batch 128 --steps 20 --rounds 1 --out "$out/train_step_gpu_small.json"
 
-# jaxclf's ViTs with XLA's attention instead of the GPU default (cuDNN's fused attention), against the above.
-timeout "${BENCH_XLA_ATTENTION_S:-90}" $python bench/train_step.py --frameworks jaxclf --vit-attention xla \
+# jaxclf's ViTs with plain-JAX kernels (XLA's attention) instead of the GPU default (cuDNN's fused attention).
+timeout "${BENCH_XLA_ATTENTION_S:-90}" $python bench/train_step.py --frameworks jaxclf --kernels plain \
   --models vit_base_patch16_224,vit_small_patch16_224 --batch 128 --steps 20 --rounds 1 \
   --out "$out/train_step_gpu_vit_xla_attention.json"
 

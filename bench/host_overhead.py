@@ -5,7 +5,7 @@
 Times three loops over the same jitted train step of a one-layer model on 8x8 images:
   bare      the step called back to back on one device-resident batch (the floor);
   loop      what `jaxclf.train` does each step besides the step itself: host batch -> mesh copy
-            with prefetch (`_prefetch_to_mesh`), per-step metrics kept on the device (`TrainLog`),
+            with prefetch (`loop.prefetch_to_mesh`), per-step metrics kept on the device (`TrainLog`),
             a stop-signal check, and a log line (the loop's one host sync) every `--log_every`;
   sync      the same, but reading the loss back every step (what the loop avoids).
 The difference loop - bare is jaxclf's per-step host overhead; sync shows what a host sync per step
@@ -26,17 +26,17 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxclf import optim, preemption, sharding, steps, train
+from jaxclf import loop, models, optim, preemption, sharding, steps
 from jaxclf.config import base_config
 from jaxclf.metrics import MetricsWriter
 
 
-class Linear(nnx.Module):
+class Linear(models.Classifier):
     def __init__(self, rngs: nnx.Rngs):
-        self.fc = nnx.Linear(8 * 8 * 3, 10, rngs=rngs)
+        self.head = nnx.Linear(8 * 8 * 3, 10, rngs=rngs)
 
     def __call__(self, x):
-        return self.fc(x.reshape(x.shape[0], -1))
+        return self.head(x.reshape(x.shape[0], -1))
 
 
 class InMemoryIterator:
@@ -62,11 +62,11 @@ def build(batch: int):
     config.optim.update(dict(name="sgd", lr=0.01, schedule="constant"))
     mesh = sharding.make_mesh(jax.devices())
     model = Linear(nnx.Rngs(0))
-    tx, schedule = optim.make_optimizer(config.optim, nnx.state(model, nnx.Param), 10**6, 1000)
+    tx, schedule = optim.make_optimizer(config.optim, model, 10**6, 1000)
     graphdef, _, state = steps.create_train_state(model, tx)
     state_sharding = sharding.state_sharding(state, mesh, "replicate")
     state = jax.device_put(state, state_sharding)
-    step = steps.make_train_step(graphdef, tx, mesh, config, 10, state_sharding)
+    step = steps.make_train_step(graphdef, tx, mesh, config, 10, state_sharding, steps.make_loss(config))
     return config, mesh, schedule, state, step
 
 
@@ -85,8 +85,8 @@ def time_loop(state, step, mesh, schedule, batch: int, n: int, log_every: int, s
     """(state, seconds per step) of the training loop's per-step work around `step`."""
     with tempfile.TemporaryDirectory() as workdir, open(os.devnull, "w") as devnull, \
             contextlib.redirect_stderr(devnull):  # the log lines themselves are not the point here
-        log = train.TrainLog(MetricsWriter(workdir), schedule, batch, 1000, "stop", 0, {})
-        batches = train._prefetch_to_mesh(InMemoryIterator(batch), mesh)  # noqa: SLF001 - the loop's own helper
+        log = loop.TrainLog(MetricsWriter(workdir), schedule, batch, 1000, "stop", 0, {})
+        batches = loop.prefetch_to_mesh(InMemoryIterator(batch), mesh)
         with preemption.StopSignals() as signals:
             start = time.perf_counter()
             for i in range(1, n + 1):

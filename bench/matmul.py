@@ -28,7 +28,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from jaxclf import xla_cpu  # noqa: E402
+from jaxclf.kernels import xla_cpu  # noqa: E402
 
 # (width, heads, mlp width) of the ViTs; tokens = (size / 16) ** 2 + 1.
 VITS = {"vit_small_patch16_224": (384, 6, 1536), "vit_base_patch16_224": (768, 12, 3072)}
@@ -71,7 +71,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     tokens = (args.size // 16) ** 2 + 1
-    options = xla_cpu.compiler_options("cpu", args.model)
+    options = xla_cpu.compiler_options("cpu", xla_cpu.VIT_TRAIN_OPTIONS)
     rng = np.random.default_rng(0)
     rows = []
     for name, (jax_fn, torch_fn, shapes, flops) in products(*VITS[args.model], args.batch * tokens, tokens, args.batch).items():

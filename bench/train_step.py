@@ -10,6 +10,9 @@ time including compilation, peak RSS and, on GPUs, peak device memory; for jaxcl
 count per image, the FLOP/s reached and, on GPUs of known peak, model FLOP utilisation) and writes
 JSON (after each model, so a run cut short keeps what it measured). On a GPU it runs unchanged:
 bf16 (timm under autocast, channels-last, TF32). `bench/gpu.sh` holds the GPU settings.
+
+`--base-tree DIR` adds `jaxclf_base`: the same measurement with the jaxclf of another checkout
+(e.g. `git worktree add /tmp/base main`), alternated with this one: does an edit change speed?
 """
 
 from __future__ import annotations
@@ -27,12 +30,12 @@ import time
 FRAMEWORKS = ("jaxclf", "timm_eager", "timm_compiled")
 
 
-def measure_jaxclf(model_name: str, batch: int, size: int, steps: int, attention: str = "auto") -> dict:
+def measure_jaxclf(model_name: str, batch: int, size: int, steps: int, kernels: str = "auto") -> dict:
     import jax
 
     on_gpu = jax.default_backend() == "gpu"
     dtype = "bfloat16" if on_gpu else "float32"
-    train_step, state, batch_data = _jaxclf_step(model_name, batch, size, dtype, jax.devices()[:1], attention)
+    train_step, state, batch_data = _jaxclf_step(model_name, batch, size, dtype, jax.devices()[:1], kernels)
     start = time.perf_counter()
     lowered = train_step.lower(state, batch_data)
     compiled = lowered.compile()
@@ -51,8 +54,8 @@ def measure_jaxclf(model_name: str, batch: int, size: int, steps: int, attention
     flops = _flops(lowered)
     if flops is None and jax.default_backend() != "cpu":
         # The GPU client counts nothing; the same step lowered for a CPU device has the same FLOPs
-        # (with XLA's attention: the model's FLOPs, not those of cuDNN's padded tokens).
-        cpu_step, cpu_state, cpu_batch = _jaxclf_step(model_name, batch, size, dtype, jax.devices("cpu")[:1], "xla")
+        # (with plain attention: the model's FLOPs, not those of cuDNN's padded tokens).
+        cpu_step, cpu_state, cpu_batch = _jaxclf_step(model_name, batch, size, dtype, jax.devices("cpu")[:1], "plain")
         flops = _flops(cpu_step.lower(cpu_state, cpu_batch))
     if flops:
         record["gflops_per_image"] = flops / batch / 1e9
@@ -63,7 +66,7 @@ def measure_jaxclf(model_name: str, batch: int, size: int, steps: int, attention
     return record
 
 
-def _jaxclf_step(model_name: str, batch: int, size: int, dtype: str, devices: list, attention: str):
+def _jaxclf_step(model_name: str, batch: int, size: int, dtype: str, devices: list, kernels: str):
     """(jitted train step, state, batch) for `model_name` on `devices`, SGD-momentum like the timm side."""
     import jax
     import jax.numpy as jnp
@@ -78,15 +81,20 @@ def _jaxclf_step(model_name: str, batch: int, size: int, dtype: str, devices: li
     config.dtype = dtype
     config.model_name = model_name
     config.data.mean, config.data.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-    kwargs = {"img_size": size, "attention": attention} if model_name.startswith("vit") else {}
+    from jaxclf import kernels as kernels_lib
+
+    kwargs = {"img_size": size} if model_name.startswith("vit") else {}
+    kernels = kernels_lib.resolve(kernels, devices[0].platform)
     with jax.default_device(devices[0]):
-        model = models.create(model_name, num_classes=1000, dtype=jnp.dtype(dtype), **kwargs)
+        model = models.create(model_name, num_classes=1000, dtype=jnp.dtype(dtype), kernels=kernels, **kwargs)
     mesh = sharding.make_mesh(devices)
-    tx, _ = optim.make_optimizer(config.optim, nnx.state(model, nnx.Param), 1000, 1000)
+    tx, _ = optim.make_optimizer(config.optim, model, 1000, 1000)
     graphdef, _, state = steps_lib.create_train_state(model, tx)
     state_sharding = sharding.state_sharding(state, mesh, "replicate")
     state = jax.device_put(state, state_sharding)
-    train_step = steps_lib.make_train_step(graphdef, tx, mesh, config, 1000, state_sharding)
+    options = model.xla_cpu_train_options() if kernels == "cpu" else {}
+    train_step = steps_lib.make_train_step(graphdef, tx, mesh, config, 1000, state_sharding, steps_lib.make_loss(config),
+                                           compiler_options=options)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     labels = rng.integers(0, 1000, batch).astype(np.int32)
@@ -154,10 +162,10 @@ def measure_timm(model_name: str, batch: int, size: int, steps: int, compiled: b
     return record
 
 
-def run_one(framework: str, model: str, batch: int, size: int, steps: int, attention: str) -> dict:
+def run_one(framework: str, model: str, batch: int, size: int, steps: int, kernels: str) -> dict:
     """Run in this process (the child): measure, add peak RSS, return the record."""
     if framework == "jaxclf":
-        record = measure_jaxclf(model, batch, size, steps, attention)
+        record = measure_jaxclf(model, batch, size, steps, kernels)
     else:
         record = measure_timm(model, batch, size, steps, compiled=framework == "timm_compiled")
     record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -165,16 +173,20 @@ def run_one(framework: str, model: str, batch: int, size: int, steps: int, atten
 
 
 def child(args) -> None:
-    print(json.dumps(run_one(args.framework, args.model, args.batch, args.size, args.steps, args.vit_attention)))
+    print(json.dumps(run_one(args.framework, args.model, args.batch, args.size, args.steps, args.kernels)))
 
 
 def spawn(framework: str, model: str, args) -> dict:
+    """One measurement in a fresh process; `jaxclf_base` runs the base tree's own copy of this script."""
+    script, env = __file__, dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    if framework == "jaxclf_base":
+        script, framework = os.path.join(args.base_tree, "bench", "train_step.py"), "jaxclf"
+        env["PYTHONPATH"] = os.path.abspath(args.base_tree)
     command = [
-        sys.executable, __file__, "--child", "--framework", framework, "--model", model,
+        sys.executable, script, "--child", "--framework", framework, "--model", model,
         "--batch", str(args.batch), "--size", str(args.size), "--steps", str(args.steps),
-        "--vit-attention", args.vit_attention,
+        *(["--kernels", args.kernels] if args.kernels != "auto" else []),
     ]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
     if result.returncode != 0:
         return {"error": "\n".join(result.stderr.strip().splitlines()[-8:]) or "failed"}
@@ -190,8 +202,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement, after one untimed")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--vit-attention", default="auto", choices=("auto", "xla", "cudnn"),
-                        help="jaxclf ViTs' attention (auto: cudnn on NVIDIA GPUs in bf16, else xla)")
+    parser.add_argument("--kernels", default="auto", choices=("auto", "plain", "cpu", "gpu"),
+                        help="jaxclf's kernel set (jaxclf/kernels; auto: the one for this platform)")
+    parser.add_argument("--base-tree", help="another checkout of jaxclf, measured as framework jaxclf_base")
     parser.add_argument("--out", default="bench/results/train_step.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--framework", help=argparse.SUPPRESS)
@@ -200,7 +213,7 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    frameworks = args.frameworks.split(",")
+    frameworks = args.frameworks.split(",") + (["jaxclf_base"] if args.base_tree else [])
     results = {}
     for model in args.models.split(","):
         runs = {f: [] for f in frameworks}
@@ -243,7 +256,7 @@ def _print_table(results: dict, args) -> None:
     print(header)
     print("-" * len(header))
     for model, by_framework in results.items():
-        eager = by_framework.get("timm_eager", {}).get("images_per_sec")
+        eager = by_framework.get("timm_eager", by_framework.get("jaxclf_base", {})).get("images_per_sec")
         for framework, r in by_framework.items():
             if "error" in r:
                 print(f"{model:<24}{framework:<15}  error: {_exception_line(r['error'])[:80]}")

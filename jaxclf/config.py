@@ -29,7 +29,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.model_name = "resnet18"  # a name from jaxclf.models.list_models()
-    c.model = ml_collections.ConfigDict()  # keyword arguments of that model (e.g. img_size, drop_path_rate)
+    # Keyword arguments of that model (e.g. img_size, drop_path_rate; models.options(name) lists them).
+    # `kernels` ("auto", "plain", "cpu", "gpu"; jaxclf/kernels) picks the formulations; "auto" is
+    # resolved for the mesh's platform and config.json records the result.
+    c.model = ml_collections.ConfigDict()
     c.num_classes = 0  # 0: the number of classes found in the data
     # Pretrained weights: a folder from `python -m jaxclf.convert`, a weights file or a hub name.
     c.model_init = ""
@@ -75,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.nesterov = False  # sgd
     c.optim.b1 = 0.9  # adamw, lamb, lion
     c.optim.b2 = 0.999  # adamw, lamb, lion
-    c.optim.weight_decay = 1e-4  # on weight matrices and conv kernels only (not biases, norms, pos_embed, cls_token)
+    c.optim.weight_decay = 1e-4  # weight matrices and conv kernels only: not biases, norms, model.no_weight_decay()
     c.optim.schedule = "cosine"  # after warmup: "cosine", "linear", "step" or "constant"
     # Warmup length: set at most one of these three.
     c.optim.warmup_steps = 0
@@ -88,8 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.clip_grad_norm = 0.0  # > 0: clip gradients to this global norm
     c.optim.accumulate_steps = 1  # split each batch into this many micro-batches, one update (saves memory)
     c.optim.layer_decay = 0.0  # > 0: lr * layer_decay ** (depth from the top): ViT blocks, ResNet stages
-    c.optim.head_lr_mult = 1.0  # lr multiplier for parameters matching head_regex
-    c.optim.head_regex = "^(head|fc)/"
+    c.optim.head_lr_mult = 1.0  # lr multiplier for the model's head (model.head_paths()), or head_regex's params
+    c.optim.head_regex = ""  # "": the model's head; else a regex searched in parameter paths
     c.optim.freeze = ""  # regex of parameter paths left unchanged, e.g. "^(?!fc/)" for a linear probe
 
     c.freeze_bn_stats = False  # BatchNorm uses and keeps its running statistics while training
@@ -130,15 +133,21 @@ def _load_config_file(path_and_arg: str) -> ml_collections.ConfigDict:
     path, _, arg = path_and_arg.partition(":")
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
-    spec = importlib.util.spec_from_file_location(f"jaxclf_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = import_file(path)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path!r} defines no get_config()")
     config = module.get_config(arg) if arg else module.get_config()
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"get_config() in {path!r} must return an ml_collections.ConfigDict")
     return config
+
+
+def import_file(path: str):
+    """Run the Python file at `path` as a module and return it (config files; files that register models)."""
+    spec = importlib.util.spec_from_file_location(f"jaxclf_file_{abs(hash(os.path.abspath(path)))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def apply_override(config: ml_collections.ConfigDict, override: str) -> None:

@@ -1,18 +1,22 @@
 """Show where a trained model looked: `python -m jaxclf.explain --workdir DIR IMAGE [--class NAME] --out PNG`.
 
-- Models with `forward_features`/`forward_head` (ResNets): Grad-CAM (Selvaraju et al., 2017) on
-  the last stage's feature map, for the predicted class or --class.
-- Models with `attention_maps` (ViTs): attention rollout (Abnar & Zuidema, 2020): each block's
-  head-averaged attention, mixed half and half with the identity for the residual path,
-  row-normalised and multiplied through the blocks; the map is the class token's row (or, with
-  average pooling, the mean of the patch tokens' rows) over the patches. It does not depend on
-  the class.
+- Models with `forward_features`/`forward_head` (ResNets): Grad-CAM (Selvaraju et al., 2017), for
+  the predicted class or --class. Where they take a stage (`forward_features(images, stages)`,
+  `forward_head(features, from_stage)`, as jaxclf's ResNets), on the deepest of the 4 stages whose
+  map is at least 4x4 (the last stage's is 1x1 at 32 px and would be flat); else on the final map.
+- Models whose attention layers sow their weights (`sow_weights`, ViTs): attention rollout (Abnar
+  & Zuidema, 2020): each block's head-averaged attention, mixed half and half with the identity
+  for the residual path, row-normalised and multiplied through the blocks; the map is the class
+  token's row (or, with average pooling, the mean of the patch tokens' rows) over the patches,
+  register tokens left out. It does not depend on the class.
 The PNG shows the preprocessed image the model saw and the map laid over it.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import os
 import sys
 from collections.abc import Sequence
@@ -28,41 +32,86 @@ from jaxclf import inference
 from jaxclf.steps import normalize_images
 
 
-def grad_cam(model: nnx.Module, images: jax.Array, class_index: int) -> np.ndarray:
-    """Grad-CAM of `class_index` for normalised `images` float32[1, H, W, 3]: float32[h, w] >= 0 on the feature grid.
+# Grad-CAM's map must have at least this many pixels a side to show where the evidence is.
+MIN_CAM_SIDE = 4
+
+
+def grad_cam(model: nnx.Module, images: jax.Array, class_index: int, stage: int | None = None) -> np.ndarray:
+    """Grad-CAM of `class_index` for normalised `images` float32[1, H, W, 3] on the map after `stage`
+    (None: the final map): float32[h, w] >= 0.
 
     Each feature channel is weighted by the mean gradient of the class logit over the map; the
     weighted sum is clipped at 0.
     """
-    return np.asarray(_grad_cam(model, images, class_index))
+    return np.asarray(_grad_cam(model, images, class_index, stage))
 
 
-@nnx.jit
-def _grad_cam(model: nnx.Module, images: jax.Array, class_index: jax.Array) -> jax.Array:
-    features = model.forward_features(images)
-    gradients = jax.grad(lambda f: model.forward_head(f)[0, class_index])(features)
+def cam_stage(model: nnx.Module, image_shape: tuple[int, ...]) -> int | None:
+    """The deepest stage (1..4) whose feature map is at least MIN_CAM_SIDE pixels a side (else 1);
+    None for a model whose `forward_features` takes no stage."""
+    if "stages" not in inspect.signature(model.forward_features).parameters:
+        return None
+    for stage in (4, 3, 2, 1):
+        shape = nnx.eval_shape(lambda m: m.forward_features(jnp.zeros(image_shape), stage), model).shape
+        if min(shape[1:3]) >= MIN_CAM_SIDE:
+            return stage
+    return 1
+
+
+@nnx.jit(static_argnums=3)
+def _grad_cam(model: nnx.Module, images: jax.Array, class_index: jax.Array, stage: int | None) -> jax.Array:
+    staged = () if stage is None else (stage,)
+    features = model.forward_features(images, *staged)
+    gradients = jax.grad(lambda f: model.forward_head(f, *staged)[0, class_index])(features)
     weights = gradients.astype(jnp.float32).mean(axis=(1, 2), keepdims=True)
     return jax.nn.relu((weights * features.astype(jnp.float32)).sum(axis=-1))[0]
 
 
-def attention_rollout(model: nnx.Module, images: jax.Array) -> np.ndarray:
-    """Attention rollout for normalised `images` float32[1, H, W, 3]: float32[gh, gw] >= 0 on the patch grid."""
-    return np.asarray(_attention_rollout(model, images))
+def has_attention_weights(model: nnx.Module) -> bool:
+    """Whether `model` has attention layers that can sow their weights (`sow_weights`)."""
+    return any(hasattr(module, "sow_weights") for _, module in nnx.iter_modules(model))
+
+
+def attention_maps(model: nnx.Module, images: jax.Array) -> jax.Array:
+    """Every attention layer's weights for normalised `images`, in call order: float32[layers, B, heads, N, N]."""
+    capturing = nnx.clone(model)
+    for _, module in nnx.iter_modules(capturing):
+        if hasattr(module, "sow_weights"):
+            module.sow_weights = True
+    return _attention_maps(capturing, images)
 
 
 @nnx.jit
-def _attention_rollout(model: nnx.Module, images: jax.Array) -> jax.Array:
-    maps = model.attention_maps(images)[:, 0].mean(axis=1)  # [depth, N, N], heads averaged
+def _attention_maps(model: nnx.Module, images: jax.Array) -> jax.Array:
+    _, intermediates = nnx.capture(model, nnx.Intermediate)(images)
+    # Paths hold the block index (an int for nnx.List): sort by path so block 10 follows block 9.
+    sown = sorted(nnx.to_flat_state(intermediates), key=lambda item: tuple(map(_sort_key, item[0])))
+    return jnp.stack([_first_sown(variable.get_value()) for _, variable in sown])
+
+
+def _first_sown(value):
+    """`sow` keeps a tuple of the values of every call; an attention layer is called once per forward."""
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _sort_key(part) -> tuple:
+    return (0, part, "") if isinstance(part, int) else (1, 0, str(part))
+
+
+def attention_rollout(model: nnx.Module, images: jax.Array) -> np.ndarray:
+    """Attention rollout for normalised `images` float32[1, H, W, 3]: float32[gh, gw] >= 0 on the patch grid."""
+    maps = attention_maps(model, images)[:, 0].mean(axis=1)  # [depth, N, N], heads averaged
+    return np.asarray(_rollout(maps, model.num_prefix_tokens, model.global_pool == "token"))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _rollout(maps: jax.Array, prefix: int, class_token_row: bool) -> jax.Array:
     tokens = maps.shape[-1]
     rollout = jnp.eye(tokens)
     for attention in maps:
         mixed = 0.5 * attention + 0.5 * jnp.eye(tokens)
         rollout = (mixed / mixed.sum(axis=-1, keepdims=True)) @ rollout
-    prefix = model.num_prefix_tokens
-    if model.global_pool == "token":
-        relevance = rollout[0, prefix:]
-    else:
-        relevance = rollout[prefix:, prefix:].mean(axis=0)
+    relevance = rollout[0, prefix:] if class_token_row else rollout[prefix:, prefix:].mean(axis=0)
     side = int(round(np.sqrt(tokens - prefix)))
     return relevance.reshape(side, side)
 
@@ -70,7 +119,7 @@ def _attention_rollout(model: nnx.Module, images: jax.Array) -> jax.Array:
 def explain(trained: inference.TrainedModel, image: np.ndarray, class_name: str | None = None) -> dict:
     """Explain the model's output on one preprocessed `image` uint8[H, W, 3].
 
-    Returns {"heatmap": float32[H, W] in [0, 1] (upsampled), "method", "class", "probability",
+    Returns {"heatmap": float32[H, W] in [0, 1] (upsampled), "method", "where" (the map's layer and grid), "class", "probability",
     "predicted", "predicted_probability"}.
     """
     probabilities = np.asarray(jax.nn.softmax(trained.logits(image[None])[0]))
@@ -84,14 +133,17 @@ def explain(trained: inference.TrainedModel, image: np.ndarray, class_name: str 
                                      f"{', '.join(trained.class_names[:20])}{', ...' if len(trained.class_names) > 20 else ''}")
     normalised = normalize_images(jnp.asarray(image[None]), trained.mean, trained.std)
     model = trained.model
-    if hasattr(model, "attention_maps"):
+    if has_attention_weights(model):
         coarse, method = attention_rollout(model, normalised), "attention rollout"
+        where = f"{coarse.shape[0]}x{coarse.shape[1]} patches"
     elif hasattr(model, "forward_features") and hasattr(model, "forward_head"):
-        coarse, method = grad_cam(model, normalised, class_index), "Grad-CAM"
+        stage = cam_stage(model, normalised.shape)
+        coarse = grad_cam(model, normalised, class_index, stage)
+        method, where = "Grad-CAM", f"{'final' if stage is None else f'stage {stage}'} {coarse.shape[0]}x{coarse.shape[1]} map"
     else:
         raise inference.WorkdirError(
             f"model {trained.config.model_name!r} offers no hook to explain: it needs forward_features and "
-            "forward_head (Grad-CAM) or attention_maps (attention rollout)"
+            "forward_head (Grad-CAM) or attention layers with sow_weights (attention rollout)"
         )
     heatmap = np.asarray(jax.image.resize(jnp.asarray(coarse, jnp.float32), image.shape[:2], "bilinear"))
     heatmap = np.clip(heatmap, 0.0, None)
@@ -99,6 +151,7 @@ def explain(trained: inference.TrainedModel, image: np.ndarray, class_name: str 
     return {
         "heatmap": heatmap,
         "method": method,
+        "where": where,
         "class": trained.class_names[class_index],
         "probability": float(probabilities[class_index]),
         "predicted": trained.class_names[predicted],
@@ -117,7 +170,7 @@ def save_overlay(image: np.ndarray, explanation: dict, path: str, source: str = 
     overlay = right.imshow(explanation["heatmap"], cmap="jet", alpha=0.45, vmin=0, vmax=1)
     target = "any class" if explanation["method"] == "attention rollout" else (
         f"class {explanation['class']} ({explanation['probability']:.1%})")
-    right.set_title(f"{explanation['method']}: {target}", fontsize=10)
+    right.set_title(f"{explanation['method']} ({explanation['where']}): {target}", fontsize=10)
     fig.colorbar(overlay, ax=right, fraction=0.046, pad=0.04)
     for ax in (left, right):
         ax.axis("off")
@@ -144,7 +197,7 @@ def _run(argv: Sequence[str]) -> int:
     image = trained.load_image(args.image)
     explanation = explain(trained, image, args.class_name)
     save_overlay(image, explanation, args.out, source=args.image)
-    print(f"{explanation['method']}, predicted {explanation['predicted']} ({explanation['predicted_probability']:.1%}); "
+    print(f"{explanation['method']} ({explanation['where']}), predicted {explanation['predicted']} ({explanation['predicted_probability']:.1%}); "
           f"wrote {args.out}")
     return 0
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib.util
 import json
 import os
 import sys
@@ -23,7 +22,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxclf import checkpoint, config as config_lib, models, train, xla_cpu
+from jaxclf import checkpoint, config as config_lib, models
+from jaxclf.kernels import xla_cpu
 from jaxclf.data import classes, ops as ops_lib, sources
 from jaxclf.steps import normalize_images
 
@@ -134,7 +134,7 @@ def load_trained(workdir: str, checkpoint_choice: str | int = "best", *, use_ema
             f"{workdir}/config.json names model {config.model_name!r}, which is not registered here; "
             "if a config file defined it, pass that file with --import_file"
         )
-    abstract = nnx.eval_shape(lambda: train.create_model(config, len(class_names)))
+    abstract = nnx.eval_shape(lambda: models.create_model(config, len(class_names)))
     abstract.eval()
     graphdef, params, model_state = nnx.split(abstract, nnx.Param, ...)
     weights = "ema" if use_ema and config.ema_decay > 0 else "params"
@@ -204,9 +204,7 @@ def load_from_args(args: argparse.Namespace) -> TrainedModel:
 def _import_file(path: str) -> None:
     if not os.path.isfile(path):
         raise WorkdirError(f"--import_file {path}: no such file")
-    spec = importlib.util.spec_from_file_location(f"jaxclf_import_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    config_lib.import_file(path)
 
 
 def run_tool(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None) -> int:

@@ -2,7 +2,8 @@
 
 clip -> update rule (SGD / AdamW / LAMB / Lion, with the learning-rate schedule and a weight-decay
 mask) -> per-parameter lr multipliers (layer-wise decay, head) -> zero updates for frozen params.
-Parameters are named by their path, e.g. `blocks/3/attn/qkv/kernel` or `layer2/0/conv1/kernel`.
+Parameters are named by their path, e.g. `blocks/3/attn/qkv/kernel` or `layer2/0/conv1/kernel`;
+which of them are the head, decay-free or in which layer, the model says (`models.Classifier`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax import nnx
 
-from jaxclf import tree_paths
-
-# Parameters whose name ends with one of these get no weight decay, whatever their rank.
-NO_DECAY_NAMES = ("pos_embed", "cls_token")
+from jaxclf import models, tree_paths
 
 
 class OptimConfigError(ValueError):
@@ -70,36 +69,24 @@ def make_schedule(optim: ml_collections.ConfigDict, total_steps: int, steps_per_
     return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), decay], [warmup])
 
 
-def weight_decay_mask(params):
-    """True for weight matrices and conv kernels; False for biases, norms, position embeddings, class token."""
-    return _map_with_names(lambda name, leaf: leaf.ndim > 1 and not name.endswith(NO_DECAY_NAMES), params)
+def weight_decay_mask(model: models.Classifier):
+    """A mask function for optax: True for weight matrices and conv kernels; False for params of rank <= 1
+    (biases, norms) and those the model names in `no_weight_decay()` (position embeddings, tokens)."""
+    no_decay = model.no_weight_decay()
+    return lambda params: _map_with_names(lambda name, leaf: leaf.ndim > 1 and not models.matches(name, no_decay), params)
 
 
-def layer_index(name: str, num_layers: int) -> int:
-    """Depth of a parameter for layer-wise lr decay: 0 for the stem/embeddings, i+1 for block or stage i,
-    `num_layers + 1` for the final norm and head."""
-    match = re.match(r"(?:blocks|layer)/?(\d+)/", name)
-    if match:
-        index = int(match.group(1))
-        # torchvision stages are named layer1..layer4; ViT blocks are blocks/0..blocks/N-1.
-        return index if name.startswith("layer") else index + 1
-    if re.match(r"(patch_embed|cls_token|pos_embed|conv1|bn1)(/|$)", name):
-        return 0
-    return num_layers + 1
-
-
-def lr_multipliers(optim: ml_collections.ConfigDict, params):
-    """Per-parameter learning-rate multipliers: layer_decay ** (depth from the top), times head_lr_mult on the head."""
-    names = [tree_paths.path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    depths = [layer_index(name, 0) for name in names]
-    num_layers = max([d for d in depths] + [0])  # blocks/stages present in this model
-    head = re.compile(optim.head_regex)
+def lr_multipliers(optim: ml_collections.ConfigDict, model: models.Classifier):
+    """Per-parameter learning-rate multipliers: layer_decay ** (depth from the top, `model.layer_id`), times
+    head_lr_mult on the head (`model.head_paths()`, or the params matching `optim.head_regex`)."""
+    params = nnx.state(model, nnx.Param)
+    top = max(model.layer_id(name) for name in tree_paths.flatten(params)) if optim.layer_decay else 0
+    head_regex = re.compile(optim.head_regex) if optim.head_regex else None
+    head_paths = model.head_paths()
 
     def multiplier(name: str, leaf) -> float:
-        scale = 1.0
-        if optim.layer_decay:
-            scale = optim.layer_decay ** (num_layers + 1 - layer_index(name, num_layers))
-        if head.search(name):
+        scale = optim.layer_decay ** (top - model.layer_id(name)) if optim.layer_decay else 1.0
+        if head_regex.search(name) if head_regex else models.matches(name, head_paths):
             scale *= optim.head_lr_mult
         return scale
 
@@ -114,7 +101,8 @@ def frozen_mask(optim: ml_collections.ConfigDict, params):
     return _map_with_names(lambda name, _: bool(pattern.search(name)), params)
 
 
-def _update_rule(optim: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+def _update_rule(optim: ml_collections.ConfigDict, schedule: optax.Schedule, weight_decay_mask
+                 ) -> optax.GradientTransformation:
     if optim.name == "sgd":
         # Coupled (L2) weight decay, as torch.optim.SGD applies it.
         return optax.chain(
@@ -131,9 +119,9 @@ def _update_rule(optim: ml_collections.ConfigDict, schedule: optax.Schedule) -> 
 
 
 def make_optimizer(
-    optim: ml_collections.ConfigDict, params, total_steps: int, steps_per_epoch: int
+    optim: ml_collections.ConfigDict, model: models.Classifier, total_steps: int, steps_per_epoch: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Return the optax transformation for `config.optim` over `params` and its learning-rate schedule.
+    """Return the optax transformation for `config.optim` over `model`'s params and its learning-rate schedule.
 
     Frozen parameters get `set_to_zero` through `optax.partition`, so they never change and hold
     no optimizer state (no momentum buffers for a linear probe's backbone).
@@ -142,13 +130,13 @@ def make_optimizer(
     chain = []
     if optim.clip_grad_norm:
         chain.append(optax.clip_by_global_norm(optim.clip_grad_norm))
-    chain.append(_update_rule(optim, schedule))
+    chain.append(_update_rule(optim, schedule, weight_decay_mask(model)))
     if optim.layer_decay or optim.head_lr_mult != 1.0:
-        multipliers = lr_multipliers(optim, params)
+        multipliers = lr_multipliers(optim, model)
         chain.append(optax.stateless(lambda updates, _: jax.tree.map(jnp.multiply, updates, multipliers)))
     tx = optax.chain(*chain)
     if optim.freeze:
-        frozen = frozen_mask(optim, params)
+        frozen = frozen_mask(optim, nnx.state(model, nnx.Param))
         if all(jax.tree.leaves(frozen)):
             raise OptimConfigError(f"config.optim.freeze={optim.freeze!r} freezes every parameter")
         labels = jax.tree.map(lambda f: "frozen" if f else "trained", frozen)

@@ -3,11 +3,15 @@
 The model travels as an NNX graphdef (static) plus state pytrees; it is rebuilt with `nnx.merge`
 inside the jitted function, so no Python graph walk happens per step and shardings are explicit.
 Everything random in a step derives from `fold_in(key(config.seed), step)`, so a resumed run
-draws the same numbers as an uninterrupted one.
+draws the same numbers as an uninterrupted one. The loss is a sum of terms built once from the
+config (`make_loss`); a term that is off is not in the sum, so it costs nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import operator
 from collections.abc import Callable, Sequence
 
 import flax
@@ -18,7 +22,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxclf import augment, sharding, xla_cpu
+from jaxclf import augment, sharding
+from jaxclf.kernels import xla_cpu
 
 
 @flax.struct.dataclass
@@ -85,6 +90,45 @@ def example_weights(targets: jax.Array, class_weights: jax.Array | None) -> jax.
     return targets @ class_weights
 
 
+@flax.struct.dataclass
+class LossInputs:
+    """What every loss term may read, for one (micro-)batch: the model's float32 logits [B, C], the
+    (smoothed, mixed) targets [B, C], the normalised (mixed) images, and each example's weight with
+    the whole batch's weight sum (so micro-batches add up to the batch)."""
+
+    logits: jax.Array
+    targets: jax.Array
+    images: jax.Array
+    weights: jax.Array
+    weight_sum: jax.Array
+
+
+LossTerm = Callable[[LossInputs], jax.Array]
+
+
+def weighted_cross_entropy(inputs: LossInputs) -> jax.Array:
+    """sum(cross-entropy(logits, targets) * weights) / weight_sum."""
+    losses = optax.softmax_cross_entropy(inputs.logits, inputs.targets)
+    return jnp.sum(losses * inputs.weights) / inputs.weight_sum
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """A sum of named terms, each a function of `LossInputs` to a scalar; `class_weights` feed the example weights."""
+
+    terms: tuple[tuple[str, LossTerm], ...]
+    class_weights: jax.Array | None = None
+
+    def __call__(self, inputs: LossInputs) -> jax.Array:
+        return functools.reduce(operator.add, (term(inputs) for _, term in self.terms))
+
+
+def make_loss(config: ml_collections.ConfigDict, class_weights: jax.Array | None = None) -> Loss:
+    """The training loss `config` asks for: cross-entropy against the (smoothed, mixed, class-weighted)
+    targets, plus any further term a config turns on (added here, one line each)."""
+    return Loss(terms=(("cross_entropy", weighted_cross_entropy),), class_weights=class_weights)
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -92,12 +136,14 @@ def make_train_step(
     config: ml_collections.ConfigDict,
     num_classes: int,
     state_sharding,
-    class_weights: jax.Array | None = None,
+    loss: Loss,
+    compiler_options: dict | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """Return `step(state, batch) -> (state, metrics)`, jitted over `mesh`; `state` is donated.
+    """Return `step(state, batch) -> (state, metrics)` minimising `loss`, jitted over `mesh`; `state` is donated.
 
     `state_sharding` (see `sharding.state_sharding`) lays the state out on the mesh; the batch is
-    split on the `data` axis and the metrics come back replicated.
+    split on the `data` axis and the metrics come back replicated. `compiler_options`: the model's
+    XLA:CPU options for this step (`kernels/xla_cpu.py`), on top of every CPU program's.
 
     Reads from `config`: data.mean/std, label_smoothing, mixup_alpha, cutmix_alpha, mix_prob,
     mix_switch_prob, optim.accumulate_steps, ema_decay, nonfinite_loss, seed. With
@@ -108,19 +154,18 @@ def make_train_step(
     accumulate = config.optim.accumulate_steps
 
     def grads_and_metrics(params, model_state, images, targets, labels, weights, weight_sum):
-        """Gradients of sum(losses * weights) / weight_sum: `weight_sum` is the whole batch's, so
+        """Gradients of `loss`, whose terms divide by `weight_sum`: the whole batch's, so
         micro-batches' losses and gradients add up to the batch's."""
         def loss_fn(params):
             # copy=True makes fresh variables in this (grad) trace, so BatchNorm may update them.
             model = nnx.merge(graphdef, params, model_state, copy=True)
             logits = model(images).astype(jnp.float32)
-            losses = optax.softmax_cross_entropy(logits, targets)
-            loss = jnp.sum(losses * weights) / weight_sum
-            return loss, (logits, nnx.state(model, nnx.Not(nnx.Param)))
+            value = loss(LossInputs(logits, targets, images, weights, weight_sum))
+            return value, (logits, nnx.state(model, nnx.Not(nnx.Param)))
 
-        (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (value, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-        return grads, model_state, loss, accuracy
+        return grads, model_state, value, accuracy
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(jax.random.key(config.seed), state.step)
@@ -135,15 +180,15 @@ def make_train_step(
             mix_prob=config.mix_prob,
             switch_prob=config.mix_switch_prob,
         )
-        weights = example_weights(targets, class_weights)
+        weights = example_weights(targets, loss.class_weights)
         # A batch of only zero-weight classes has loss 0 and no gradient, not 0/0.
         weight_sum = jnp.maximum(weights.sum(), jnp.finfo(jnp.float32).tiny)
         if accumulate == 1:
-            grads, model_state, loss, accuracy = grads_and_metrics(
+            grads, model_state, loss_value, accuracy = grads_and_metrics(
                 state.params, state.model_state, images, targets, batch["label"], weights, weight_sum
             )
         else:
-            grads, model_state, loss, accuracy = _accumulated(
+            grads, model_state, loss_value, accuracy = _accumulated(
                 grads_and_metrics, state, accumulate, images, targets, batch["label"], weights, weight_sum
             )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -158,11 +203,11 @@ def make_train_step(
         )
         skipped = jnp.zeros((), jnp.int32)
         if config.nonfinite_loss == "skip":
-            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            finite = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
             kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
             new_state = kept.replace(step=new_state.step)  # the step counts, the update does not
             skipped = 1 - finite.astype(jnp.int32)
-        metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "skipped": skipped}
+        metrics = {"loss": loss_value, "accuracy": accuracy, "grad_norm": grad_norm, "skipped": skipped}
         return new_state, metrics
 
     return jax.jit(
@@ -170,7 +215,7 @@ def make_train_step(
         in_shardings=(state_sharding, sharding.batch_sharded(mesh)),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=0,
-        compiler_options=xla_cpu.compiler_options(mesh.devices.flat[0].platform, config.model_name),
+        compiler_options=xla_cpu.compiler_options(mesh.devices.flat[0].platform, compiler_options),
     )
 
 

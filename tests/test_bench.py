@@ -1,8 +1,15 @@
-"""The benchmarks under bench/ still run (they time nothing here: tiny settings, output shape only)."""
+"""The benchmarks under bench/ still run (they time nothing here: tiny settings, output shape only).
+
+Slow (torch subprocesses): `make test-all` runs them, `make test` does not.
+"""
 
 import json
 import subprocess
 import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
 
 
 def _run_bench(script: str, out, *args: str) -> dict:

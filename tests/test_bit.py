@@ -98,13 +98,14 @@ def test_params_and_logits_float32_features_in_compute_dtype(dtype):
     assert features.shape == (2, 2, 1, 2048) and features.dtype == dtype
 
 
+@pytest.mark.parametrize("kernels", ["plain", "cpu"])
 @pytest.mark.parametrize("size", [8, 7])
-def test_stem_pool_matches_timm_fixed_padding(size):
-    # All-negative inputs: the zero padding of timm's 'fixed' stem wins at the border.
+def test_stem_pool_matches_timm_fixed_padding(size, kernels):
+    # All-negative inputs: the zero padding of timm's 'fixed' stem (the BiT stem's pad_value) wins at the border.
     x = -np.random.default_rng(1).uniform(1, 2, (2, size, size, 3)).astype(np.float32)
     pool = torch.nn.Sequential(torch.nn.ConstantPad2d(1, 0.0), torch.nn.MaxPool2d(3, 2))
     expected = pool(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
-    out = np.asarray(resnetv2.fixed_stem_pool(jnp.asarray(x)))
+    out = np.asarray(layers.max_pool_3x3_s2(jnp.asarray(x), pad_value=0.0, kernels=kernels))
     np.testing.assert_array_equal(out, expected)
     assert not np.array_equal(out, layers.max_pool_3x3_s2(jnp.asarray(x)))  # -inf padding differs
 

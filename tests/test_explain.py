@@ -35,7 +35,7 @@ def _quadrant_mass(heatmap: np.ndarray) -> np.ndarray:
     return masses / masses.sum()
 
 
-class QuadrantCNN(nnx.Module):
+class QuadrantCNN(models.Classifier):
     """Two strided convs, global average pool, linear head: the ResNet layout Grad-CAM explains, tiny."""
 
     def __init__(self, num_classes: int, rngs: nnx.Rngs):
@@ -98,7 +98,7 @@ def test_explain_command_writes_an_overlay(quadrant_run, tmp_path, capsys):
     Image.fromarray(_quadrant_image(np.random.default_rng(9), 1, TOP_RIGHT)).save(path)
     out = str(tmp_path / "explained" / "overlay.png")
     assert explain.main(["--workdir", quadrant_run, path, "--class", "c0", "--out", out]) == 0
-    assert "Grad-CAM, predicted c1" in capsys.readouterr().out
+    assert "Grad-CAM (final 8x8 map), predicted c1" in capsys.readouterr().out
     with Image.open(out) as image:
         assert image.size == (900, 480) and np.asarray(image.convert("L")).std() > 10
     assert explain.main(["--workdir", quadrant_run, path, "--class", "dog", "--out", out]) == 2
@@ -113,7 +113,8 @@ def test_a_model_without_hooks_is_named(trained_workdir, digits_root, tmp_path, 
 
 def test_grad_cam_of_a_resnet_is_its_class_activation_map():
     """With a global-average-pool + linear head, Grad-CAM equals CAM: relu(features @ fc.kernel[:, c]) / (h * w)."""
-    model = with_random_values(lambda: resnet.ResNet(resnet.BasicBlock, (1, 1, 1, 1), 4, rngs=nnx.Rngs(0)))
+    model = with_random_values(lambda: resnet.ResNet(block=resnet.BasicBlock, depths=(1, 1, 1, 1), num_classes=4,
+                                                     rngs=nnx.Rngs(0)))
     model.eval()
     images = jnp.asarray(np.random.default_rng(0).normal(size=(1, 64, 64, 3)), jnp.float32)
     features, logits, head_of_features = nnx.jit(
@@ -121,7 +122,22 @@ def test_grad_cam_of_a_resnet_is_its_class_activation_map():
     assert features.shape == (1, 2, 2, 512)
     np.testing.assert_allclose(head_of_features, logits, rtol=1e-6)
     cam = jax.nn.relu(features[0] @ model.fc.kernel[...][:, 2]) / 4
-    np.testing.assert_allclose(explain.grad_cam(model, images, 2), cam, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(explain.grad_cam(model, images, 2, stage=4), cam, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("size, stage", [(32, 2), (64, 3), (128, 4)])
+def test_grad_cam_uses_the_deepest_stage_with_a_4x4_map(size, stage):
+    """At 32 px a ResNet's last stage is 1x1 (a flat map): Grad-CAM moves to the deepest stage of >= 4x4,
+    and the map of an earlier stage through the rest of the network is that stage's Grad-CAM."""
+    model = with_random_values(lambda: resnet.ResNet(block=resnet.BasicBlock, depths=(1, 1, 1, 1), num_classes=4,
+                                                     rngs=nnx.Rngs(0)))
+    model.eval()
+    images = jnp.asarray(np.random.default_rng(1).normal(size=(1, size, size, 3)), jnp.float32)
+    assert explain.cam_stage(model, images.shape) == stage
+    cam = explain.grad_cam(model, images, 1, stage)
+    assert cam.shape == (size // 2 ** (stage + 1),) * 2 and cam.std() > 0
+    np.testing.assert_allclose(nnx.jit(lambda m, x: m.forward_head(m.forward_features(x, 2), 2))(model, images),
+                               nnx.jit(lambda m, x: m(x))(model, images), rtol=1e-5, atol=1e-6)
 
 
 def _small_vit(**options) -> vit.VisionTransformer:
@@ -131,14 +147,34 @@ def _small_vit(**options) -> vit.VisionTransformer:
     return with_random_values(lambda: vit.VisionTransformer(**kwargs, rngs=nnx.Rngs(0), dtype=jnp.float32))
 
 
-def test_vit_attention_weights_reproduce_the_fused_attention():
-    model = _small_vit()
-    tokens = jnp.asarray(np.random.default_rng(0).normal(size=(2, 17, 32)), jnp.float32)
-    fused, (out, weights), maps = nnx.jit(lambda m, x: (m.blocks[0](x), m.blocks[0](x, return_attention=True),
-                                                        m.attention_maps(jnp.zeros((1, SIZE, SIZE, 3)))))(model, tokens)
-    np.testing.assert_allclose(out, fused, rtol=1e-5, atol=1e-5)
-    assert weights.shape == (2, 2, 17, 17) and maps.shape == (2, 1, 2, 17, 17)
-    np.testing.assert_allclose(weights.sum(axis=-1), 1.0, rtol=1e-6)
+@pytest.mark.parametrize("reg_tokens", [0, 2])
+def test_vit_sown_attention_weights_reproduce_each_attention_layer(reg_tokens):
+    """The weights explain captures (nnx.capture of what Attention sows) times v are the layer's output."""
+    model = _small_vit(reg_tokens=reg_tokens)
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(1, SIZE, SIZE, 3)), jnp.float32)
+    maps = explain.attention_maps(model, images)
+    tokens = 1 + reg_tokens + (SIZE // PATCH) ** 2
+    assert maps.shape == (2, 1, 2, tokens, tokens)
+    np.testing.assert_allclose(maps.sum(axis=-1), 1.0, rtol=1e-5)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(1, tokens, 32)), jnp.float32)
+    attn = model.blocks[0].attn
+    qkv = attn.qkv(x).reshape(1, tokens, 3, 2, 16)
+    by_weights = jnp.einsum("bhqk,bkhd->bqhd", explain.attention_maps(_attention_only(attn), x)[0], qkv[:, :, 2])
+    np.testing.assert_allclose(attn.proj(by_weights.reshape(1, tokens, 32)), attn(x), rtol=1e-4, atol=1e-5)
+    assert not attn.sow_weights  # capturing worked on a copy
+
+
+def _attention_only(attention: vit.Attention) -> nnx.Module:
+    """A module that is just `attention`, to capture its weights on given tokens."""
+
+    class Wrapper(nnx.Module):
+        def __init__(self):
+            self.attn = attention
+
+        def __call__(self, x):
+            return self.attn(x)
+
+    return Wrapper()
 
 
 def _red_seeking_vit() -> vit.VisionTransformer:

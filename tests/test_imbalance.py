@@ -11,7 +11,7 @@ import optax
 import pytest
 from PIL import Image
 
-from jaxclf import config as config_lib, steps, train
+from jaxclf import config as config_lib, models, resolve, steps, train
 from jaxclf.data import imbalance, pipeline, sources
 from jaxclf.metrics import read_metrics
 
@@ -82,7 +82,7 @@ def _hand_computed_loss(config, train_set, weights):
     batch = next(iter(pipeline.make_train_loader(
         train_set, config.data.pp_train, global_batch_size=config.batch_size, seed=config.seed, num_workers=0,
         sampling=config.data.sampling)))
-    model = train.create_model(config, len(train_set.class_names))
+    model = models.create_model(resolve.resolve(config, "cpu").config, len(train_set.class_names))
     model.train()
     logits = model(steps.normalize_images(jnp.asarray(batch["image"]), config.data.mean, config.data.std))
     losses = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]))

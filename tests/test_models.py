@@ -1,6 +1,5 @@
 """Models: timm's parameter counts, torch-style padding, independent reference forwards, modes."""
 
-import re
 import subprocess
 import sys
 
@@ -164,43 +163,17 @@ def _max_pool_reference(x: np.ndarray) -> np.ndarray:
     return out
 
 
+@pytest.mark.parametrize("kernels", ["plain", "cpu"])
 @pytest.mark.parametrize("size", [8, 7])
-def test_stem_max_pool_matches_torch_padding(size):
+def test_stem_max_pool_matches_torch_padding(size, kernels):
     # All-negative inputs: zero padding would leak zeros into border windows; -inf padding cannot.
     x = -np.random.default_rng(2).uniform(1, 2, (2, size, size, 3)).astype(np.float32)
-    out = np.asarray(layers.max_pool_3x3_s2(jnp.asarray(x)))
+    out = np.asarray(layers.max_pool_3x3_s2(jnp.asarray(x), kernels=kernels))
     np.testing.assert_array_equal(out, _max_pool_reference(x))
     if size % 2 == 0:  # where 'SAME' pads (0, 1) instead of (1, 1) it gives other values
         same = jax.lax.reduce_window(x, -np.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), "SAME")
         assert out.shape == same.shape and not np.array_equal(out, same)
 
-
-def _max_pool_grad_reference(x: np.ndarray, grad_out: np.ndarray, pad_value: float) -> np.ndarray:
-    """Each window's gradient added at its first maximum in row-major order, as torch's MaxPool2d."""
-    b, h, w, c = x.shape
-    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=pad_value)
-    grad = np.zeros_like(padded)
-    for i in range(grad_out.shape[1]):
-        for j in range(grad_out.shape[2]):
-            first = padded[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3].reshape(b, 9, c).argmax(axis=1)
-            for n in range(b):
-                for ch in range(c):
-                    k = first[n, ch]
-                    grad[n, 2 * i + k // 3, 2 * j + k % 3, ch] += grad_out[n, i, j, ch]
-    return grad[:, 1:h + 1, 1:w + 1]
-
-
-@pytest.mark.parametrize("pad_value", [-np.inf, 0.0])
-@pytest.mark.parametrize("shape", [(2, 8, 9, 3), (1, 7, 6, 2)])
-def test_stem_max_pool_gradient_goes_to_first_maximum(shape, pad_value):
-    # Small integers tie often (as ReLU zeros do): every window's gradient must go to one pixel, the
-    # first maximum, not be split among the tied ones (autodiff of a max splits ties).
-    rng = np.random.default_rng(3)
-    x = rng.integers(-2, 3, shape).astype(np.float32)
-    out, vjp = jax.vjp(lambda v: layers.max_pool_3x3_s2(v, pad_value), jnp.asarray(x))
-    grad_out = rng.standard_normal(out.shape).astype(np.float32)
-    grad = np.asarray(jax.jit(vjp)(jnp.asarray(grad_out))[0])
-    np.testing.assert_allclose(grad, _max_pool_grad_reference(x, grad_out, pad_value), rtol=1e-6, atol=1e-6)
 
 
 def test_resnet50_puts_stride_on_3x3_conv():
@@ -208,9 +181,6 @@ def test_resnet50_puts_stride_on_3x3_conv():
     first = model.layer2[0]
     assert first.conv1.strides == (1, 1) and first.conv2.strides == (2, 2)
     assert first.downsample[0].strides == (2, 2) and first.downsample[0].padding == ((0, 0), (0, 0))
-    pointwise = [first.conv1, first.conv3, first.downsample[0]]
-    assert all(conv.conv_general_dilated is layers.pointwise_conv_general_dilated for conv in pointwise)
-    assert first.conv2.conv_general_dilated is layers.conv_general_dilated
     assert model.layer1[1].downsample is None
 
 
@@ -368,65 +338,6 @@ def test_vit_rejects_inconsistent_options(kwargs, match):
         models.create("vit_tiny_patch16_224", num_classes=10, **kwargs)
 
 
-@pytest.mark.parametrize(
-    "conv, shape, kernel, stride, pad",
-    [
-        (layers.conv_general_dilated, (2, 2, 2, 8), 3, 1, 1),  # im2col path: 2x2 output
-        (layers.conv_general_dilated, (2, 1, 1, 8), 3, 1, 1),  # 1x1 map: only the centre tap sees data
-        (layers.conv_general_dilated, (2, 4, 4, 8), 3, 2, 1),  # strided onto 2x2
-        (layers.conv_general_dilated, (2, 3, 3, 8), 1, 2, 0),  # 1x1 downsample conv onto 2x2
-        (layers.conv_general_dilated, (2, 5, 5, 8), 3, 1, 1),  # large output: plain XLA path
-        (layers.pointwise_conv_general_dilated, (2, 5, 6, 8), 1, 1, 0),  # bottleneck 1x1: a matmul on CPU
-        (layers.pointwise_conv_general_dilated, (2, 7, 6, 8), 1, 2, 0),  # strided 1x1 downsample, odd height
-        (layers.pointwise_conv_general_dilated, (2, 5, 5, 8), 3, 1, 1),  # not 1x1: the convolution
-    ],
-)
-def test_conv_variants_equal_lax_conv_forward_and_backward(conv, shape, kernel, stride, pad):
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(kernel, kernel, shape[-1], 6)), jnp.float32)
-    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-    padding = ((pad, pad), (pad, pad))
-
-    def ours(x, w):
-        return conv(x, w, (stride, stride), padding, dimension_numbers=dn)
-
-    def reference(x, w):
-        return jax.lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn)
-
-    np.testing.assert_allclose(ours(x, w), reference(x, w), rtol=1e-5, atol=1e-5)
-    probe = jnp.asarray(rng.normal(size=reference(x, w).shape), jnp.float32)
-    loss = lambda f: lambda x, w: jnp.sum(f(x, w) * probe)
-    grads = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, w)
-    expected = jax.grad(loss(reference), argnums=(0, 1))(x, w)
-    for g, e in zip(grads, expected):
-        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
-    if conv is layers.pointwise_conv_general_dilated:
-        # On CPU the 1x1 conv and both its gradients are matmuls (elsewhere the backend's convolution).
-        hlo = jax.jit(jax.grad(loss(ours), argnums=(0, 1))).lower(x, w).compile().as_text()
-        assert ("convolution(" in hlo) == (kernel != 1 or jax.default_backend() != "cpu")
-
-
-@pytest.mark.parametrize("features_in, features_out", [(8, 24), (24, 8)])
-def test_linear_dot_general_equals_lax_and_transposes_the_narrower_operand(features_in, features_out):
-    rng = np.random.default_rng(features_in)
-    x = jnp.asarray(rng.normal(size=(2, 5, features_in)), jnp.float32)
-    kernel = jnp.asarray(rng.normal(size=(features_in, features_out)), jnp.float32)
-    probe = jnp.asarray(rng.normal(size=(2, 5, features_out)), jnp.float32)
-    numbers = (((2,), (0,)), ((), ()))
-    loss = lambda dot: lambda x, kernel: jnp.sum(dot(x, kernel, numbers) * probe)
-    np.testing.assert_allclose(layers.linear_dot_general(x, kernel, numbers), jax.lax.dot_general(x, kernel, numbers),
-                               rtol=1e-6, atol=1e-6)
-    grad = jax.jit(jax.grad(loss(layers.linear_dot_general), argnums=(0, 1)))
-    for ours, expected in zip(grad(x, kernel), jax.grad(loss(jax.lax.dot_general), argnums=(0, 1))(x, kernel)):
-        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
-    if jax.default_backend() == "cpu":
-        # The kernel gradient's transposed copy is [min(C, O), 10], never the wider [max(C, O), 10].
-        hlo = grad.lower(x, kernel).compile().as_text()
-        narrow, wide = sorted((features_in, features_out))
-        assert f"f32[{narrow},10]" in hlo and f"f32[{wide},10]" not in hlo
-
-
 def test_gelu_is_exact_erf_gelu_in_value_and_gradient():
     # layers.gelu (through XLA's float32 erf) against float64 erf, where GELU's curve bends and in
     # its tails: x * Phi(x) and its slope Phi(x) + x * phi(x), as torch's nn.GELU().
@@ -442,76 +353,3 @@ def test_gelu_is_exact_erf_gelu_in_value_and_gradient():
     assert layers.gelu(half).dtype == jax.grad(lambda x: layers.gelu(x).sum())(half).dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-def test_softmax_attention_gradient_equals_autodiff_of_jax_attention(dtype, tolerance):
-    # The hand-written backward against autodiff of jax.nn.dot_product_attention, on ViT-like shapes.
-    qkv_key, cotangent_key = jax.random.split(jax.random.key(0))
-    qkv = jax.random.normal(qkv_key, (3, 197, 3, 4, 16)).astype(dtype)
-    cotangent = jax.random.normal(cotangent_key, (3, 197, 4, 16)).astype(dtype)
-    reference = lambda qkv: jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
-    loss = lambda f: lambda qkv: jnp.sum((f(qkv) * cotangent).astype(jnp.float32))
-    value, grad = jax.jit(jax.value_and_grad(loss(layers.softmax_attention)))(qkv)
-    expected_value, expected_grad = jax.value_and_grad(loss(reference))(qkv)
-    np.testing.assert_allclose(value, expected_value, rtol=tolerance, atol=tolerance)
-    np.testing.assert_allclose(np.asarray(grad, np.float32), np.asarray(expected_grad, np.float32),
-                               rtol=tolerance, atol=tolerance)
-    out, weights = layers.softmax_attention_and_weights(qkv)
-    np.testing.assert_allclose(np.asarray(weights, np.float32).sum(-1), 1.0, rtol=tolerance)
-    np.testing.assert_array_equal(out, layers.softmax_attention(qkv))
-    if jax.default_backend() == "cpu" and dtype == jnp.float32:
-        # Every batched product comes out as [B, heads, tokens, *]: through einsum XLA:CPU computed
-        # the head_dim-first f32[3,4,16,197], a form Eigen runs ~40% slower (bench/README.md).
-        hlo = jax.jit(jax.value_and_grad(loss(layers.softmax_attention))).lower(qkv).compile().as_text()
-        assert set(re.findall(r"= f32\[([\d,]+)\]\{[\d,]+\} dot\(", hlo)) == {"3,4,197,16", "3,4,197,197"}
-
-
-@pytest.mark.parametrize("length", [197, 50, 8])
-def test_padded_attention_equals_plain_attention_forward_and_backward(length):
-    # The padding and masking that attention="cudnn" wraps around cuDNN's kernel, run through XLA's.
-    q, k, v, cotangent = jax.random.normal(jax.random.key(length), (4, 3, length, 2, 16))
-    plain = lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(q, k, v) * cotangent)
-    padded = lambda q, k, v: jnp.sum(layers.padded_attention(q, k, v, multiple=64, implementation="xla") * cotangent)
-    value, grads = jax.value_and_grad(plain, argnums=(0, 1, 2))(q, k, v)
-    padded_value, padded_grads = jax.value_and_grad(padded, argnums=(0, 1, 2))(q, k, v)
-    np.testing.assert_allclose(padded_value, value, rtol=1e-5)
-    for got, want in zip(padded_grads, grads):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-
-
-def test_auto_attention_is_xla_off_nvidia_gpus():
-    q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 197, 3, 64), jnp.bfloat16)
-    if layers._cudnn_attention_available(jnp.bfloat16):
-        pytest.skip("an NVIDIA GPU: auto is cuDNN's (test_cudnn_attention_matches_xla_on_nvidia_gpus)")
-    qkv = jnp.stack([q, k, v], axis=2)
-    np.testing.assert_array_equal(layers.qkv_attention(qkv, "auto"), layers.softmax_attention(qkv))
-    assert models.create("vit_tiny_patch16_224", num_classes=3).blocks[0].attn.implementation == "auto"
-
-
-@pytest.mark.skipif(
-    not layers._cudnn_attention_available(jnp.bfloat16), reason="needs an NVIDIA GPU (run with JAX_PLATFORMS=cuda)"
-)
-@pytest.mark.parametrize("length", [197, 50])
-def test_cudnn_attention_matches_xla_on_nvidia_gpus(length):
-    q, k, v, cotangent = (t.astype(jnp.bfloat16) for t in jax.random.normal(jax.random.key(length), (4, 8, length, 6, 64)))
-
-    def loss(implementation):
-        attention = lambda q, k, v: layers.qkv_attention(jnp.stack([q, k, v], axis=2), implementation)
-        return lambda q, k, v: jnp.sum((attention(q, k, v) * cotangent).astype(jnp.float32))
-
-    value, grads = jax.jit(jax.value_and_grad(loss("xla"), argnums=(0, 1, 2)))(q, k, v)
-    for implementation in ("cudnn", "auto"):
-        fused = jax.jit(jax.value_and_grad(loss(implementation), argnums=(0, 1, 2)))
-        assert "cudnn" in fused.lower(q, k, v).compile().as_text().lower()
-        fused_value, fused_grads = fused(q, k, v)
-        np.testing.assert_allclose(fused_value, value, rtol=2e-2, atol=1.0)
-        for got, want in zip(fused_grads, grads):
-            np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=5e-2, atol=5e-2)
-
-
-@pytest.mark.skipif(layers._cudnn_attention_available(jnp.bfloat16), reason="an NVIDIA GPU runs cuDNN's attention")
-def test_cudnn_attention_off_gpu_says_to_use_xla():
-    model = models.create("vit_tiny_patch16_224", num_classes=3, img_size=32, attention="cudnn")
-    with pytest.raises(ValueError, match="attention='cudnn' needs an NVIDIA GPU"):
-        model(jnp.zeros((1, 32, 32, 3)))
-    with pytest.raises(ValueError, match="attention='flash'"):
-        models.create("vit_tiny_patch16_224", num_classes=3, attention="flash")

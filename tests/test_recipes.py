@@ -7,14 +7,14 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxclf import augment, checkpoint, config as config_lib, models, optim, sharding, steps, train, tree_paths
+from jaxclf import augment, checkpoint, config as config_lib, models, optim, resolve, sharding, steps, train, tree_paths
 from jaxclf.config import base_config
 from jaxclf.metrics import read_metrics
 
 NORM = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 
-class ConvNet(nnx.Module):
+class ConvNet(models.Classifier):
     """Conv + optional BatchNorm + head; without BatchNorm, examples do not interact."""
 
     def __init__(self, rngs: nnx.Rngs, batch_norm: bool = False, num_classes: int = 4):
@@ -53,13 +53,13 @@ def _batch(seed: int, size: int = 16):
 
 def _run(config, model, batches, mesh=None, class_weights=None):
     mesh = mesh or sharding.make_mesh(jax.devices()[:1])
-    tx, _ = optim.make_optimizer(config.optim, nnx.state(model, nnx.Param), 100, 10)
+    tx, _ = optim.make_optimizer(config.optim, model, 100, 10)
     graphdef, _, state = steps.create_train_state(
         model, tx, ema=config.ema_decay > 0, freeze_bn_stats=config.freeze_bn_stats
     )
     state_sharding = sharding.state_sharding(state, mesh, config.param_sharding)
     state = jax.device_put(state, state_sharding)
-    step = steps.make_train_step(graphdef, tx, mesh, config, 4, state_sharding, class_weights)
+    step = steps.make_train_step(graphdef, tx, mesh, config, 4, state_sharding, steps.make_loss(config, class_weights))
     initial = jax.device_get(state)
     metrics = []
     for batch in batches:
@@ -144,14 +144,14 @@ def test_other_optimizers_reduce_the_loss(name):
 def test_layer_decay_multipliers_for_vit_and_resnet():
     config = _config(optim__layer_decay=0.5, optim__head_lr_mult=10.0)
     vit = nnx.eval_shape(lambda: models.create("vit_tiny_patch16_224", num_classes=4))
-    mult = _leaves_by_name(optim.lr_multipliers(config.optim, nnx.state(vit, nnx.Param)))
+    mult = _leaves_by_name(optim.lr_multipliers(config.optim, vit))
     assert mult["head/kernel"] == 10.0  # top of the stack (decay ** 0), times the head multiplier
     assert mult["norm/scale"] == 1.0
     assert mult["blocks/11/attn/qkv/kernel"] == 0.5
     assert mult["blocks/0/attn/qkv/kernel"] == 0.5**12
     assert mult["pos_embed"] == mult["patch_embed/kernel"] == 0.5**13
     resnet = nnx.eval_shape(lambda: models.create("resnet18", num_classes=4))
-    mult = _leaves_by_name(optim.lr_multipliers(config.optim, nnx.state(resnet, nnx.Param)))
+    mult = _leaves_by_name(optim.lr_multipliers(config.optim, resnet))
     assert mult["fc/kernel"] == 10.0
     assert mult["layer4/1/conv2/kernel"] == 0.5 and mult["layer1/0/conv1/kernel"] == 0.5**4
     assert mult["conv1/kernel"] == 0.5**5
@@ -246,16 +246,18 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32_loss():
     assert float(bf16[2][0]["loss"]) == pytest.approx(float(f32[2][0]["loss"]), rel=0.05)
 
 
-def test_dtype_auto_means_bfloat16_on_accelerators_and_float32_on_cpus(monkeypatch):
+def test_dtype_and_kernels_auto_resolve_for_the_platform():
     config = base_config()
-    assert config.dtype == "auto"
-    assert train.create_model(config, 3).conv1.dtype == jnp.float32  # these machines: CPU
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert train.create_model(config, 3).conv1.dtype == jnp.bfloat16
-    assert train.compute_dtype("float32") == "float32"
+    assert config.dtype == "auto" and "kernels" not in config.model
+    on_cpu, on_gpu = resolve.resolve(config, "cpu").config, resolve.resolve(config, "gpu").config
+    assert (on_cpu.dtype, on_cpu.model.kernels) == ("float32", "cpu")
+    assert (on_gpu.dtype, on_gpu.model.kernels) == ("bfloat16", "gpu")
+    assert models.create_model(on_cpu, 3).conv1.dtype == jnp.float32
+    assert models.create_model(on_gpu, 3).conv1.dtype == jnp.bfloat16
+    assert config.dtype == "auto"  # resolving copies; the config given is left as it was
     config.dtype = "float16"
     with pytest.raises(config_lib.ConfigError, match="config.dtype='float16'"):
-        train.create_model(config, 3)
+        resolve.resolve(config, "cpu")
 
 
 # --- stopping ------------------------------------------------------------------------------------

@@ -170,7 +170,7 @@ def test_skip_mode_counts_nonfinite_steps_and_keeps_parameters_finite(digits_roo
               if "count" in jax.tree_util.keystr(path)}
     assert counts == {updates}
     steps_per_epoch = len(data.load_splits(config.data)["train"]) // config.batch_size
-    _, schedule = optim.make_optimizer(config.optim, state["params"], 6, steps_per_epoch)
+    schedule = optim.make_schedule(config.optim, 6, steps_per_epoch)
     assert record["train/lr"] == pytest.approx(float(schedule(max(updates - 1, 0))))
     # The count survives a resume (it travels in the checkpoint).
     train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_at_step=3)

@@ -9,13 +9,14 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from jaxclf import optim, sharding, steps, xla_cpu
+from jaxclf import models, optim, sharding, steps
+from jaxclf.kernels import xla_cpu
 from jaxclf.config import base_config
 
 NORM = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 
-class TinyNet(nnx.Module):
+class TinyNet(models.Classifier):
     """Conv + BatchNorm + Linear: BatchNorm makes the step depend on the whole (sharded) batch."""
 
     def __init__(self, num_classes: int, rngs: nnx.Rngs):
@@ -45,14 +46,14 @@ def _config(**fields):
 
 def _setup(model, mesh, config, total_steps=10):
     """(graphdef, eval graphdef, replicated state, jitted train step) for `model` under `config`."""
-    tx, _ = optim.make_optimizer(config.optim, nnx.state(model, nnx.Param), total_steps, total_steps)
+    tx, _ = optim.make_optimizer(config.optim, model, total_steps, total_steps)
     graphdef, eval_graphdef, state = steps.create_train_state(
         model, tx, ema=config.ema_decay > 0, freeze_bn_stats=config.freeze_bn_stats
     )
     state_sharding = sharding.state_sharding(state, mesh, config.param_sharding)
     state = jax.device_put(state, state_sharding)
     num_classes = model.head.out_features
-    step = steps.make_train_step(graphdef, tx, mesh, config, num_classes, state_sharding)
+    step = steps.make_train_step(graphdef, tx, mesh, config, num_classes, state_sharding, steps.make_loss(config))
     return graphdef, eval_graphdef, state, step
 
 
@@ -176,10 +177,21 @@ def test_train_step_on_cpu_compiles_with_the_tuned_kernel_libraries():
     hlo = train_step.lower(state, sharding.shard_batch(_batch(0), mesh)).compile().as_text()
     assert _libraries_running("convolution", hlo) == {"xla"}
     assert "__ynn_fusion" in _libraries_running("reduce", hlo)
-    assert xla_cpu.compiler_options("cpu") == xla_cpu.compiler_options("cpu", "resnet18") == xla_cpu.CPU_OPTIONS
-    assert xla_cpu.compiler_options("cpu", "resnet50") == {**xla_cpu.CPU_OPTIONS, **xla_cpu.BOTTLENECK_TRAIN_OPTIONS}
-    assert xla_cpu.compiler_options("cpu", "vit_small_patch16_224") == {**xla_cpu.CPU_OPTIONS, **xla_cpu.VIT_TRAIN_OPTIONS}
-    assert xla_cpu.compiler_options("gpu") is None
+    assert xla_cpu.compiler_options("cpu") == xla_cpu.CPU_OPTIONS
+    assert xla_cpu.compiler_options("gpu", xla_cpu.VIT_TRAIN_OPTIONS) is None
+
+
+@pytest.mark.parametrize("name, options", [
+    ("resnet18", {}),
+    ("resnet50", xla_cpu.BOTTLENECK_TRAIN_OPTIONS),
+    ("resnetv2_50x1_bit", {}),
+    ("vit_small_patch16_224", xla_cpu.VIT_TRAIN_OPTIONS),
+])
+def test_train_step_options_come_from_the_model(name, options):
+    # A model says which XLA:CPU options its train step wants (not its name): a new family
+    # subclassing ResNet with bottlenecks gets them too.
+    model = nnx.eval_shape(lambda: models.create(name, num_classes=2))
+    assert model.xla_cpu_train_options() == options
 
 
 def test_xla_flags_from_the_user_replace_the_tuned_options(monkeypatch):

@@ -279,6 +279,34 @@ def test_new_resolution_resamples_and_runs(tmp_path, capsys):
     assert info.preprocessing["input_size"] == 64 and model(_images(64)).shape == (2, 6)
 
 
+@pytest.mark.parametrize("layout", [
+    dict(no_embed_class=True, global_pool="avg"),  # timm's vit_*_reg4_gap_* models
+    dict(no_embed_class=False, global_pool="token"),
+])
+def test_register_tokens_convert_and_resample_as_timm(layout, tmp_path, capsys):
+    """A timm ViT with 4 register tokens converts (its layout read from the weights), and a new
+    resolution resamples only the patch grid, as timm's own resampling does."""
+    from timm.layers import resample_abs_pos_embed
+
+    reference = _vit_reference("vit_tiny_patch16_224", 64, reg_tokens=4, **layout)
+    converted = _convert(_save_state(reference, tmp_path / "v.safetensors"), "vit_tiny_patch16_224", tmp_path)
+    model, info = load_pretrained(converted)
+    assert info.model_options["reg_tokens"] == 4 and model.num_prefix_tokens == 5
+    assert info.model_options.get("no_embed_class", False) == layout["no_embed_class"]
+    images = _images(64)
+    _assert_close(model(images), _torch_logits(reference, images))
+
+    bigger = _vit_reference("vit_tiny_patch16_224", 96, reg_tokens=4, **layout)
+    state = reference.state_dict()
+    state["pos_embed"] = resample_abs_pos_embed(
+        state["pos_embed"], new_size=(6, 6), num_prefix_tokens=0 if layout["no_embed_class"] else 5,
+        interpolation="bilinear", antialias=False)
+    bigger.load_state_dict(state)
+    model, _ = load_pretrained(converted, img_size=96)
+    assert "pos_embed resampled" in capsys.readouterr().out
+    _assert_close(model(_images(96)), _torch_logits(bigger, _images(96)))
+
+
 def test_strict_loading_lists_every_bad_key(tmp_path):
     import torchvision
 

@@ -11,7 +11,7 @@ from jaxclf import models
 from jaxclf.config import base_config
 
 
-class TinyCNN(nnx.Module):
+class TinyCNN(models.Classifier):
     """Conv(stride 2) + BatchNorm + global pool + Linear: cheap, yet has batch statistics."""
 
     def __init__(self, num_classes: int, rngs: nnx.Rngs, dtype=None, width: int = 16):

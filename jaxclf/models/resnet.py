@@ -14,27 +14,23 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxclf.models import layers, register
+from jaxclf import kernels as kernels_lib
+from jaxclf.kernels import xla_cpu
+from jaxclf.models import Classifier, layers, register
 
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), an untruncated normal.
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 # torch nn.Linear's default weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 _fc_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
-def _conv(
-    cin: int, cout: int, kernel: int, stride: int, *, rngs: nnx.Rngs, dtype: Any, pointwise: bool = False
-) -> nnx.Conv:
-    """Bias-free `kernel`x`kernel` conv padded by (kernel-1)//2 on every side, like torchvision.
-
-    `pointwise` (1x1 convs of bottlenecks): `layers.pointwise_conv_general_dilated`, a matmul on CPU.
-    """
+def _conv(cin: int, cout: int, kernel: int, stride: int, *, rngs: nnx.Rngs, dtype: Any, kernels: str = "plain") -> layers.Conv:
+    """Bias-free `kernel`x`kernel` conv padded by (kernel-1)//2 on every side, like torchvision."""
     pad = (kernel - 1) // 2
-    return nnx.Conv(
-        cin, cout, (kernel, kernel), strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=_conv_init, dtype=dtype, param_dtype=jnp.float32,
-        conv_general_dilated=layers.pointwise_conv_general_dilated if pointwise else layers.conv_general_dilated,
-        rngs=rngs,
+    return layers.Conv(
+        cin, cout, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)), use_bias=False,
+        kernel_init=_conv_init, dtype=dtype, param_dtype=jnp.float32, kernels=kernels, rngs=rngs,
     )
 
 
@@ -47,13 +43,11 @@ def _bn(features: int, *, rngs: nnx.Rngs, dtype: Any, zero_scale: bool = False) 
     )
 
 
-def _downsample(
-    cin: int, cout: int, stride: int, *, rngs: nnx.Rngs, dtype: Any, pointwise: bool = False
-) -> nnx.List | None:
+def _downsample(cin: int, cout: int, stride: int, *, rngs: nnx.Rngs, dtype: Any, kernels: str = "plain") -> nnx.List | None:
     """Shortcut projection [1x1/stride conv, BN] (torch `downsample.0/.1`), None for identity."""
     if stride == 1 and cin == cout:
         return None
-    conv = _conv(cin, cout, 1, stride, rngs=rngs, dtype=dtype, pointwise=pointwise)
+    conv = _conv(cin, cout, 1, stride, rngs=rngs, dtype=dtype, kernels=kernels)
     return nnx.List([conv, _bn(cout, rngs=rngs, dtype=dtype)])
 
 
@@ -70,12 +64,13 @@ class BasicBlock(nnx.Module):
 
     expansion = 1
 
-    def __init__(self, cin: int, planes: int, stride: int, *, zero_init_last_bn: bool, rngs: nnx.Rngs, dtype: Any):
-        self.conv1 = _conv(cin, planes, 3, stride, rngs=rngs, dtype=dtype)
+    def __init__(self, cin: int, planes: int, stride: int, *, zero_init_last_bn: bool, rngs: nnx.Rngs, dtype: Any,
+                 kernels: str = "plain"):
+        self.conv1 = _conv(cin, planes, 3, stride, rngs=rngs, dtype=dtype, kernels=kernels)
         self.bn1 = _bn(planes, rngs=rngs, dtype=dtype)
-        self.conv2 = _conv(planes, planes, 3, 1, rngs=rngs, dtype=dtype)
+        self.conv2 = _conv(planes, planes, 3, 1, rngs=rngs, dtype=dtype, kernels=kernels)
         self.bn2 = _bn(planes, rngs=rngs, dtype=dtype, zero_scale=zero_init_last_bn)
-        self.downsample = _downsample(cin, planes, stride, rngs=rngs, dtype=dtype)
+        self.downsample = _downsample(cin, planes, stride, rngs=rngs, dtype=dtype, kernels=kernels)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = nnx.relu(self.bn1(self.conv1(x)))
@@ -91,15 +86,16 @@ class Bottleneck(nnx.Module):
 
     expansion = 4
 
-    def __init__(self, cin: int, planes: int, stride: int, *, zero_init_last_bn: bool, rngs: nnx.Rngs, dtype: Any):
+    def __init__(self, cin: int, planes: int, stride: int, *, zero_init_last_bn: bool, rngs: nnx.Rngs, dtype: Any,
+                 kernels: str = "plain"):
         cout = planes * self.expansion
-        self.conv1 = _conv(cin, planes, 1, 1, rngs=rngs, dtype=dtype, pointwise=True)
+        self.conv1 = _conv(cin, planes, 1, 1, rngs=rngs, dtype=dtype, kernels=kernels)
         self.bn1 = _bn(planes, rngs=rngs, dtype=dtype)
-        self.conv2 = _conv(planes, planes, 3, stride, rngs=rngs, dtype=dtype)
+        self.conv2 = _conv(planes, planes, 3, stride, rngs=rngs, dtype=dtype, kernels=kernels)
         self.bn2 = _bn(planes, rngs=rngs, dtype=dtype)
-        self.conv3 = _conv(planes, cout, 1, 1, rngs=rngs, dtype=dtype, pointwise=True)
+        self.conv3 = _conv(planes, cout, 1, 1, rngs=rngs, dtype=dtype, kernels=kernels)
         self.bn3 = _bn(cout, rngs=rngs, dtype=dtype, zero_scale=zero_init_last_bn)
-        self.downsample = _downsample(cin, cout, stride, rngs=rngs, dtype=dtype, pointwise=True)
+        self.downsample = _downsample(cin, cout, stride, rngs=rngs, dtype=dtype, kernels=kernels)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = nnx.relu(self.bn1(self.conv1(x)))
@@ -108,23 +104,27 @@ class Bottleneck(nnx.Module):
         return nnx.relu(y + _shortcut(self.downsample, x))
 
 
-class ResNet(nnx.Module):
+class ResNet(Classifier):
     """ResNet v1.5. images: float32[B, H, W, 3] -> logits: float32[B, num_classes].
 
-    `zero_init_last_bn` zero-inits each block's last BN scale so blocks start as identities.
+    `zero_init_last_bn` zero-inits each block's last BN scale so blocks start as identities;
+    `kernels` names the kernel set ("auto": the one for this platform, see jaxclf/kernels).
     """
 
     def __init__(
         self,
+        *,
         block: type[BasicBlock] | type[Bottleneck],
         depths: tuple[int, int, int, int],
         num_classes: int,
-        *,
-        zero_init_last_bn: bool = False,
         rngs: nnx.Rngs,
         dtype: Any = jnp.float32,
+        zero_init_last_bn: bool = False,
+        kernels: str = "auto",
     ):
-        self.conv1 = _conv(3, 64, 7, 2, rngs=rngs, dtype=dtype)
+        self.kernels = kernels = kernels_lib.resolve(kernels)
+        self.bottleneck = block is Bottleneck
+        self.conv1 = _conv(3, 64, 7, 2, rngs=rngs, dtype=dtype, kernels=kernels)
         self.bn1 = _bn(64, rngs=rngs, dtype=dtype)
         cin = 64
 
@@ -132,8 +132,8 @@ class ResNet(nnx.Module):
             nonlocal cin
             blocks = []
             for i in range(depth):
-                blocks.append(block(cin, planes, stride if i == 0 else 1,
-                                    zero_init_last_bn=zero_init_last_bn, rngs=rngs, dtype=dtype))
+                blocks.append(block(cin, planes, stride if i == 0 else 1, zero_init_last_bn=zero_init_last_bn,
+                                    rngs=rngs, dtype=dtype, kernels=kernels))
                 cin = planes * block.expansion
             return nnx.List(blocks)
 
@@ -148,27 +148,32 @@ class ResNet(nnx.Module):
     def __call__(self, images: jax.Array) -> jax.Array:
         return self.forward_head(self.forward_features(images))
 
-    def forward_features(self, images: jax.Array) -> jax.Array:
-        """The last stage's feature map, [B, H/32, W/32, C] (what Grad-CAM explains; timm's name)."""
+    def forward_features(self, images: jax.Array, stages: int = 4) -> jax.Array:
+        """The feature map after the first `stages` stages, [B, h, w, C] (all four: what the head pools)."""
         x = nnx.relu(self.bn1(self.conv1(images)))
-        x = layers.max_pool_3x3_s2(x)
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            for blk in layer:
+        x = layers.max_pool_3x3_s2(x, kernels=self.kernels)
+        for name in STAGES[:stages]:
+            for blk in getattr(self, name):
                 x = blk(x)
         return x
 
-    def forward_head(self, features: jax.Array) -> jax.Array:
-        """Global average pool and classifier: [B, h, w, C] -> logits float32[B, num_classes]."""
+    def forward_head(self, features: jax.Array, from_stage: int = 4) -> jax.Array:
+        """Logits float32[B, num_classes] from the map after stage `from_stage`: the later stages,
+        global average pool and classifier."""
+        for name in STAGES[from_stage:]:
+            for blk in getattr(self, name):
+                features = blk(features)
         return self.fc(jnp.mean(features.astype(jnp.float32), axis=(1, 2)))
 
+    def head_paths(self) -> tuple[str, ...]:
+        return ("fc",)
 
-def _factory(block: type[BasicBlock] | type[Bottleneck], depths: tuple[int, int, int, int]):
-    """Registry factory for one depth configuration; its keyword options are the model's options."""
+    def layer_id(self, path: str) -> int:
+        top = path.split("/")[0]
+        return STAGES.index(top) + 1 if top in STAGES else (len(STAGES) + 1 if top == "fc" else 0)
 
-    def factory(num_classes: int, rngs: nnx.Rngs, dtype: Any, *, zero_init_last_bn: bool = False) -> ResNet:
-        return ResNet(block, depths, num_classes, zero_init_last_bn=zero_init_last_bn, rngs=rngs, dtype=dtype)
-
-    return factory
+    def xla_cpu_train_options(self) -> dict[str, Any]:
+        return xla_cpu.BOTTLENECK_TRAIN_OPTIONS if self.bottleneck else {}
 
 
 for _name, _block, _depths in (
@@ -178,4 +183,4 @@ for _name, _block, _depths in (
     ("resnet101", Bottleneck, (3, 4, 23, 3)),
     ("resnet152", Bottleneck, (3, 8, 36, 3)),
 ):
-    register(_name)(_factory(_block, _depths))
+    register(_name, ResNet, block=_block, depths=_depths)

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxclf.models import layers, register
+from jaxclf import kernels as kernels_lib
+from jaxclf.models import Classifier, layers, register
 
 # timm's _init_weights: kaiming_normal_(mode="fan_out", nonlinearity="relu") for convs...
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -32,21 +33,20 @@ class StdConv(nnx.Module):
     biased variance and eps 1e-8 as timm, and pads like timm's `get_padding` on every side.
     """
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, *, rngs: nnx.Rngs, dtype: Any):
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, *, rngs: nnx.Rngs, dtype: Any, kernels: str = "plain"):
         self.kernel = nnx.Param(_conv_init(rngs.params(), (kernel, kernel, cin, cout), jnp.float32))
         self.strides = (stride, stride)
         pad = (stride - 1 + kernel - 1) // 2
         self.padding = ((pad, pad), (pad, pad))
         self.dtype = dtype
+        self.kernels = kernels
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(jnp.float32)
         mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
         var = jnp.var(kernel, axis=(0, 1, 2), keepdims=True)
         kernel = ((kernel - mean) * jax.lax.rsqrt(var + _STD_CONV_EPS)).astype(self.dtype)
-        x = x.astype(self.dtype)
-        dims = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
-        return layers.conv_general_dilated(x, kernel, self.strides, self.padding, dimension_numbers=dims)
+        return layers.conv(x.astype(self.dtype), kernel, self.strides, self.padding, kernels=self.kernels)
 
 
 def _group_norm(features: int, *, rngs: nnx.Rngs, dtype: Any) -> nnx.GroupNorm:
@@ -55,27 +55,26 @@ def _group_norm(features: int, *, rngs: nnx.Rngs, dtype: Any) -> nnx.GroupNorm:
                          dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
-def fixed_stem_pool(x: jax.Array) -> jax.Array:
-    """timm's 'fixed' BiT stem pool: zero padding, not -inf, since the stem conv's output is not
-    post-ReLU, so border windows that are all negative pool to 0."""
-    return layers.max_pool_3x3_s2(x, pad_value=0.0)
-
-
 class Stem(nnx.Module):
-    """7x7/2 std conv, then the zero-padded 3x3/2 max pool. images: [B, H, W, 3] -> [B, H/4, W/4, width]."""
+    """7x7/2 std conv, then the 3x3/2 max pool. images: [B, H, W, 3] -> [B, H/4, W/4, width].
 
-    def __init__(self, width: int, *, rngs: nnx.Rngs, dtype: Any):
-        self.conv = StdConv(3, width, 7, 2, rngs=rngs, dtype=dtype)
+    The pool pads with zeros, not -inf, as timm's 'fixed' BiT stem: the stem conv's output is not
+    post-ReLU, so border windows that are all negative pool to 0.
+    """
+
+    def __init__(self, width: int, *, rngs: nnx.Rngs, dtype: Any, kernels: str = "plain"):
+        self.conv = StdConv(3, width, 7, 2, rngs=rngs, dtype=dtype, kernels=kernels)
+        self.kernels = kernels
 
     def __call__(self, images: jax.Array) -> jax.Array:
-        return fixed_stem_pool(self.conv(images))
+        return layers.max_pool_3x3_s2(self.conv(images), pad_value=0.0, kernels=self.kernels)
 
 
 class Projection(nnx.Module):
     """Shortcut of a stage's first block: strided 1x1 std conv of the pre-activated input (timm `DownsampleConv`)."""
 
-    def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs, dtype: Any):
-        self.conv = StdConv(cin, cout, 1, stride, rngs=rngs, dtype=dtype)
+    def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs, dtype: Any, kernels: str = "plain"):
+        self.conv = StdConv(cin, cout, 1, stride, rngs=rngs, dtype=dtype, kernels=kernels)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.conv(x)
@@ -88,15 +87,15 @@ class PreActBottleneck(nnx.Module):
     identity shortcut takes the raw input.
     """
 
-    def __init__(self, cin: int, cout: int, stride: int, project: bool, *, rngs: nnx.Rngs, dtype: Any):
+    def __init__(self, cin: int, cout: int, stride: int, project: bool, *, rngs: nnx.Rngs, dtype: Any, kernels: str = "plain"):
         mid = cout // 4
-        self.downsample = Projection(cin, cout, stride, rngs=rngs, dtype=dtype) if project else None
+        self.downsample = Projection(cin, cout, stride, rngs=rngs, dtype=dtype, kernels=kernels) if project else None
         self.norm1 = _group_norm(cin, rngs=rngs, dtype=dtype)
-        self.conv1 = StdConv(cin, mid, 1, rngs=rngs, dtype=dtype)
+        self.conv1 = StdConv(cin, mid, 1, rngs=rngs, dtype=dtype, kernels=kernels)
         self.norm2 = _group_norm(mid, rngs=rngs, dtype=dtype)
-        self.conv2 = StdConv(mid, mid, 3, stride, rngs=rngs, dtype=dtype)
+        self.conv2 = StdConv(mid, mid, 3, stride, rngs=rngs, dtype=dtype, kernels=kernels)
         self.norm3 = _group_norm(mid, rngs=rngs, dtype=dtype)
-        self.conv3 = StdConv(mid, cout, 1, rngs=rngs, dtype=dtype)
+        self.conv3 = StdConv(mid, cout, 1, rngs=rngs, dtype=dtype, kernels=kernels)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         preact = nnx.relu(self.norm1(x))
@@ -110,9 +109,10 @@ class PreActBottleneck(nnx.Module):
 class Stage(nnx.Module):
     """`depth` bottlenecks; the first strides and projects. x: [B, H, W, cin] -> [B, H/stride, W/stride, cout]."""
 
-    def __init__(self, cin: int, cout: int, depth: int, stride: int, *, rngs: nnx.Rngs, dtype: Any):
+    def __init__(self, cin: int, cout: int, depth: int, stride: int, *, rngs: nnx.Rngs, dtype: Any, kernels: str = "plain"):
         self.blocks = nnx.List([
-            PreActBottleneck(cin if j == 0 else cout, cout, stride if j == 0 else 1, j == 0, rngs=rngs, dtype=dtype)
+            PreActBottleneck(cin if j == 0 else cout, cout, stride if j == 0 else 1, j == 0, rngs=rngs, dtype=dtype,
+                             kernels=kernels)
             for j in range(depth)
         ])
 
@@ -133,28 +133,31 @@ class Head(nnx.Module):
         return self.fc(jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
 
 
-class ResNetV2(nnx.Module):
+class ResNetV2(Classifier):
     """BiT ResNetV2. images: float32[B, H, W, 3] -> logits: float32[B, num_classes].
 
     Stage widths are (256, 512, 1024, 2048) times `width_factor`; the stem has 64 times it.
-    There is no BatchNorm, so train and eval modes compute the same function.
+    There is no BatchNorm, so train and eval modes compute the same function. `kernels` names
+    the kernel set ("auto": the one for this platform, see jaxclf/kernels).
     """
 
     def __init__(
         self,
+        *,
         depths: tuple[int, int, int, int],
         width_factor: int,
         num_classes: int,
-        *,
         rngs: nnx.Rngs,
         dtype: Any = jnp.float32,
+        kernels: str = "auto",
     ):
+        self.kernels = kernels = kernels_lib.resolve(kernels)
         cin = 64 * width_factor
-        self.stem = Stem(cin, rngs=rngs, dtype=dtype)
+        self.stem = Stem(cin, rngs=rngs, dtype=dtype, kernels=kernels)
         stages = []
         for i, (depth, width) in enumerate(zip(depths, (256, 512, 1024, 2048))):
             cout = width * width_factor
-            stages.append(Stage(cin, cout, depth, 1 if i == 0 else 2, rngs=rngs, dtype=dtype))
+            stages.append(Stage(cin, cout, depth, 1 if i == 0 else 2, rngs=rngs, dtype=dtype, kernels=kernels))
             cin = cout
         self.stages = nnx.List(stages)
         self.norm = _group_norm(cin, rngs=rngs, dtype=dtype)
@@ -163,25 +166,28 @@ class ResNetV2(nnx.Module):
     def __call__(self, images: jax.Array) -> jax.Array:
         return self.forward_head(self.forward_features(images))
 
-    def forward_features(self, images: jax.Array) -> jax.Array:
-        """The final norm + ReLU of the last stage's map, [B, H/32, W/32, C] (timm's split)."""
+    def forward_features(self, images: jax.Array, stages: int = 4) -> jax.Array:
+        """The map after the first `stages` stages, [B, h, w, C]; after all four, also the final norm +
+        ReLU (timm's split: what the head pools)."""
         x = self.stem(images)
-        for stage in self.stages:
+        for stage in self.stages[:stages]:
             x = stage(x)
-        return nnx.relu(self.norm(x))
+        return nnx.relu(self.norm(x)) if stages == len(self.stages) else x
 
-    def forward_head(self, features: jax.Array) -> jax.Array:
-        """Global average pool and classifier: [B, h, w, C] -> logits float32[B, num_classes]."""
+    def forward_head(self, features: jax.Array, from_stage: int = 4) -> jax.Array:
+        """Logits float32[B, num_classes] from the map after stage `from_stage`: the later stages (and the
+        final norm + ReLU), global average pool and classifier."""
+        if from_stage < len(self.stages):
+            for stage in self.stages[from_stage:]:
+                features = stage(features)
+            features = nnx.relu(self.norm(features))
         return self.head(features)
 
-
-def _factory(depths: tuple[int, int, int, int], width_factor: int):
-    """Registry factory for one depth and width; the model has no options."""
-
-    def factory(num_classes: int, rngs: nnx.Rngs, dtype: Any) -> ResNetV2:
-        return ResNetV2(depths, width_factor, num_classes, rngs=rngs, dtype=dtype)
-
-    return factory
+    def layer_id(self, path: str) -> int:
+        parts = path.split("/")
+        if parts[0] == "stages":
+            return int(parts[1]) + 1
+        return 0 if parts[0] == "stem" else len(self.stages) + 1
 
 
 for _name, _depths, _width in (
@@ -192,4 +198,4 @@ for _name, _depths, _width in (
     ("resnetv2_152x2_bit", (3, 8, 36, 3), 2),
     ("resnetv2_152x4_bit", (3, 8, 36, 3), 4),
 ):
-    register(_name)(_factory(_depths, _width))
+    register(_name, ResNetV2, depths=_depths, width_factor=_width)

@@ -1,6 +1,6 @@
 """Vision Transformer (vit_{tiny,small,base,large}_patch{16,32}_{224,384}) in the timm layout.
 
-Attribute names mirror timm (`cls_token`, `pos_embed`, `blocks.i.{norm1,attn.qkv,attn.proj,norm2,
+Attribute names mirror timm (`cls_token`, `reg_token`, `pos_embed`, `blocks.i.{norm1,attn.qkv,attn.proj,norm2,
 mlp.fc1,mlp.fc2}`, `norm` / `fc_norm`, `head`) so converted weights map one-to-one, except
 timm's `patch_embed.proj` conv, which is `patch_embed` itself here. Numerics follow timm:
 pre-norm blocks, LayerNorm eps 1e-6 (an option), exact-erf GELU, attention scale head_dim**-0.5.
@@ -15,17 +15,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxclf.models import layers, register
+from jaxclf import kernels as kernels_lib
+from jaxclf.kernels import xla_cpu
+from jaxclf.models import Classifier, layers, register
 
 _init = nnx.initializers.truncated_normal(0.02)
 # torch nn.Conv2d's default weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as in timm.
 _patch_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def _linear(din: int, dout: int, *, rngs: nnx.Rngs, dtype: Any) -> nnx.Linear:
-    """Linear with trunc-normal(0.02) kernel, zero bias, float32 params (CPU gradient: `layers.linear_dot_general`)."""
-    return nnx.Linear(din, dout, kernel_init=_init, bias_init=nnx.initializers.zeros,
-                      dtype=dtype, param_dtype=jnp.float32, dot_general=layers.linear_dot_general, rngs=rngs)
+def _linear(din: int, dout: int, *, rngs: nnx.Rngs, dtype: Any, kernels: str = "plain") -> layers.Linear:
+    """Linear with trunc-normal(0.02) kernel, zero bias, float32 params."""
+    return layers.Linear(din, dout, kernel_init=_init, bias_init=nnx.initializers.zeros, dtype=dtype,
+                         param_dtype=jnp.float32, kernels=kernels, rngs=rngs)
 
 
 def _layer_norm(dim: int, eps: float, *, rngs: nnx.Rngs, dtype: Any) -> nnx.LayerNorm:
@@ -39,31 +41,34 @@ def _dropout(rate: float, *, rngs: nnx.Rngs, broadcast_dims: tuple[int, ...] = (
 
 
 class Attention(nnx.Module):
-    """Multi-head self-attention with timm's fused qkv. x: [B, N, D] -> [B, N, D]."""
+    """Multi-head self-attention with timm's fused qkv. x: [B, N, D] -> [B, N, D].
 
-    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any, implementation: str = "auto"):
+    With `sow_weights` set (jaxclf.explain does), each call sows its attention weights
+    [B, heads, N, N] as `nnx.Intermediate` "weights" for `nnx.capture`.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any, kernels: str = "plain"):
         self.num_heads = num_heads
-        self.implementation = implementation
-        self.qkv = _linear(dim, 3 * dim, rngs=rngs, dtype=dtype)
-        self.proj = _linear(dim, dim, rngs=rngs, dtype=dtype)
+        self.kernels = kernels
+        self.sow_weights = False
+        self.qkv = _linear(dim, 3 * dim, rngs=rngs, dtype=dtype, kernels=kernels)
+        self.proj = _linear(dim, dim, rngs=rngs, dtype=dtype, kernels=kernels)
 
-    def __call__(self, x: jax.Array, return_weights: bool = False):
-        """x -> out, or (out, weights: float32[B, heads, N, N]) with `return_weights` (for explanations)."""
+    def __call__(self, x: jax.Array) -> jax.Array:
         b, n, d = x.shape
         # timm's qkv output is laid out as [3, heads, head_dim] along the feature axis.
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-        if not return_weights:
-            return self.proj(layers.qkv_attention(qkv, self.implementation).reshape(b, n, d))
-        out, weights = layers.softmax_attention_and_weights(qkv)
-        return self.proj(out.reshape(b, n, d)), weights.astype(jnp.float32)
+        if self.sow_weights:
+            self.sow(nnx.Intermediate, "weights", layers.attention_weights(qkv).astype(jnp.float32))
+        return self.proj(layers.attention(qkv, kernels=self.kernels).reshape(b, n, d))
 
 
 class Mlp(nnx.Module):
     """fc1 -> exact GELU -> fc2. x: [B, N, D] -> [B, N, D]."""
 
-    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype: Any):
-        self.fc1 = _linear(dim, hidden, rngs=rngs, dtype=dtype)
-        self.fc2 = _linear(hidden, dim, rngs=rngs, dtype=dtype)
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype: Any, kernels: str = "plain"):
+        self.fc1 = _linear(dim, hidden, rngs=rngs, dtype=dtype, kernels=kernels)
+        self.fc2 = _linear(hidden, dim, rngs=rngs, dtype=dtype, kernels=kernels)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(layers.gelu(self.fc1(x)))
@@ -72,81 +77,84 @@ class Mlp(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm transformer block with stochastic depth. x: [B, N, D] -> [B, N, D]."""
 
-    def __init__(self, dim: int, num_heads: int, drop_path: float, norm_eps: float, attention: str, *,
-                 rngs: nnx.Rngs, dtype: Any):
+    def __init__(self, dim: int, num_heads: int, drop_path: float, norm_eps: float, *, rngs: nnx.Rngs, dtype: Any,
+                 kernels: str = "plain"):
         self.norm1 = _layer_norm(dim, norm_eps, rngs=rngs, dtype=dtype)
-        self.attn = Attention(dim, num_heads, rngs=rngs, dtype=dtype, implementation=attention)
+        self.attn = Attention(dim, num_heads, rngs=rngs, dtype=dtype, kernels=kernels)
         self.norm2 = _layer_norm(dim, norm_eps, rngs=rngs, dtype=dtype)
-        self.mlp = Mlp(dim, 4 * dim, rngs=rngs, dtype=dtype)
+        self.mlp = Mlp(dim, 4 * dim, rngs=rngs, dtype=dtype, kernels=kernels)
         # Stochastic depth = dropout of a whole residual branch per example: one mask value per
         # example, broadcast over tokens and features, kept branches scaled by 1/(1-rate) as timm.
         self.drop_path1 = _dropout(drop_path, rngs=rngs, broadcast_dims=(1, 2))
         self.drop_path2 = _dropout(drop_path, rngs=rngs, broadcast_dims=(1, 2))
 
-    def __call__(self, x: jax.Array, return_attention: bool = False):
-        """x -> x, or (x, attention weights [B, heads, N, N]) with `return_attention`."""
-        attended = self.attn(self.norm1(x), return_weights=return_attention)
-        if return_attention:
-            attended, weights = attended
-        x = x + self.drop_path1(attended)
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return (x, weights) if return_attention else x
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
-class VisionTransformer(nnx.Module):
+class VisionTransformer(Classifier):
     """ViT classifier. images: float32[B, img_size, img_size, 3] -> logits: float32[B, num_classes].
 
-    `drop_rate` is dropout on the pooled features before the head (timm's `drop_rate`);
-    `drop_path_rate` is the stochastic depth of the last block, linear from 0 at the first;
-    `global_pool` is 'token' (class token after `norm`) or 'avg' (mean of the patch tokens, then
-    `fc_norm`, as timm names it); `norm_eps` is the LayerNorm epsilon; `pre_logits_size` > 0 adds
-    the original ViT's representation layer (Dense + tanh, `pre_logits`) before the head, as in
-    some vit_jax ImageNet-21k checkpoints; `attention` is "auto" (cuDNN's fused attention on
-    NVIDIA GPUs in bf16, XLA's elsewhere), "xla" or "cudnn" (`layers.qkv_attention`).
+    Tokens are [class token, register tokens, patches] (timm's order). `drop_rate` is dropout on
+    the pooled features before the head (timm's `drop_rate`); `drop_path_rate` is the stochastic
+    depth of the last block, linear from 0 at the first; `global_pool` is 'token' (class token
+    after `norm`) or 'avg' (mean of the patch tokens, then `fc_norm`, as timm names it);
+    `reg_tokens` adds that many register tokens (Darcet et al., 2023), learned, dropped before
+    pooling; `no_embed_class` gives only the patches a position embedding (timm's register models);
+    `norm_eps` is the LayerNorm epsilon; `pre_logits_size` > 0 adds the original ViT's
+    representation layer (Dense + tanh, `pre_logits`) before the head, as in some vit_jax
+    ImageNet-21k checkpoints; `kernels` names the kernel set ("auto": the one for this platform).
     """
 
     def __init__(
         self,
         *,
         num_classes: int,
-        img_size: int,
         patch_size: int,
         width: int,
         depth: int,
         num_heads: int,
-        drop_rate: float,
-        drop_path_rate: float,
-        class_token: bool,
-        global_pool: str,
-        norm_eps: float,
-        pre_logits_size: int,
         rngs: nnx.Rngs,
-        dtype: Any,
-        attention: str = "auto",
+        dtype: Any = jnp.float32,
+        img_size: int = 224,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        class_token: bool = True,
+        reg_tokens: int = 0,
+        no_embed_class: bool = False,
+        global_pool: str = "token",
+        norm_eps: float = 1e-6,
+        pre_logits_size: int = 0,
+        kernels: str = "auto",
     ):
-        if attention not in layers.ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"attention={attention!r}: use one of {layers.ATTENTION_IMPLEMENTATIONS}")
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool={global_pool!r}: use 'token' or 'avg'")
         if global_pool == "token" and not class_token:
             raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg'")
         if img_size % patch_size:
             raise ValueError(f"img_size={img_size} is not a multiple of the patch size {patch_size}")
+        self.kernels = kernels = kernels_lib.resolve(kernels)
         self.img_size = img_size
         self.global_pool = global_pool
-        self.num_prefix_tokens = 1 if class_token else 0
+        self.has_class_token = class_token
+        self.num_reg_tokens = reg_tokens
+        self.num_prefix_tokens = int(class_token) + reg_tokens
+        self.no_embed_class = no_embed_class
         num_patches = (img_size // patch_size) ** 2
 
-        self.patch_embed = nnx.Conv(
+        self.patch_embed = layers.Conv(
             3, width, (patch_size, patch_size), strides=(patch_size, patch_size), padding="VALID",
-            kernel_init=_patch_init, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+            kernel_init=_patch_init, dtype=dtype, param_dtype=jnp.float32, kernels=kernels, rngs=rngs,
         )
         if class_token:
             self.cls_token = nnx.Param(_init(rngs.params(), (1, 1, width), jnp.float32))
+        if reg_tokens:
+            self.reg_token = nnx.Param(_init(rngs.params(), (1, reg_tokens, width), jnp.float32))
         self.pos_embed = nnx.Param(
-            _init(rngs.params(), (1, self.num_prefix_tokens + num_patches, width), jnp.float32))
+            _init(rngs.params(), (1, self.pos_embed_prefix_tokens() + num_patches, width), jnp.float32))
         self.blocks = nnx.List([
-            Block(width, num_heads, float(rate), norm_eps, attention, rngs=rngs, dtype=dtype)
+            Block(width, num_heads, float(rate), norm_eps, rngs=rngs, dtype=dtype, kernels=kernels)
             for rate in np.linspace(0.0, drop_path_rate, depth)
         ])
         if global_pool == "avg":
@@ -173,18 +181,8 @@ class VisionTransformer(nnx.Module):
             x = jnp.tanh(self.pre_logits(x))
         return self.head(self.head_drop(x))
 
-    def attention_maps(self, images: jax.Array) -> jax.Array:
-        """Every block's attention weights, float32[depth, B, heads, N, N] with N = prefix tokens +
-        patches in row-major order (for attention rollout, jaxclf/explain.py)."""
-        x = self._embed(images)
-        maps = []
-        for blk in self.blocks:
-            x, weights = blk(x, return_attention=True)
-            maps.append(weights)
-        return jnp.stack(maps)
-
     def _embed(self, images: jax.Array) -> jax.Array:
-        """images [B, img_size, img_size, 3] -> tokens [B, N, width]: patches, class token, position embedding."""
+        """images [B, img_size, img_size, 3] -> tokens [B, N, width]: prefix tokens, patches, position embedding."""
         if images.shape[1:3] != (self.img_size, self.img_size):
             raise ValueError(
                 f"images are {images.shape[1]}x{images.shape[2]} but the model was built for "
@@ -192,37 +190,29 @@ class VisionTransformer(nnx.Module):
         x = self.patch_embed(images)
         b, h, w, d = x.shape
         x = x.reshape(b, h * w, d)  # row-major patch order, as timm's flatten(2)
-        if self.num_prefix_tokens:
-            cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, d))
-            x = jnp.concatenate([cls, x], axis=1)
-        return x + self.pos_embed[...].astype(x.dtype)
+        pos_embed = self.pos_embed[...].astype(x.dtype)
+        prefix = [jnp.broadcast_to(token[...].astype(x.dtype), (b, token.shape[1], d))
+                  for token in (getattr(self, "cls_token", None), getattr(self, "reg_token", None)) if token is not None]
+        if self.no_embed_class:
+            return jnp.concatenate([*prefix, x + pos_embed], axis=1)
+        return jnp.concatenate([*prefix, x], axis=1) + pos_embed
 
+    def no_weight_decay(self) -> tuple[str, ...]:
+        return ("pos_embed", "cls_token", "reg_token")
 
-def _factory(width: int, depth: int, num_heads: int, patch_size: int, default_img_size: int):
-    """Registry factory for one ViT size; its keyword options are the model's options."""
+    def layer_id(self, path: str) -> int:
+        parts = path.split("/")
+        if parts[0] == "blocks":
+            return int(parts[1]) + 1
+        if parts[0] in ("patch_embed", "cls_token", "reg_token", "pos_embed"):
+            return 0
+        return len(self.blocks) + 1
 
-    def factory(
-        num_classes: int,
-        rngs: nnx.Rngs,
-        dtype: Any,
-        *,
-        img_size: int = default_img_size,
-        drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        class_token: bool = True,
-        global_pool: str = "token",
-        norm_eps: float = 1e-6,
-        pre_logits_size: int = 0,
-        attention: str = "auto",
-    ) -> VisionTransformer:
-        return VisionTransformer(
-            num_classes=num_classes, img_size=img_size, patch_size=patch_size, width=width,
-            depth=depth, num_heads=num_heads, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-            class_token=class_token, global_pool=global_pool, norm_eps=norm_eps,
-            pre_logits_size=pre_logits_size, rngs=rngs, dtype=dtype, attention=attention,
-        )
+    def pos_embed_prefix_tokens(self) -> int:
+        return 0 if self.no_embed_class else self.num_prefix_tokens
 
-    return factory
+    def xla_cpu_train_options(self) -> dict[str, Any]:
+        return xla_cpu.VIT_TRAIN_OPTIONS
 
 
 for _size, (_width, _depth, _heads) in {
@@ -233,4 +223,5 @@ for _size, (_width, _depth, _heads) in {
 }.items():
     for _patch in (16, 32):
         for _img in (224, 384):
-            register(f"vit_{_size}_patch{_patch}_{_img}")(_factory(_width, _depth, _heads, _patch, _img))
+            register(f"vit_{_size}_patch{_patch}_{_img}", VisionTransformer, width=_width, depth=_depth,
+                     num_heads=_heads, patch_size=_patch, img_size=_img)

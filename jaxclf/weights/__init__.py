@@ -99,21 +99,47 @@ def convert(source: str, model_name: str = "", format_name: str = "") -> tuple[d
     options = {**hub.model_options_from_config(sidecar), **_options_from_params(params)}
     if fmt.name == "vit_npz":
         options.update(vit.npz_model_options(tensors))
-    head = next((params[k] for k in params if surgery.HEAD.match(k) and k.endswith("bias")), None)
     preprocessing = {**fmt.preprocessing, "input_size": _input_size(model_name, options),
                      **hub.preprocessing_from_config(sidecar)}
-    info = Pretrained(model_name, options, int(head.shape[0]) if head is not None else 0, source, fmt.name,
-                      preprocessing)
+    info = Pretrained(model_name, options, _num_classes(params, model_name, options), source, fmt.name, preprocessing)
     return params, info
 
 
+def _num_classes(params: dict[str, np.ndarray], model_name: str, options: dict) -> int:
+    """The class count of the weights' head (0 when they have none), found where the model keeps its head."""
+    model = nnx.eval_shape(lambda: models.create(model_name, num_classes=1, **options))
+    head_paths = model.head_paths()
+    bias = next((params[k] for k in params if models.matches(k, head_paths) and k.endswith("bias")), None)
+    return int(bias.shape[0]) if bias is not None else 0
+
+
 def _options_from_params(params: dict[str, np.ndarray]) -> dict:
-    """A ViT's image size follows from its position embedding and patch size."""
+    """A ViT's token layout and image size, from its prefix tokens, position embedding and patch size.
+
+    With register tokens, timm's `no_embed_class` models give only the patches a position: that is
+    the case where the embedding's length is a square grid and minus the prefix tokens is not.
+    """
     if "pos_embed" not in params or "patch_embed/kernel" not in params:
         return {}
-    prefix = 1 if "cls_token" in params else 0
-    grid = math.isqrt(params["pos_embed"].shape[1] - prefix)
-    return {"img_size": grid * params["patch_embed/kernel"].shape[0]}
+    options = {}
+    reg_tokens = params["reg_token"].shape[1] if "reg_token" in params else 0
+    prefix = int("cls_token" in params) + reg_tokens
+    positions = params["pos_embed"].shape[1]
+    if reg_tokens:
+        options["reg_tokens"] = reg_tokens
+    if "cls_token" not in params:
+        options["class_token"] = False
+    if "fc_norm/scale" in params:
+        options["global_pool"] = "avg"
+    no_embed_class = prefix > 0 and _is_square(positions) and not _is_square(positions - prefix)
+    if no_embed_class:
+        options["no_embed_class"] = True
+    grid = math.isqrt(positions if no_embed_class else positions - prefix)
+    return {**options, "img_size": grid * params["patch_embed/kernel"].shape[0]}
+
+
+def _is_square(n: int) -> bool:
+    return math.isqrt(n) ** 2 == n
 
 
 def _input_size(model_name: str, options: dict) -> int:
@@ -157,8 +183,9 @@ def apply(
     returns notes on what was changed for the caller to print."""
     state = nnx.state(model)
     target = {name: tuple(leaf.shape) for name, leaf in tree_paths.flatten(state).items()}
-    fitted, notes = surgery.fit(params, target, num_prefix_tokens=getattr(model, "num_prefix_tokens", 0),
-                                dont_load=dont_load, pos_interpolation=pos_interpolation)
+    fitted, notes = surgery.fit(params, target, head_paths=model.head_paths(),
+                                pos_embed_prefix_tokens=model.pos_embed_prefix_tokens(), dont_load=dont_load,
+                                pos_interpolation=pos_interpolation)
     new_state = _replace_leaves(state, fitted)
     nnx.update(model, new_state)
     return notes

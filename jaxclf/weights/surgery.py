@@ -1,6 +1,7 @@
 """Fit converted weights to the model being fine-tuned: a new head, a new resolution, strict keys.
 
-- a head whose class count differs is reset to zeros (as big_vision does), and the caller told so;
+- a head (the model's `head_paths()`) whose class count differs is reset to zeros (as big_vision
+  does), and the caller told so;
 - a position embedding for another grid is resampled (bilinear by default, or bicubic);
 - every other missing, unexpected or mis-shaped key is an error listing all of them, unless a
   `dont_load` regex names it (those keep the model's fresh initialisation).
@@ -14,10 +15,9 @@ import re
 import jax
 import numpy as np
 
-from jaxclf import tree_paths
+from jaxclf import models, tree_paths
 from jaxclf.weights.files import WeightsError
 
-HEAD = re.compile(r"^(fc|head)(/fc)?/(kernel|bias)$")
 POS_EMBED = "pos_embed"
 
 
@@ -40,23 +40,26 @@ def fit(
     params: dict[str, np.ndarray],
     target: dict[str, tuple[int, ...]],
     *,
-    num_prefix_tokens: int = 0,
+    head_paths: tuple[str, ...] = (),
+    pos_embed_prefix_tokens: int = 0,
     dont_load: tuple[str, ...] = (),
     pos_interpolation: str = "bilinear",
 ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """`params` reshaped for a model whose arrays have the shapes `target`; returns (params, notes)."""
+    """`params` reshaped for a model whose arrays have the shapes `target`; returns (params, notes).
+
+    `head_paths` and `pos_embed_prefix_tokens` are the model's (`models.Classifier`)."""
     skip = [re.compile(p) for p in dont_load]
     params = {k: v for k, v in params.items() if not any(p.search(k) for p in skip)}
     target = {k: v for k, v in target.items() if not any(p.search(k) for p in skip)}
     notes = [f"not loaded (dont_load): {', '.join(dont_load)}"] if dont_load else []
-    reset = [k for k in params if HEAD.match(k) and k in target and params[k].shape != target[k]]
+    reset = [k for k in params if models.matches(k, head_paths) and k in target and params[k].shape != target[k]]
     for name in reset:
         params[name] = np.zeros(target[name], np.float32)
     if reset:
         notes.append(f"head reset to zeros for {target[reset[0]][-1]} classes: {', '.join(sorted(reset))}")
     if POS_EMBED in params and POS_EMBED in target and params[POS_EMBED].shape != target[POS_EMBED]:
         old = params[POS_EMBED].shape
-        params[POS_EMBED] = resample_pos_embed(params[POS_EMBED], num_prefix_tokens, target[POS_EMBED][1],
+        params[POS_EMBED] = resample_pos_embed(params[POS_EMBED], pos_embed_prefix_tokens, target[POS_EMBED][1],
                                                pos_interpolation)
         notes.append(f"pos_embed resampled ({pos_interpolation}) from {old} to {target[POS_EMBED]}")
     problems = tree_paths.mismatches({k: v.shape for k, v in params.items()}, target, "the weights", "the model")

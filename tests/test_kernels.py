@@ -1,0 +1,192 @@
+"""The one-flag check after a model edit: every kernel set computes the model's plain-JAX loss and gradients.
+
+Each family is built once with random values, then run with kernels="plain" and with each fast
+set on the same params (kernels change formulations, never params). float32 on CPU: losses agree
+to 1e-5 relative, each gradient leaf to 1e-4 of its norm (summation order differs between the
+formulations; a wrong formula is off by far more).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxclf import kernels, models
+from jaxclf.kernels import cpu, cudnn, plain
+from jaxclf.models import layers
+from model_helpers import with_random_values
+
+# Small variants of each family (depth and size are options), with what makes each path run:
+# ResNets at 32 px reach 1x1 maps (im2col convs), bottlenecks have 1x1 convs (matmuls), the ViT
+# has register tokens and an odd token count.
+FAMILIES = {
+    "resnet18": dict(depths=(1, 1, 1, 1)),
+    "resnet50": dict(depths=(1, 1, 1, 1)),
+    "resnetv2_50x1_bit": dict(depths=(1, 1, 1, 1)),
+    "vit_tiny_patch16_224": dict(img_size=32, patch_size=8, depth=2, reg_tokens=2),
+}
+FAST_SETS = [name for name in kernels.KERNEL_SETS if name != "plain"]
+
+
+def _loss_and_grads(model: nnx.Module, images: jax.Array, labels: jax.Array):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(params):
+        logits = nnx.merge(graphdef, params, rest, copy=True)(images)
+        return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+
+    return jax.jit(jax.value_and_grad(loss_fn))(params)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fast_kernels_compute_the_plain_loss_and_gradients(name):
+    options = FAMILIES[name]
+    plain = with_random_values(lambda: models.create(name, num_classes=5, kernels="plain", **options), scale=0.1)
+    plain.train()
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 5, 4))
+    reference_loss, reference_grads = _loss_and_grads(plain, images, labels)
+    reference = {k: np.asarray(v) for k, v in nnx.to_flat_state(reference_grads)}
+    for kernel_set in FAST_SETS:
+        fast = nnx.eval_shape(lambda: models.create(name, num_classes=5, kernels=kernel_set, **options))
+        fast.train()
+        nnx.update(fast, nnx.state(plain))
+        loss, grads = _loss_and_grads(fast, images, labels)
+        np.testing.assert_allclose(loss, reference_loss, rtol=1e-5, err_msg=f"{name} kernels={kernel_set}")
+        for path, grad in nnx.to_flat_state(grads):
+            expected = reference[path]
+            error = np.linalg.norm(np.asarray(grad) - expected) / max(np.linalg.norm(expected), 1e-12)
+            assert error < 1e-4, f"{name} kernels={kernel_set}: gradient of {'/'.join(map(str, path))} off by {error:.2g}"
+
+
+def test_auto_resolves_by_platform():
+    assert kernels.resolve("auto", "cpu") == "cpu"
+    assert kernels.resolve("auto", "gpu") == "gpu"
+    assert kernels.resolve("auto", "tpu") == "plain"
+    assert kernels.resolve("plain", "cpu") == "plain"
+    with pytest.raises(ValueError, match="kernels='fast': use one of auto, plain, cpu, gpu"):
+        kernels.resolve("fast")
+    assert models.create("resnet18", num_classes=2).kernels == kernels.resolve("auto")
+
+
+@pytest.mark.parametrize("length", [5, 197])
+def test_padded_attention_equals_unpadded_forward_and_backward(length):
+    # The padding and masking the "gpu" set wraps around cuDNN's kernel, run through XLA's.
+    rng = np.random.default_rng(length)
+    q, k, v, cotangent = (jnp.asarray(rng.normal(size=(2, length, 3, 8)), jnp.float32) for _ in range(4))
+    unpadded = lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(q, k, v) * cotangent)
+    padded = lambda q, k, v: jnp.sum(cudnn.padded_attention(q, k, v, multiple=64, implementation="xla") * cotangent)
+    np.testing.assert_allclose(padded(q, k, v), unpadded(q, k, v), rtol=1e-5)
+    for got, want in zip(jax.grad(padded, (0, 1, 2))(q, k, v), jax.grad(unpadded, (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _max_pool_grad_reference(x: np.ndarray, grad_out: np.ndarray, pad_value: float) -> np.ndarray:
+    """Each window's gradient added at its first maximum in row-major order, as torch's MaxPool2d."""
+    b, h, w, c = x.shape
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=pad_value)
+    grad = np.zeros_like(padded)
+    for i in range(grad_out.shape[1]):
+        for j in range(grad_out.shape[2]):
+            first = padded[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3].reshape(b, 9, c).argmax(axis=1)
+            for n in range(b):
+                for ch in range(c):
+                    k = first[n, ch]
+                    grad[n, 2 * i + k // 3, 2 * j + k % 3, ch] += grad_out[n, i, j, ch]
+    return grad[:, 1:h + 1, 1:w + 1]
+
+
+@pytest.mark.parametrize("kernel_set", ["plain", "cpu"])
+@pytest.mark.parametrize("pad_value", [-np.inf, 0.0])
+@pytest.mark.parametrize("shape", [(2, 8, 9, 3), (1, 7, 6, 2)])
+def test_max_pool_gradient_goes_to_first_maximum(shape, pad_value, kernel_set):
+    # Small integers tie often (as ReLU zeros do): every window's gradient must go to one pixel, the
+    # first maximum, as torch's (a maximum written as jnp.maximum would split ties).
+    rng = np.random.default_rng(3)
+    x = rng.integers(-2, 3, shape).astype(np.float32)
+    out, vjp = jax.vjp(lambda v: layers.max_pool_3x3_s2(v, pad_value, kernels=kernel_set), jnp.asarray(x))
+    grad_out = rng.standard_normal(out.shape).astype(np.float32)
+    grad = np.asarray(jax.jit(vjp)(jnp.asarray(grad_out))[0])
+    np.testing.assert_allclose(grad, _max_pool_grad_reference(x, grad_out, pad_value), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, stride, pad",
+    [
+        ((2, 2, 2, 8), 3, 1, 1),  # im2col: 2x2 output
+        ((2, 1, 1, 8), 3, 1, 1),  # 1x1 map: only the centre tap sees data
+        ((2, 4, 4, 8), 3, 2, 1),  # strided onto 2x2
+        ((2, 3, 3, 8), 1, 2, 0),  # 1x1 downsample conv onto 2x2
+        ((2, 5, 5, 8), 3, 1, 1),  # large output: XLA's convolution
+        ((2, 5, 6, 8), 1, 1, 0),  # bottleneck 1x1: a matmul
+        ((2, 7, 6, 8), 1, 2, 0),  # strided 1x1 downsample, odd height
+    ],
+)
+def test_cpu_convolution_equals_lax_forward_and_backward(shape, kernel, stride, pad):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, shape[-1], 6)), jnp.float32)
+    padding = ((pad, pad), (pad, pad))
+    ours = lambda x, w: layers.conv(x, w, (stride, stride), padding, kernels="cpu")
+    reference = lambda x, w: layers.conv(x, w, (stride, stride), padding, kernels="plain")
+    np.testing.assert_allclose(ours(x, w), reference(x, w), rtol=1e-5, atol=1e-5)
+    probe = jnp.asarray(rng.normal(size=reference(x, w).shape), jnp.float32)
+    loss = lambda f: lambda x, w: jnp.sum(f(x, w) * probe)
+    grads = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, w)
+    for g, e in zip(grads, jax.grad(loss(reference), argnums=(0, 1))(x, w)):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("features_in, features_out", [(8, 24), (24, 8)])
+def test_cpu_linear_equals_lax_forward_and_backward(features_in, features_out):
+    rng = np.random.default_rng(features_in)
+    x = jnp.asarray(rng.normal(size=(2, 5, features_in)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(features_in, features_out)), jnp.float32)
+    probe = jnp.asarray(rng.normal(size=(2, 5, features_out)), jnp.float32)
+    numbers = (((2,), (0,)), ((), ()))
+    loss = lambda dot: lambda x, kernel: jnp.sum(dot(x, kernel, numbers) * probe)
+    np.testing.assert_allclose(cpu.linear_dot_general(x, kernel, numbers), jax.lax.dot_general(x, kernel, numbers),
+                               rtol=1e-6, atol=1e-6)
+    grad = jax.jit(jax.grad(loss(cpu.linear_dot_general), argnums=(0, 1)))
+    for ours, expected in zip(grad(x, kernel), jax.grad(loss(jax.lax.dot_general), argnums=(0, 1))(x, kernel)):
+        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_cpu_attention_equals_autodiff_of_jax_attention(dtype, tolerance):
+    # The hand-written backward against autodiff of jax.nn.dot_product_attention, on ViT-like shapes;
+    # the plain formulation against the same reference.
+    qkv_key, cotangent_key = jax.random.split(jax.random.key(0))
+    qkv = jax.random.normal(qkv_key, (3, 197, 3, 4, 16)).astype(dtype)
+    cotangent = jax.random.normal(cotangent_key, (3, 197, 4, 16)).astype(dtype)
+    reference = lambda qkv: jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    loss = lambda f: lambda qkv: jnp.sum((f(qkv) * cotangent).astype(jnp.float32))
+    expected_value, expected_grad = jax.value_and_grad(loss(reference))(qkv)
+    for attention in (cpu.softmax_attention, plain.attention):
+        value, grad = jax.jit(jax.value_and_grad(loss(attention)))(qkv)
+        np.testing.assert_allclose(value, expected_value, rtol=tolerance, atol=tolerance)
+        np.testing.assert_allclose(np.asarray(grad, np.float32), np.asarray(expected_grad, np.float32),
+                                   rtol=tolerance, atol=tolerance)
+    weights = np.asarray(plain.attention_weights(qkv), np.float32)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=tolerance)
+
+
+@pytest.mark.skipif(not cudnn.available(jnp.bfloat16), reason="needs an NVIDIA GPU (cuDNN's fused attention)")
+@pytest.mark.parametrize("length", [197, 50])
+def test_cudnn_attention_matches_plain_on_nvidia_gpus(length):
+    rng = np.random.default_rng(length)
+    qkv = jnp.asarray(rng.normal(size=(2, length, 3, 4, 64)), jnp.bfloat16)
+    cotangent = jnp.asarray(rng.normal(size=(2, length, 4, 64)), jnp.bfloat16)
+
+    def loss(kernel_set):
+        return lambda qkv: jnp.sum((layers.attention(qkv, kernels=kernel_set) * cotangent).astype(jnp.float32))
+
+    fused = jax.jit(jax.value_and_grad(loss("gpu")))
+    assert "cudnn" in fused.lower(qkv).compile().as_text().lower()  # the "gpu" set really runs cuDNN's kernel
+    value, grad = fused(qkv)
+    expected_value, expected_grad = jax.jit(jax.value_and_grad(loss("plain")))(qkv)
+    np.testing.assert_allclose(value, expected_value, rtol=2e-2, atol=1.0)
+    np.testing.assert_allclose(np.asarray(grad, np.float32), np.asarray(expected_grad, np.float32), rtol=5e-2, atol=5e-2)
