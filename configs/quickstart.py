@@ -1,7 +1,7 @@
 """Quickstart: ResNet-18 from scratch on scikit-learn's digits, written once as an image folder.
 
     make quickstart
-    # = python -m jaxclf.train --config configs/quickstart.py --workdir runs/quickstart
+    # = python -m jaxclf.train --config configs/quickstart.py   (workdir: runs/quickstart)
 
 The 1,797 8x8 digits are upscaled to 32x32 PNGs under ~/.cache/jaxclf/digits (train/val, 80/20,
 stratified) and read back through the same image-folder source as your own data. Expected on a

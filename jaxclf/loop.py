@@ -16,7 +16,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from jaxclf import checkpoint, preemption, sharding, steps
+from jaxclf import checkpoint, preemption, progress as progress_lib, sharding, steps
 from jaxclf.data import pipeline
 from jaxclf.listeners import EvalListener, Stop
 
@@ -39,9 +39,10 @@ class TrainLog:
     """
 
     def __init__(self, writer, schedule, batch_size: int, steps_per_epoch: int, nonfinite_loss: str, step: int,
-                 skipped: dict):
-        """`skipped`: the counts a resumed run's checkpoint holds (`skipped()`), else {}."""
-        self._writer, self._schedule = writer, schedule
+                 skipped: dict, progress: progress_lib.TrainProgress | None = None):
+        """`skipped`: the counts a resumed run's checkpoint holds (`skipped()`), else {}; `progress`
+        shows each window on the console."""
+        self._writer, self._schedule, self._progress = writer, schedule, progress
         self._batch_size, self._steps_per_epoch = batch_size, steps_per_epoch
         self._nonfinite_loss = nonfinite_loss
         self._pending: list[dict] = []
@@ -91,6 +92,8 @@ class TrainLog:
         scalars["data/skipped_images"] = self._skipped_images
         scalars["epoch"] = step / self._steps_per_epoch
         self._writer.write(step, scalars)
+        if self._progress:
+            self._progress.log_line(step, scalars)
         self.restart_clock(step)
 
 
@@ -118,7 +121,7 @@ def evaluate(eval_step: Callable, eval_loader: pipeline.EvalLoader, mesh: Mesh, 
     if state.ema_params is not None:
         models_to_evaluate["val_ema"] = state.ema_params
     totals = {name: steps.zero_eval_totals(mesh) for name in models_to_evaluate}
-    for batch in eval_loader.one_pass():
+    for batch in progress_lib.track(eval_loader.one_pass(), "evaluating", total=eval_loader.num_batches):
         batch = sharding.shard_batch(batch, mesh)
         for name, params in models_to_evaluate.items():
             totals[name] = eval_step(params, state.model_state, batch, totals[name])
@@ -145,8 +148,10 @@ class TrainingLoop:
     def __init__(self, *, train_iter, mesh: Mesh, evaluate: Callable[[steps.TrainState], dict[str, float]],
                  checkpointer: checkpoint.Checkpointer, train_log: TrainLog, listeners: Sequence[EvalListener],
                  signals: preemption.StopSignals, meta: dict, total_steps: int, end_step: int, log_every: int,
-                 eval_every: int, checkpoint_every: int):
+                 eval_every: int, checkpoint_every: int, progress: progress_lib.TrainProgress):
         self._batches = prefetch_to_mesh(train_iter, mesh)
+        self._progress = progress
+        self._first_step_started: float | None = None
         self._evaluate, self._checkpointer, self._train_log = evaluate, checkpointer, train_log
         self._listeners, self._signals, self._meta = list(listeners), signals, meta
         self._total_steps, self._end_step = total_steps, end_step
@@ -160,6 +165,9 @@ class TrainingLoop:
     def next_batch(self, step: int, state: steps.TrainState) -> dict:
         """The batch for `step`. If a stop signal ended the data workers, checkpoints the last step and
         raises Preempted (a signal sent to the whole process group reaches them too)."""
+        if self._first_step_started is None:
+            progress_lib.say("compiling the train step (the first step waits for it) ...")
+            self._first_step_started = time.perf_counter()
         try:
             batch, self._next_data_state, self._skipped_images = next(self._batches)
         except Exception:
@@ -172,7 +180,10 @@ class TrainingLoop:
 
     def log(self, step: int, metrics: dict) -> None:
         """Keep `step`'s metrics (read back at the next log step) and check for stop signals."""
+        if self._data_state is None:
+            progress_lib.say(f"first step compiled and dispatched in {time.perf_counter() - self._first_step_started:.1f}s")
         self._data_state = self._next_data_state
+        self._progress.step()
         self._train_log.add({**metrics, "skipped_images": self._skipped_images})
         log_now = step % self._log_every == 0 or step == self._end_step
         self._signalled = self._signals.should_stop(at_sync_point=log_now)

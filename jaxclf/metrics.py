@@ -1,5 +1,5 @@
-"""Metrics of a run: one JSON object per line in `workdir/metrics.jsonl`, TensorBoard event files
-in `workdir` (`tensorboard --logdir DIR`; see tfevents.py), and a console line.
+"""Metrics of a run: one JSON object per line in `workdir/metrics.jsonl` and TensorBoard event files
+in `workdir` (`tensorboard --logdir DIR`; see tfevents.py). The console shows a few (jaxclf.progress).
 
 Only process 0 writes; every other process's writer does nothing, so callers need not check.
 """
@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import time
 
 import jax
 
@@ -26,19 +24,13 @@ class MetricsWriter:
         self._events = EventWriter(workdir)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
-        """Record `scalars` at `step` and print them on one console line."""
+        """Record `scalars` at `step`."""
         if not self._active:
             return
         record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
         with open(self._path, "a") as f:
             f.write(json.dumps(record) + "\n")
         self._events.add_scalars(step, {k: v for k, v in record.items() if k != "step"})
-        shown = "  ".join(f"{k}={_format(v)}" for k, v in record.items() if k != "step")
-        print(f"[{time.strftime('%H:%M:%S')}] step {step}  {shown}", file=sys.stderr, flush=True)
-
-
-def _format(value: float) -> str:
-    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Train a classifier: `python -m jaxclf.train --config configs/NAME.py --workdir DIR [--config.a.b=VALUE ...]`.
+"""Train a classifier: `python -m jaxclf.train --config configs/NAME.py [--workdir DIR] [--config.a.b=VALUE ...]`.
 
 Reads top to bottom: resolve the config -> build (data, model, optimizer, steps) -> restore or
 init -> loop (train, log, evaluate, checkpoint). A workdir that already holds a checkpoint is resumed.
@@ -7,7 +7,9 @@ init -> loop (train, log, evaluate, checkpoint). A workdir that already holds a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import re
 import json
 import math
 import os
@@ -31,6 +33,7 @@ from jaxclf import (
     optim,
     plots,
     preemption,
+    progress as progress_lib,
     resolve as resolve_lib,
     sharding,
     steps,
@@ -90,7 +93,8 @@ def train_and_evaluate(
 def build(config: ml_collections.FrozenConfigDict, pretrained: tuple[dict, weights.Pretrained] | None, workdir: str,
           mesh: Mesh) -> Built:
     """Data, model (with `pretrained` loaded), optimizer, sharded train state and jitted steps for a resolved config."""
-    splits = data_lib.load_splits(config.data)
+    with progress_lib.phase(f"reading the data ({config.data.source} {config.data.tfds_name or config.data.root})"):
+        splits = data_lib.load_splits(config.data)
     train_set, val_set = splits["train"], splits["val"]
     num_classes = _check_num_classes(config, splits, workdir)
     eval_batch_size = config.eval_batch_size or config.batch_size
@@ -163,19 +167,21 @@ def _train(built: Built, workdir: str, stop_at_step: int | None, listeners: Sequ
     writer = MetricsWriter(workdir)
     early_stopping = listeners_lib.EarlyStopping(config, meta.get(listeners_lib.EarlyStopping.state_key))
     end_step = built.total_steps if stop_at_step is None else min(stop_at_step, built.total_steps)
+    progress = progress_lib.TrainProgress(built.total_steps, start_step, config.batch_size)
     train_log = loop_lib.TrainLog(writer, built.schedule, config.batch_size, built.steps_per_epoch,
-                                  config.nonfinite_loss, start_step, meta.get("skipped", {}))
+                                  config.nonfinite_loss, start_step, meta.get("skipped", {}), progress)
     stop, step = None, start_step
     # On accelerators, any implicit device-to-host copy (a stray float(loss)) in the loop is an
     # error: the only host syncs are at logging, evaluation and checkpoint steps. (CPU arrays
     # already live in host memory, so the guard does not fire there.)
-    with preemption.StopSignals() as signals, jax.transfer_guard_device_to_host("disallow"):
+    with preemption.StopSignals() as signals, jax.transfer_guard_device_to_host("disallow"), \
+            contextlib.closing(progress):
         loop = loop_lib.TrainingLoop(
             train_iter=train_iter, mesh=built.mesh, evaluate=built.evaluate, checkpointer=built.checkpointer,
-            train_log=train_log, listeners=[listeners_lib.WriteMetrics(writer), early_stopping, *listeners],
+            train_log=train_log, listeners=[listeners_lib.WriteMetrics(writer), progress, early_stopping, *listeners],
             signals=signals, meta=meta, total_steps=built.total_steps, end_step=end_step,
             log_every=config.log_every_steps, eval_every=built.eval_every,
-            checkpoint_every=config.checkpoint_every_steps or built.eval_every,
+            checkpoint_every=config.checkpoint_every_steps or built.eval_every, progress=progress,
         )
         for step in range(start_step + 1, end_step + 1):
             state, metrics = built.train_step(state, loop.next_batch(step, state))
@@ -273,7 +279,8 @@ def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]:
     the other processes of a multi-process run."""
     parser = argparse.ArgumentParser(prog="python -m jaxclf.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="config file, optionally FILE:ARG for get_config(ARG)")
-    parser.add_argument("--workdir", required=True, help="where checkpoints, metrics and config.json go")
+    parser.add_argument("--workdir", help="where checkpoints, metrics and config.json go (default: "
+                        "runs/<config file name>[_<ARG>]); a workdir holding a checkpoint is resumed")
     multi = parser.add_argument_group("multi-process runs (SLURM's srun needs none of these)")
     multi.add_argument("--coordinator_address", help="HOST:PORT of process 0")
     multi.add_argument("--num_processes", type=int)
@@ -293,7 +300,20 @@ def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]:
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     except ValueError as e:
         parser.error(str(e))
-    return config, args.workdir
+    workdir = args.workdir or default_workdir(args.config)
+    if jax.process_index() == 0:
+        resuming = os.path.isdir(os.path.join(workdir, "checkpoints"))
+        print(f"workdir: {workdir}{' (resuming)' if resuming else ''}", file=sys.stderr)
+    return config, workdir
+
+
+def default_workdir(config_arg: str) -> str:
+    """`runs/<config file stem>[_<ARG>]` for `--config FILE[:ARG]`: the same command finds the same
+    run again (and resumes it); ARG's characters other than letters, digits, '.', '-' become '_'."""
+    path, _, arg = config_arg.partition(":")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    suffix = re.sub(r"[^\w.-]+", "_", arg).strip("_")
+    return os.path.join("runs", f"{stem}_{suffix}" if suffix else stem)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import sys
 
 import numpy as np
 
+from jaxclf import progress
 from jaxclf.data.sources import SPLITS, DataError, LabelledSource
 
 
@@ -63,12 +63,11 @@ class TfdsSource(LabelledSource):
         """
         import tensorflow_datasets as tfds
 
-        if len(self) > 50_000:
-            print(f"Reading the labels of {len(self)} records of {self._description} ...", file=sys.stderr)
         undecoded = self._open(decoders={"image": tfds.decode.SkipDecoding()})
         chunks = [list(range(start, min(start + 1024, len(self)))) for start in range(0, len(self), 1024)]
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             labels = pool.map(lambda keys: [record["label"] for record in undecoded.__getitems__(keys)], chunks)
+            labels = progress.track(labels, f"labels of {self._description}", total=len(chunks))
             return np.asarray([label for chunk in labels for label in chunk], np.int32)
 
     def __repr__(self) -> str:
