@@ -10,15 +10,25 @@ from flax import nnx
 from jaxclf import tree_paths
 
 
-def with_random_values(make_model: Callable[[], nnx.Module], seed: int = 0, scale: float = 0.2) -> nnx.Module:
-    """`make_model()` without running its initialisers (seconds of per-shape compiles on CPU): float
-    arrays get uniform values in [1 - scale, 1 + scale] for norm scales and variances, N(0, scale) otherwise."""
+def with_random_values(make_model: Callable[[], nnx.Module], seed: int = 0, spread: float = 0.2) -> nnx.Module:
+    """`make_model()` without running its initialisers (seconds of per-shape compiles on CPU), filled
+    from a seeded generator: kernels N(0, 1/fan_in) for unit-scale activations, norm scales and
+    variances U(1 - spread, 1 + spread), every other float (biases, means, tokens, position
+    embeddings) N(0, 0.2); RNG keys from the seed, RNG counts 0. Unlike init's ones and zeros,
+    random norms, biases and statistics let a reference forward check each of them."""
     graphdef, state = nnx.split(nnx.eval_shape(make_model))
     rng = np.random.default_rng(seed)
 
     def fill(path, x):
-        if tree_paths.path_name(path).rsplit("/", 1)[-1] in ("scale", "var"):
-            return jnp.asarray(rng.uniform(1 - scale, 1 + scale, x.shape), x.dtype)
-        return jnp.asarray(rng.normal(0, scale, x.shape), x.dtype)
+        name = tree_paths.path_name(path).rsplit("/", 1)[-1]
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.key(int(rng.integers(2**31)))
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return jnp.zeros(x.shape, x.dtype)
+        if name == "kernel":
+            return jnp.asarray(rng.normal(0, np.prod(x.shape[:-1]) ** -0.5, x.shape), x.dtype)
+        if name in ("scale", "var"):
+            return jnp.asarray(rng.uniform(1 - spread, 1 + spread, x.shape), x.dtype)
+        return jnp.asarray(rng.normal(0, 0.2, x.shape), x.dtype)
 
     return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))

@@ -43,7 +43,7 @@ def _loss_and_grads(model: nnx.Module, images: jax.Array, labels: jax.Array):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_fast_kernels_compute_the_plain_loss_and_gradients(name):
     options = FAMILIES[name]
-    plain = with_random_values(lambda: models.create(name, num_classes=5, kernels="plain", **options), scale=0.1)
+    plain = with_random_values(lambda: models.create(name, num_classes=5, kernels="plain", **options), spread=0.1)
     plain.train()
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32)

@@ -12,6 +12,7 @@ from scipy.special import erf
 
 from jaxclf import models
 from jaxclf.models import layers, resnet
+from model_helpers import with_random_values
 
 RESNETS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 BIT_RESNETV2S = [f"resnetv2_{size}_bit" for size in ("50x1", "50x3", "101x1", "101x3", "152x2", "152x4")]
@@ -34,32 +35,8 @@ def _np(x) -> np.ndarray:
 
 
 def _random_model(name: str, seed: int, num_classes: int = 10, **kwargs) -> nnx.Module:
-    """Model `name` built abstractly, then filled with random values scaled for unit activations.
-
-    Skips the real init (seconds of per-shape compiles on this CPU). Random norm scales, biases
-    and running stats, unlike init's ones and zeros, let a reference forward check each of them,
-    and unit-scale pre-activations tell exact from tanh GELU.
-    """
-    model = nnx.eval_shape(lambda: models.create(name, num_classes=num_classes, **kwargs))
-    rng = np.random.default_rng(seed)
-    for path, var in nnx.iter_graph(model):
-        if not isinstance(var, nnx.Variable):
-            continue
-        if isinstance(var, nnx.RngKey):
-            var.set_value(jax.random.key(int(rng.integers(2**31))))
-            continue
-        if isinstance(var, nnx.RngCount):
-            var.set_value(jnp.zeros((), jnp.uint32))
-            continue
-        shape = var.shape
-        if path[-1] == "kernel":
-            value = rng.normal(0, np.prod(shape[:-1]) ** -0.5, shape)
-        elif path[-1] in ("scale", "var"):
-            value = rng.uniform(0.5, 1.5, shape)
-        else:  # biases, running means, cls_token, pos_embed
-            value = rng.normal(0, 0.2, shape)
-        var.set_value(jnp.asarray(value, jnp.float32))
-    return model
+    """Model `name` with random values (`with_random_values`), norms spread wide so a reference forward checks them."""
+    return with_random_values(lambda: models.create(name, num_classes=num_classes, **kwargs), seed, spread=0.5)
 
 
 def test_list_models_names_all_27_models():
