@@ -38,6 +38,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.model_init = ""
     c.model_init_dont_load = ()  # regexes of param paths to leave at their fresh initialisation
     c.model_init_pos_interpolation = "bilinear"  # ViT position embeddings for a new img_size: or "bicubic"
+    # Continual learning: with model_init = a finished jaxclf workdir (DIR[:best|last|STEP]), the run
+    # continues that model: head rows matched by class name, new classes added (README "Continual learning").
+    c.continual = ml_collections.ConfigDict()
+    c.continual.drop_classes = False  # allow old classes that neither the new data nor the replay set has
+    c.continual.keep_preprocessing = True  # take the old run's data.pp_train, pp_eval, mean and std
+    # Rehearsal data of the old classes: "" = the old run's exemplars/ if it wrote them, else its own
+    # training data (its config.json); "none"; or a folder PATH/<class>/* (or PATH/train/<class>/*).
+    c.continual.replay = ""
+    c.continual.replay_fraction = 0.0  # this share of every batch comes from the replay data
+    c.continual.replay_per_class = 0  # > 0: replay at most this many (seeded random) per class; also written
+    #   to workdir/exemplars/train/<class>/ for every class of this run, the next update's default replay
+    c.continual.distill_old = 0.0  # > 0: Learning-without-Forgetting weight: the old model's logits on the old classes
+    c.continual.temperature = 2.0  # LwF's softmax temperature
 
     c.data = ml_collections.ConfigDict()
     # "folder": root/<split>/<class>/*; "list": CSV/JSONL files of filename,label (names relative to
@@ -53,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.val_fraction = 0.0  # > 0 and no val split: hold out this fraction of train, per class
     c.data.test_fraction = 0.0  # > 0 and no test split: hold out this fraction of train (e.g. 0.15 with val 0.15)
     c.data.split_seed = 0
+    c.data.classes = ()  # only these class names of the data (e.g. ("0", "1") of the digits); (): every class
     c.data.bad_images = "error"  # an undecodable image: "error" stops naming it; "skip" replaces it (counted)
     c.data.sampling = "uniform"  # "uniform" (each epoch a permutation) or "balanced" (classes drawn equally)
     c.data.class_weights = "none"  # loss weights: "none", "balanced" (n / (C * count)) or "w0,w1,..."
@@ -103,6 +117,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.mix_prob = 1.0
     c.mix_switch_prob = 0.5
     c.ema_decay = 0.0  # > 0: keep an exponential moving average of the params; evaluated as val_ema/*
+    # Knowledge distillation (README "Distillation"): loss = (1 - alpha) * cross-entropy + alpha * distillation.
+    c.distill = ml_collections.ConfigDict()
+    c.distill.teacher = ""  # a finished jaxclf workdir (DIR[:best|last|STEP]) or pretrained weights (path, hub name)
+    c.distill.alpha = 0.5  # 0: off (as with no teacher); 1: the teacher's targets only
+    c.distill.mode = "soft"  # "soft": T^2 * KL on temperature-scaled logits; "hard": the teacher's argmax as targets
+    c.distill.temperature = 4.0  # soft mode
+    c.distill.image_size = 0  # teacher input size; 0: its recorded one (images resized on the device), else as is
+    c.distill.dtype = "auto"  # the teacher's compute dtype; "auto": the run's config.dtype
     # Compute dtype: "float32", "bfloat16" (params, loss and softmax stay float32), or "auto":
     # bfloat16 on GPUs and TPUs, float32 on CPUs. config.json records the one a run used.
     c.dtype = "auto"

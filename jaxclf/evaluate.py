@@ -19,17 +19,18 @@ import jax
 import numpy as np
 from scipy.special import log_softmax, logsumexp
 
-from jaxclf import data as data_lib, inference, plots, report as report_lib
+from jaxclf import continual, data as data_lib, inference, plots, report as report_lib
 from jaxclf.data import pipeline, sources
 
 TTA_MODES = ("none", "flip")
 
 
 def load_split(trained: inference.TrainedModel, split: str) -> tuple[str, sources.LabelledSource]:
-    """(name, source) for `split`: "train", "val" or "test" of the run's data config, or a folder
+    """(name, source) for `split`: "train", "val" or "test" of the run's data config (a continual run's:
+    its new data and the old run's images of old classes, as it trained), or a folder
     PATH/<class>/<images> whose class names are among the run's (labels follow the run's order)."""
     if split in sources.SPLITS:
-        splits = data_lib.load_splits(trained.config.data)
+        splits = continual.run_splits(trained.config, trained.workdir) or data_lib.load_splits(trained.config.data)
         if split not in splits:
             raise inference.WorkdirError(
                 f"--split {split}: the run's data ({trained.config.data.root}) has no {split} split; "
@@ -105,6 +106,9 @@ def evaluate(
         "checkpoint_step": trained.step, "weights": trained.weights, "tta": tta,
         "skipped_images": len(source) - len(labels),
     })
+    update = continual.evaluation_report(trained.workdir, source, log_probs, labels, batch_size)
+    if update is not None:
+        report["continual"] = update
     out_dir = os.path.join(trained.workdir, "eval", name)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "report.json"), "w") as f:
@@ -151,6 +155,8 @@ def _run(argv: Sequence[str]) -> int:
     print(f"top-1 {report['top1']:.2%}  top-5 {report['top5']:.2%}  loss {report['loss']:.4f}  "
           f"macro-F1 {report['macro_f1']:.4f}  balanced accuracy {report['balanced_accuracy']:.2%}  "
           f"ECE {report['ece']:.4f}  ({report['num_examples']} images, step {trained.step}, {trained.weights})")
+    if "continual" in report:
+        print(report_lib.continual_line(report["continual"]))
     print(f"wrote {out_dir}/report.json, report.md, confusion_matrix.png, reliability.png, predictions.csv")
     return 0
 

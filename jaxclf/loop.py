@@ -114,13 +114,14 @@ def prefetch_to_mesh(iterator, mesh: Mesh) -> Iterator[tuple[dict, bytes, int]]:
 
 
 @jax.transfer_guard_device_to_host("allow")
-def evaluate(eval_step: Callable, eval_loader: pipeline.EvalLoader, mesh: Mesh, state: steps.TrainState
-             ) -> dict[str, float]:
-    """One pass over the validation set: val/{loss, accuracy, top5, examples}, and val_ema/* with an EMA."""
+def evaluate(eval_step: Callable, eval_loader: pipeline.EvalLoader, mesh: Mesh, state: steps.TrainState,
+             class_groups: Sequence[str] = ()) -> dict[str, float]:
+    """One pass over the validation set: val/{loss, accuracy, top5, examples}, and val_ema/* with an EMA;
+    for each of the eval step's `class_groups`, val/<group>_accuracy and val/<group>_examples."""
     models_to_evaluate = {"val": state.params}
     if state.ema_params is not None:
         models_to_evaluate["val_ema"] = state.ema_params
-    totals = {name: steps.zero_eval_totals(mesh) for name in models_to_evaluate}
+    totals = {name: steps.zero_eval_totals(mesh, class_groups) for name in models_to_evaluate}
     for batch in progress_lib.track(eval_loader.one_pass(), "evaluating", total=eval_loader.num_batches):
         batch = sharding.shard_batch(batch, mesh)
         for name, params in models_to_evaluate.items():
@@ -134,6 +135,10 @@ def evaluate(eval_step: Callable, eval_loader: pipeline.EvalLoader, mesh: Mesh, 
             f"{name}/top5": sums["top5"] / count,
             f"{name}/examples": count,
         })
+        for group in class_groups:
+            if sums[f"{group}_count"]:  # a group without validation examples has no accuracy
+                results[f"{name}/{group}_accuracy"] = sums[f"{group}_top1"] / sums[f"{group}_count"]
+                results[f"{name}/{group}_examples"] = sums[f"{group}_count"]
     return results
 
 

@@ -138,8 +138,21 @@ def markdown_report(report: dict, title: str) -> str:
     lines += ["## Per class", "", "| class | precision | recall | F1 | support |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {c['class']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |"
               for c in report["per_class"]]
+    if "continual" in report:
+        lines += ["", "## Old and new classes (continual learning)", "", continual_line(report["continual"])]
     confused = most_confused(np.asarray(report["confusion_matrix"]), report["class_names"])
     if confused:
         lines += ["", "## Most confused (true -> predicted)", "", "| true | predicted | count |", "| --- | --- | --- |"]
         lines += [f"| {t} | {p} | {n} |" for t, p, n in confused]
     return "\n".join(lines) + "\n"
+
+
+def continual_line(update: dict) -> str:
+    """One line of a continual run's old-class and new-class top-1, their mean and the forgetting."""
+    def percent(key):
+        return "n/a" if update.get(key) is None else f"{update[key]:.2%}"
+
+    line = (f"old classes ({update['old_classes']}) top-1 {percent('old_top1')} (before the update "
+            f"{percent('old_top1_before')}, forgetting {percent('forgetting')}); new classes ({update['new_classes']}) "
+            f"top-1 {percent('new_top1')}; mean {percent('old_new_mean_top1')}")
+    return line + (f" ({update['note']})" if "note" in update else "")

@@ -12,7 +12,7 @@ import dataclasses
 import ml_collections
 import numpy as np
 
-from jaxclf import config as config_lib, kernels, models, weights
+from jaxclf import config as config_lib, continual, kernels, models, weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,13 +30,16 @@ def resolve(config: ml_collections.ConfigDict, platform: str) -> Resolved:
     - dtype "auto": bfloat16 on accelerators, float32 on CPUs;
     - model.kernels ("auto" or unset, for models that take it): the kernel set for the platform;
     - model options the weights of `model_init` imply (e.g. a ViT's LayerNorm epsilon), where unset;
-    - data.mean/std, where empty: those stored with the weights, else ImageNet's;
+    - data.mean/std, where empty: those stored with the weights, else ImageNet's; a finished run as
+      model_init (continual learning) gives its pp ops and mean/std (continual.keep_preprocessing);
     - best_metric: with an EMA, val/* becomes val_ema/* (the EMA weights are the ones evaluate,
       predict and export load, as in timm's train.py).
     """
     config = ml_collections.ConfigDict(config.to_dict())
     notes = []
     pretrained = _read_model_init(config)
+    with config.unlocked():
+        notes += continual.check_config(config, pretrained[1] if pretrained else None)
     if config.dtype == "auto":
         config.dtype = "float32" if platform == "cpu" else "bfloat16"
     if config.dtype not in models.DTYPES:

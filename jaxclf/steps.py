@@ -4,7 +4,9 @@ The model travels as an NNX graphdef (static) plus state pytrees; it is rebuilt 
 inside the jitted function, so no Python graph walk happens per step and shardings are explicit.
 Everything random in a step derives from `fold_in(key(config.seed), step)`, so a resumed run
 draws the same numbers as an uninterrupted one. The loss is a sum of terms built once from the
-config (`make_loss`); a term that is off is not in the sum, so it costs nothing.
+config (`make_loss`); a term that is off is not in the sum, so it costs nothing. Arrays a term
+reads but does not train (a distillation teacher's variables) are `Loss.frozen`: the step takes
+them as an argument, sharded like the params.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxclf import augment, sharding
+from jaxclf import augment, distill, sharding
 from jaxclf.kernels import xla_cpu
 
 
@@ -93,14 +95,15 @@ def example_weights(targets: jax.Array, class_weights: jax.Array | None) -> jax.
 @flax.struct.dataclass
 class LossInputs:
     """What every loss term may read, for one (micro-)batch: the model's float32 logits [B, C], the
-    (smoothed, mixed) targets [B, C], the normalised (mixed) images, and each example's weight with
-    the whole batch's weight sum (so micro-batches add up to the batch)."""
+    (smoothed, mixed) targets [B, C], the normalised (mixed) images, each example's weight with
+    the whole batch's weight sum (so micro-batches add up to the batch), and `Loss.frozen` on the mesh."""
 
     logits: jax.Array
     targets: jax.Array
     images: jax.Array
     weights: jax.Array
     weight_sum: jax.Array
+    frozen: dict = dataclasses.field(default_factory=dict)
 
 
 LossTerm = Callable[[LossInputs], jax.Array]
@@ -114,19 +117,50 @@ def weighted_cross_entropy(inputs: LossInputs) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Loss:
-    """A sum of named terms, each a function of `LossInputs` to a scalar; `class_weights` feed the example weights."""
+    """A sum of named terms, each a function of `LossInputs` to a scalar; `class_weights` feed the example
+    weights; `frozen` maps names to fixed arrays terms read (a teacher's variables), given to the step."""
 
     terms: tuple[tuple[str, LossTerm], ...]
     class_weights: jax.Array | None = None
+    frozen: dict = dataclasses.field(default_factory=dict)
 
     def __call__(self, inputs: LossInputs) -> jax.Array:
-        return functools.reduce(operator.add, (term(inputs) for _, term in self.terms))
+        return functools.reduce(operator.add, self.parts(inputs).values())
+
+    def parts(self, inputs: LossInputs) -> dict[str, jax.Array]:
+        """Each term's value, by name."""
+        return {name: term(inputs) for name, term in self.terms}
 
 
-def make_loss(config: ml_collections.ConfigDict, class_weights: jax.Array | None = None) -> Loss:
+def make_loss(config: ml_collections.ConfigDict, class_weights: jax.Array | None = None, *,
+              teacher: distill.Teacher | None = None, old_model: distill.Teacher | None = None) -> Loss:
     """The training loss `config` asks for: cross-entropy against the (smoothed, mixed, class-weighted)
-    targets, plus any further term a config turns on (added here, one line each)."""
-    return Loss(terms=(("cross_entropy", weighted_cross_entropy),), class_weights=class_weights)
+    targets, plus any further term a config turns on (added here, one line each).
+
+    With a `teacher` and config.distill.alpha > 0: (1 - alpha) * cross-entropy + alpha * distillation
+    (distill.py). With an `old_model` (continual learning) and config.continual.distill_old > 0:
+    + distill_old * Learning-without-Forgetting on the old classes.
+    """
+    alpha = config.distill.alpha if teacher is not None else 0.0
+    mean, std = tuple(config.data.mean), tuple(config.data.std)
+    terms, frozen = [], {}
+    if alpha < 1:
+        terms.append(("cross_entropy", weighted_cross_entropy if alpha == 0 else _scaled(weighted_cross_entropy, 1 - alpha)))
+    if alpha > 0:
+        terms.append(("distill", distill.distillation_term(
+            teacher, weight=alpha, mode=config.distill.mode, temperature=config.distill.temperature,
+            student_mean=mean, student_std=std)))
+        frozen[teacher.name] = teacher.state
+    if old_model is not None and config.continual.distill_old > 0:
+        terms.append(("distill_old", distill.distillation_term(
+            old_model, weight=config.continual.distill_old, mode="soft", temperature=config.continual.temperature,
+            student_mean=mean, student_std=std)))
+        frozen[old_model.name] = old_model.state
+    return Loss(terms=tuple(terms), class_weights=class_weights, frozen=frozen)
+
+
+def _scaled(term: LossTerm, factor: float) -> LossTerm:
+    return lambda inputs: factor * term(inputs)
 
 
 def make_train_step(
@@ -146,28 +180,31 @@ def make_train_step(
     XLA:CPU options for this step (`kernels/xla_cpu.py`), on top of every CPU program's.
 
     Reads from `config`: data.mean/std, label_smoothing, mixup_alpha, cutmix_alpha, mix_prob,
-    mix_switch_prob, optim.accumulate_steps, ema_decay, nonfinite_loss, seed. With
+    mix_switch_prob, optim.accumulate_steps, ema_decay, nonfinite_loss, seed, param_sharding. With
     nonfinite_loss="skip", a step whose loss or gradients are NaN/Inf leaves the state unchanged
-    (metrics["skipped"] = 1) instead of poisoning the parameters.
+    (metrics["skipped"] = 1) instead of poisoning the parameters. A loss of several terms also
+    reports each (metrics["loss_<name>"]); `loss.frozen` goes to the mesh once, laid out like the
+    params, and into every step as an argument.
     """
     mean, std = tuple(config.data.mean), tuple(config.data.std)
     accumulate = config.optim.accumulate_steps
 
-    def grads_and_metrics(params, model_state, images, targets, labels, weights, weight_sum):
+    def grads_and_metrics(params, model_state, images, targets, labels, weights, weight_sum, frozen):
         """Gradients of `loss`, whose terms divide by `weight_sum`: the whole batch's, so
         micro-batches' losses and gradients add up to the batch's."""
         def loss_fn(params):
             # copy=True makes fresh variables in this (grad) trace, so BatchNorm may update them.
             model = nnx.merge(graphdef, params, model_state, copy=True)
             logits = model(images).astype(jnp.float32)
-            value = loss(LossInputs(logits, targets, images, weights, weight_sum))
-            return value, (logits, nnx.state(model, nnx.Not(nnx.Param)))
+            parts = loss.parts(LossInputs(logits, targets, images, weights, weight_sum, frozen))
+            value = functools.reduce(operator.add, parts.values())
+            return value, (logits, nnx.state(model, nnx.Not(nnx.Param)), parts if len(parts) > 1 else {})
 
-        (value, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (value, (logits, model_state, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-        return grads, model_state, value, accuracy
+        return grads, model_state, value, accuracy, parts
 
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def train_step(state: TrainState, batch: dict, frozen: dict) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(jax.random.key(config.seed), state.step)
         images = normalize_images(batch["image"], mean, std)
         targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), config.label_smoothing)
@@ -184,12 +221,13 @@ def make_train_step(
         # A batch of only zero-weight classes has loss 0 and no gradient, not 0/0.
         weight_sum = jnp.maximum(weights.sum(), jnp.finfo(jnp.float32).tiny)
         if accumulate == 1:
-            grads, model_state, loss_value, accuracy = grads_and_metrics(
-                state.params, state.model_state, images, targets, batch["label"], weights, weight_sum
+            grads, model_state, loss_value, accuracy, parts = grads_and_metrics(
+                state.params, state.model_state, images, targets, batch["label"], weights, weight_sum, frozen
             )
         else:
-            grads, model_state, loss_value, accuracy = _accumulated(
-                grads_and_metrics, state, accumulate, images, targets, batch["label"], weights, weight_sum
+            grads, model_state, loss_value, accuracy, parts = _accumulated(
+                functools.partial(grads_and_metrics, frozen=frozen), state, accumulate, images, targets,
+                batch["label"], weights, weight_sum,
             )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -207,16 +245,23 @@ def make_train_step(
             kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
             new_state = kept.replace(step=new_state.step)  # the step counts, the update does not
             skipped = 1 - finite.astype(jnp.int32)
-        metrics = {"loss": loss_value, "accuracy": accuracy, "grad_norm": grad_norm, "skipped": skipped}
+        metrics = {"loss": loss_value, "accuracy": accuracy, "grad_norm": grad_norm, "skipped": skipped,
+                   **{f"loss_{name}": value for name, value in parts.items()}}
         return new_state, metrics
 
-    return jax.jit(
-        train_step,
-        in_shardings=(state_sharding, sharding.batch_sharded(mesh)),
+    jit_options = dict(
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=0,
         compiler_options=xla_cpu.compiler_options(mesh.devices.flat[0].platform, compiler_options),
     )
+    if not loss.frozen:
+        return jax.jit(functools.partial(train_step, frozen={}),
+                       in_shardings=(state_sharding, sharding.batch_sharded(mesh)), **jit_options)
+    frozen_sharding = sharding.state_sharding(loss.frozen, mesh, config.param_sharding)
+    jitted = jax.jit(train_step, in_shardings=(state_sharding, sharding.batch_sharded(mesh), frozen_sharding),
+                     **jit_options)
+    frozen = jax.device_put(loss.frozen, frozen_sharding)
+    return lambda state, batch: jitted(state, batch, frozen)
 
 
 def _accumulated(grads_and_metrics, state: TrainState, k: int, images, targets, labels, weights, weight_sum):
@@ -236,21 +281,23 @@ def _accumulated(grads_and_metrics, state: TrainState, k: int, images, targets, 
 
     def body(carry, xs):
         grad_sum, model_state = carry
-        grads, model_state, loss, accuracy = grads_and_metrics(state.params, model_state, *xs, weight_sum)
-        return (jax.tree.map(jnp.add, grad_sum, grads), model_state), (loss, accuracy)
+        grads, model_state, loss, accuracy, parts = grads_and_metrics(state.params, model_state, *xs, weight_sum)
+        return (jax.tree.map(jnp.add, grad_sum, grads), model_state), (loss, accuracy, parts)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (grad_sum, model_state), (losses, accuracies) = jax.lax.scan(
+    (grad_sum, model_state), (losses, accuracies, parts) = jax.lax.scan(
         body, (zeros, state.model_state), (micro(images), micro(targets), micro(labels), micro(weights))
     )
-    return grad_sum, model_state, losses.sum(), accuracies.mean()
+    return grad_sum, model_state, losses.sum(), accuracies.mean(), jax.tree.map(jnp.sum, parts)
 
 
 def make_eval_step(
-    graphdef: nnx.GraphDef, mesh: Mesh, state_sharding, *, mean: Sequence[float], std: Sequence[float]
+    graphdef: nnx.GraphDef, mesh: Mesh, state_sharding, *, mean: Sequence[float], std: Sequence[float],
+    class_groups: dict[str, Sequence[int]] | None = None,
 ) -> Callable[[nnx.State, nnx.State, dict, dict], dict]:
     """Return `step(params, model_state, batch, totals) -> totals`: sums of loss and top-1/top-5 hits
-    over unmasked rows.
+    over unmasked rows, and for each of `class_groups` (name -> class ids, e.g. continual learning's
+    old and new classes) `<name>_top1` and `<name>_count` over its rows.
 
     Sums stay on the device across batches (`totals` is donated), so evaluation syncs with the
     host once, at the end. Pass `state.ema_params` as `params` to evaluate the EMA model.
@@ -268,6 +315,10 @@ def make_eval_step(
             "top5": jnp.sum(jnp.any(top_k == labels[:, None], axis=-1) * mask),
             "count": jnp.sum(mask),
         }
+        for name, members in (class_groups or {}).items():
+            in_group = jnp.zeros(logits.shape[-1], jnp.float32).at[jnp.asarray(members, jnp.int32)].set(1.0)[labels]
+            batch_sums[f"{name}_top1"] = jnp.sum((top_k[:, 0] == labels) * mask * in_group)
+            batch_sums[f"{name}_count"] = jnp.sum(mask * in_group)
         return jax.tree.map(jnp.add, totals, batch_sums)
 
     replicated = sharding.replicated(mesh)
@@ -282,7 +333,8 @@ def make_eval_step(
     )
 
 
-def zero_eval_totals(mesh: Mesh) -> dict:
-    """The starting `totals` of `make_eval_step`, replicated on `mesh`."""
-    zeros = {name: jnp.zeros((), jnp.float32) for name in ("loss", "top1", "top5", "count")}
+def zero_eval_totals(mesh: Mesh, class_groups: Sequence[str] = ()) -> dict:
+    """The starting `totals` of `make_eval_step` (with those `class_groups`), replicated on `mesh`."""
+    names = ("loss", "top1", "top5", "count", *(f"{g}_{k}" for g in class_groups for k in ("top1", "count")))
+    zeros = {name: jnp.zeros((), jnp.float32) for name in names}
     return jax.device_put(zeros, sharding.replicated(mesh))

@@ -25,7 +25,9 @@ from jax.sharding import Mesh
 from jaxclf import (
     checkpoint,
     config as config_lib,
+    continual,
     data as data_lib,
+    distill,
     distributed,
     listeners as listeners_lib,
     loop as loop_lib,
@@ -95,12 +97,16 @@ def build(config: ml_collections.FrozenConfigDict, pretrained: tuple[dict, weigh
     """Data, model (with `pretrained` loaded), optimizer, sharded train state and jitted steps for a resolved config."""
     with progress_lib.phase(f"reading the data ({config.data.source} {config.data.tfds_name or config.data.root})"):
         splits = data_lib.load_splits(config.data)
+    update = continual.prepare(config, pretrained, splits, workdir)  # None unless model_init is a finished run
+    if update:
+        splits = update.splits
     train_set, val_set = splits["train"], splits["val"]
     num_classes = _check_num_classes(config, splits, workdir)
     eval_batch_size = config.eval_batch_size or config.batch_size
     sharding.check_batch_size(config.batch_size, mesh, "batch_size")
     sharding.check_batch_size(eval_batch_size, mesh, "eval_batch_size")
-    steps_per_epoch = len(train_set) // config.batch_size
+    replay_rows = update.replay_rows if update else 0
+    steps_per_epoch = len(train_set) // (config.batch_size - replay_rows)  # an epoch: a pass over the new data
     if steps_per_epoch == 0:
         raise config_lib.ConfigError(
             f"config.batch_size={config.batch_size} is larger than the {len(train_set)} training images"
@@ -109,7 +115,7 @@ def build(config: ml_collections.FrozenConfigDict, pretrained: tuple[dict, weigh
 
     model = _create_model(config, num_classes)
     if pretrained:
-        _load_model_init(model, pretrained[0], config)
+        _load_model_init(model, update.fit_head(pretrained[0], model.head_paths()) if update else pretrained[0], config)
     try:
         tx, schedule = optim.make_optimizer(config.optim, model, total_steps, steps_per_epoch)
     except optim.OptimConfigError as e:
@@ -121,12 +127,16 @@ def build(config: ml_collections.FrozenConfigDict, pretrained: tuple[dict, weigh
         state_sharding = sharding.state_sharding(state, mesh, config.param_sharding)
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from None
-    class_weights = imbalance.class_weights(config.data.class_weights, list(train_set.class_counts().values()))
-    loss = steps.make_loss(config, class_weights)
+    counts = update.class_counts() if update else list(train_set.class_counts().values())
+    class_weights = imbalance.class_weights(config.data.class_weights, counts)
+    loss = steps.make_loss(config, class_weights, teacher=distill.load_teacher(config, train_set.class_names),
+                           old_model=update.lwf_teacher() if update else None)
     train_step = steps.make_train_step(train_graphdef, tx, mesh, config, num_classes, state_sharding, loss,
                                        compiler_options=_train_compiler_options(model))
+    class_groups = update.plan.groups() if update else {}
     eval_step = steps.make_eval_step(
-        eval_graphdef, mesh, state_sharding, mean=tuple(config.data.mean), std=tuple(config.data.std)
+        eval_graphdef, mesh, state_sharding, mean=tuple(config.data.mean), std=tuple(config.data.std),
+        class_groups=class_groups,
     )
     eval_loader = pipeline.EvalLoader(val_set, config.data.pp_eval, global_batch_size=eval_batch_size,
                                       num_workers=config.data.num_workers, bad_images=config.data.bad_images)
@@ -135,7 +145,12 @@ def build(config: ml_collections.FrozenConfigDict, pretrained: tuple[dict, weigh
         return iter(pipeline.make_train_loader(
             train_set, config.data.pp_train, global_batch_size=config.batch_size, seed=config.seed,
             num_workers=num_workers, sampling=config.data.sampling, bad_images=config.data.bad_images,
+            replay=update.replay if update else None, replay_rows=replay_rows,
         ))
+
+    def evaluate(state):
+        metrics = loop_lib.evaluate(eval_step, eval_loader, mesh, state, tuple(class_groups))
+        return update.add_metrics(metrics) if update else metrics
 
     eval_every = max(1, round(config.eval_every_epochs * steps_per_epoch))
     checkpointer = checkpoint.Checkpointer(
@@ -144,7 +159,7 @@ def build(config: ml_collections.FrozenConfigDict, pretrained: tuple[dict, weigh
     return Built(
         config=config, mesh=mesh, train_set=train_set, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         eval_every=eval_every, state=jax.device_put(state, state_sharding), train_step=train_step,
-        evaluate=lambda state: loop_lib.evaluate(eval_step, eval_loader, mesh, state), schedule=schedule,
+        evaluate=evaluate, schedule=schedule,
         make_train_iterator=make_train_iterator, checkpointer=checkpointer,
     )
 

@@ -21,7 +21,8 @@ from absl import flags
 
 from jaxclf.data import imbalance, ops as ops_lib
 from jaxclf.data.reader import DecodedSource
-from jaxclf.data.sampler import GlobalBatchSampler
+from jaxclf.data.combine import Concatenated
+from jaxclf.data.sampler import GlobalBatchSampler, ReplaySampler
 
 
 def resolve_num_workers(num_workers: int) -> int:
@@ -72,12 +73,15 @@ def make_train_loader(
     num_workers: int,
     sampling: str = "uniform",
     bad_images: str = "error",
+    replay=None,
+    replay_rows: int = 0,
 ) -> grain.DataLoader:
     """An endless stream of this process's rows of each global batch, reshuffled each epoch from `seed`.
 
     The global batches are the same for any number of processes (see data/sampler.py).
     `sampling="balanced"` draws every class equally often (imbalance.py); `bad_images` is
-    "error" or "skip" (reader.py).
+    "error" or "skip" (reader.py). With a `replay` source (sharing `source`'s classes), the last
+    `replay_rows` rows of every global batch are drawn from it (`sampler.ReplaySampler`).
 
     `iter(loader)` supports get_state()/set_state(); a restored iterator continues with the
     exact batches (and random crops) the original would have produced.
@@ -85,7 +89,12 @@ def make_train_loader(
     batch_size = _local_batch_size(global_batch_size)
     shard = grain.sharding.ShardByJaxProcess()
     weights = imbalance.sampling_weights(sampling, source)
-    sampler = GlobalBatchSampler(len(source), global_batch_size, jax.process_count(), seed, weights)
+    if replay is not None and replay_rows:
+        sampler = ReplaySampler(len(source), len(replay), global_batch_size, replay_rows, jax.process_count(), seed,
+                                weights)
+        source = Concatenated((source, replay))
+    else:
+        sampler = GlobalBatchSampler(len(source), global_batch_size, jax.process_count(), seed, weights)
     decode, operations = _split_decode(ops_spec)
     reader = DecodedSource(source, decode, bad_images, mask_replaced=False)
     operations = [*operations, ToArray(), grain.transforms.Batch(batch_size, drop_remainder=True)]

@@ -63,9 +63,7 @@ class GlobalBatchSampler:
 
     def global_position(self, index: int) -> int:
         """Position in the global stream of the `index` grain asks this process for."""
-        process, k = index % self.process_count, index // self.process_count
-        local_batch = self.global_batch_size // self.process_count
-        return (k // local_batch) * self.global_batch_size + process * local_batch + k % local_batch
+        return _global_position(index, self.global_batch_size, self.process_count)
 
     def record_at(self, position: int) -> int:
         if self.weights is not None:
@@ -95,6 +93,66 @@ class GlobalBatchSampler:
 
     def _draw(self, position: int) -> float:
         return _stream(self.seed, position, _SAMPLING).random()
+
+
+def _global_position(index: int, global_batch_size: int, process_count: int) -> int:
+    """The `index`-th record this process reads is row p * b + k % b of global batch k // b (b = B / P)."""
+    process, k = index % process_count, index // process_count
+    local_batch = global_batch_size // process_count
+    return (k // local_batch) * global_batch_size + process * local_batch + k % local_batch
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplaySampler:
+    """Global batches whose last `replay_rows` rows come from a replay source (continual learning).
+
+    Records 0..N-1 are the new data, N..N+M-1 the replay data (`combine.Concatenated`). Each global
+    batch takes B - R rows from the new data's stream and R from the replay data's, each stream
+    its own `GlobalBatchSampler` (epochs, permutations, optional weights for the new data), so the
+    batches again depend only on the seed and the position: grain's position is the whole state,
+    and a resumed run continues both streams exactly.
+    """
+
+    num_records: int
+    replay_records: int
+    global_batch_size: int
+    replay_rows: int
+    process_count: int
+    seed: int
+    weights: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if not 0 < self.replay_rows < self.global_batch_size:
+            raise ValueError(f"replay rows {self.replay_rows} must be between 0 and the batch of {self.global_batch_size}")
+        if self.global_batch_size % self.process_count:
+            raise ValueError(
+                f"batch_size={self.global_batch_size} must be a multiple of the {self.process_count} JAX processes"
+            )
+
+    @functools.cached_property
+    def _new(self) -> GlobalBatchSampler:
+        return GlobalBatchSampler(self.num_records, self.global_batch_size - self.replay_rows, 1, self.seed,
+                                  self.weights)
+
+    @functools.cached_property
+    def _replay(self) -> GlobalBatchSampler:
+        return GlobalBatchSampler(self.replay_records, self.replay_rows, 1, self.seed + 1)
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        position = _global_position(index, self.global_batch_size, self.process_count)
+        batch, row = divmod(position, self.global_batch_size)
+        new_rows = self.global_batch_size - self.replay_rows
+        if row < new_rows:
+            record = self._new.record_at(batch * new_rows + row)
+        else:
+            record = self.num_records + self._replay.record_at(batch * self.replay_rows + row - new_rows)
+        return grain.RecordMetadata(index=index, record_key=record, rng=_stream(self.seed, position, _AUGMENTATION))
+
+    def __repr__(self) -> str:
+        return f"ReplaySampler({self.replay_records} replay records, {self.replay_rows} rows per batch, {self._new!r})"
 
 
 _AUGMENTATION, _SAMPLING = 0, 1

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jaxclf import models, tree_paths
-from jaxclf.weights import bit, files, hub, resnet, surgery, vit
+from jaxclf.weights import bit, files, hub, resnet, surgery, vit, workdir
 from jaxclf.weights.files import WeightsError
 
 INFO_FILE = "pretrained.json"
@@ -162,7 +162,9 @@ def is_converted(path: str) -> bool:
 
 def load(source: str, model_name: str = "") -> tuple[dict[str, np.ndarray], Pretrained]:
     """(params, info) from a converted folder, or converted on the fly from any other source (as
-    `model_name` when the source does not say)."""
+    `model_name` when the source does not say). A finished jaxclf workdir gives a `workdir.RunInfo`."""
+    if workdir.is_workdir(source):
+        return workdir.load(source, model_name)
     if not is_converted(source):
         return convert(source, model_name)
     with open(os.path.join(source, INFO_FILE)) as f:
