@@ -114,6 +114,15 @@ def test_replay_and_lwf_keep_old_classes_that_naive_finetuning_forgets(digits_ro
     assert report["continual"]["forgetting"] == pytest.approx(rehearsed["val/forgetting"], abs=1e-6)
     assert report["num_examples"] == 360
 
+    # The next update replays those exemplars by default, without the old data.
+    config = _config(digits_root, NEW, 2, model_init=str(tmp_path / "replay"), **{"continual.replay_fraction": 0.25})
+    resolved = resolve.resolve(config, "cpu")
+    os.makedirs(tmp_path / "next")
+    splits = data_lib.load_splits(resolved.config.data)
+    update = continual.prepare(resolved.config, resolved.pretrained, splits, str(tmp_path / "next"))
+    assert len(update.replay) == 200 and all(str(exemplars) in path for path in update.replay.paths)
+    assert update.replay_rows == 8 and update.plan.names == OLD + NEW
+
 
 def test_the_replay_stream_takes_its_rows_and_resumes_exactly(digits_root):
     """The last rows of every batch come from the replay source; a restored iterator continues both streams."""

@@ -194,11 +194,12 @@ def test_a_teacher_of_other_classes_is_named(trained_workdir):
 
 @pytest.mark.slow
 def test_a_student_taught_by_resnet18_beats_the_student_alone(digits_root, tmp_path):
-    """On 150 training digits, the tiny CNN of tests/tiny_config.py taught by a ResNet-18 (trained here on
-    the full train split, 16 px) against the same student trained alone, same steps, same seed.
+    """On 40 training digits (4 per class), the small CNN of tests/small_cnn_config.py taught by a ResNet-18
+    (trained here on the full train split, 16 px, ~0.96 val top-1) against the same student trained alone,
+    same steps and seed.
 
-    Measured on a 2-core CPU: student alone 0.44, taught (soft, T=4, alpha=0.9) 0.59 val top-1 (+0.15);
-    the test asks for +0.05. About 3 minutes, most of it the teacher.
+    Measured on a 2-core CPU: student alone 0.856, taught (soft, T=4, alpha=0.9) 0.933 val top-1
+    (+0.078); the test asks for +0.03. About 3-4 minutes, half of it the teacher.
     """
     teacher_config = config_lib.load_config("configs/quickstart.py")
     teacher_config.data.update(root=digits_root, prepare="", num_workers=1, pp_eval="decode",
@@ -206,18 +207,18 @@ def test_a_student_taught_by_resnet18_beats_the_student_alone(digits_root, tmp_p
     teacher_config.num_epochs = 6.0
     teacher_val = train.train_and_evaluate(teacher_config, str(tmp_path / "teacher"), devices=jax.devices()[:1])
     assert teacher_val["val/accuracy"] >= 0.9
-    few = _few_digits(digits_root, tmp_path / "few", per_class=15)
+    few = _few_digits(digits_root, tmp_path / "few", per_class=4)
 
     def student(**overrides):
-        config = config_lib.load_config(f"tests/tiny_config.py:{few}", [
-            "total_steps=300", "optim.name=adamw", "optim.lr=0.01", *[f"{k}={v}" for k, v in overrides.items()]])
+        config = config_lib.load_config(f"tests/small_cnn_config.py:{few}", [
+            "total_steps=300", "optim.lr=0.01", *[f"{k}={v}" for k, v in overrides.items()]])
         name = "taught" if overrides else "alone"
         return train.train_and_evaluate(config, str(tmp_path / name), devices=jax.devices()[:1])["val/accuracy"]
 
     alone = student()
     taught = student(**{"distill.teacher": str(tmp_path / "teacher"), "distill.alpha": 0.9})
     print(f"student alone {alone:.4f}, taught by ResNet-18 {taught:.4f}")
-    assert taught >= alone + 0.05
+    assert taught >= alone + 0.03
 
 
 def _few_digits(root, dest, per_class):
