@@ -203,3 +203,12 @@ def test_bad_inputs_are_one_line_with_exit_status_2(digits_root, old_run, tmp_pa
 
     line = _main_error(capsys, digits_root, tmp_path / "e", "continual.replay_fraction=0.5")
     assert "config.continual.replay_fraction is set, but config.model_init=''" in line
+
+
+def test_the_demonstration_config_names_its_phases():
+    add = config_lib.load_config("configs/continual_digits.py:add")
+    assert add.model_init == "runs/continual_digits_old" and add.data.classes == NEW
+    assert add.continual.replay_fraction > 0 and add.continual.distill_old > 0
+    assert config_lib.load_config("configs/continual_digits.py:old").data.classes == OLD
+    with pytest.raises(config_lib.ConfigError, match="use one of old, add, naive"):
+        config_lib.load_config("configs/continual_digits.py:more")
