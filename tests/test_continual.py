@@ -7,6 +7,9 @@ a resumed update equals an uninterrupted one (the replay stream included); mista
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -16,6 +19,7 @@ import pytest
 from jaxclf import checkpoint, config as config_lib, continual, data as data_lib, evaluate, inference, resolve, sharding, train
 from jaxclf.data import combine, pipeline, sources
 from jaxclf.metrics import read_metrics
+from test_reliability import _run_until  # tests/ is on sys.path (see conftest.py)
 
 OLD, NEW = tuple("01234"), tuple("56789")
 
@@ -151,24 +155,31 @@ def _train_split(digits_root, classes):
     return data_lib.load_splits(_config(digits_root, classes, 1).data)["train"]
 
 
-def test_resume_mid_update_is_exact(digits_root, old_run, tmp_path):
-    """An update with replay and LwF stopped at step 9 and resumed ends with the uninterrupted run's
-    parameters and metrics, bit for bit (the replay stream's position is in the checkpoint)."""
-    overrides = {"continual.replay_fraction": 0.25, "continual.replay_per_class": 10, "continual.distill_old": 1.0,
-                 "log_every_steps": 3}
-    _update(digits_root, old_run, tmp_path / "straight", steps=18, **overrides)
-    train.train_and_evaluate(_config(digits_root, NEW, 18, model_init=old_run, **overrides),
-                             str(tmp_path / "resumed"), devices=jax.devices()[:1], stop_at_step=9)
-    assert checkpoint.Checkpointer(str(tmp_path / "resumed"), keep=2).latest_step() == 9
-    _update(digits_root, old_run, tmp_path / "resumed", steps=18, **overrides)
+def test_a_killed_update_resumes_to_the_uninterrupted_result(digits_root, old_run, tmp_path):
+    """An update with replay and LwF, SIGKILLed after step 10 (checkpoints every 3 steps) and run again,
+    ends with the uninterrupted run's parameters and losses, bit for bit: the replay stream's position
+    is in the checkpoint (as tests/test_reliability.py checks for plain runs)."""
+    overrides = {"total_steps": 24, "log_every_steps": 1, "checkpoint_every_steps": 3, "model_init": old_run,
+                 "continual.replay_fraction": 0.25, "continual.replay_per_class": 10, "continual.distill_old": 1.0}
+    straight = _config(digits_root, NEW, 24, **overrides)
+    train.train_and_evaluate(straight, str(tmp_path / "straight"))  # every device, as the processes below
+
+    command = [sys.executable, "-m", "jaxclf.train", "--config", f"tests/small_cnn_config.py:{digits_root}",
+               "--workdir", str(tmp_path / "killed"), f"--config.data.classes={NEW!r}",
+               *[f"--config.{k}={v}" for k, v in overrides.items()]]
+    code, stderr = _run_until(command, tmp_path / "killed", 10, signal.SIGKILL)
+    assert code == -signal.SIGKILL, stderr
+    assert 3 <= checkpoint.Checkpointer(str(tmp_path / "killed"), keep=2).latest_step() < 24
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "Resumed from" in result.stderr, result.stderr
 
     def final(workdir):
-        return ocp.StandardCheckpointer().restore(str(workdir / "checkpoints" / "18" / "state"))
+        return ocp.StandardCheckpointer().restore(str(workdir / "checkpoints" / "24" / "state"))
 
-    for a, b in zip(jax.tree.leaves(final(tmp_path / "straight")), jax.tree.leaves(final(tmp_path / "resumed"))):
+    for a, b in zip(jax.tree.leaves(final(tmp_path / "straight")), jax.tree.leaves(final(tmp_path / "killed"))):
         np.testing.assert_array_equal(a, b)
-    losses = lambda w: [r["train/loss"] for r in read_metrics(str(w)) if "train/loss" in r]
-    assert losses(tmp_path / "straight")[-3:] == losses(tmp_path / "resumed")[-3:]
+    last_loss = lambda w: [r["train/loss"] for r in read_metrics(str(w)) if "train/loss" in r][-1]
+    assert last_loss(tmp_path / "straight") == last_loss(tmp_path / "killed")
 
 
 def _main_error(capsys, digits_root, workdir, *overrides):
