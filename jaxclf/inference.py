@@ -92,12 +92,13 @@ class TrainedModel:
             raise WorkdirError(f"data.pp_eval in {self._config_path} has random ops {random_ops}")
         return operations
 
-    def load_image(self, path: str) -> np.ndarray:
-        """The image file at `path` as the model sees it: uint8[H, W, 3] after `config.data.pp_eval`.
+    def load_image(self, path: str, data: bytes | None = None) -> np.ndarray:
+        """The image file at `path` (or its encoded bytes `data`, which `path` then names) as the model
+        sees it: uint8[H, W, 3] after `config.data.pp_eval`.
 
         Raises ops.BadImage (a DataError) naming the file when it cannot be decoded.
         """
-        example = {"path": path}
+        example = {"path": path} if data is None else {"path": path, "bytes": data}
         for op in self.eval_ops:
             example = op.map(example)
         return ops_lib.as_array(example["image"])

@@ -1,0 +1,138 @@
+"""The demo page in a real browser: headless Chromium (Debian's chromium + chromium-driver) driven by Selenium,
+against `python -m jaxclf.serve` running as its own process on 127.0.0.1. `make test-browser` installs Chromium."""
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from jaxclf import inference, predict
+from jaxclf.serve import ServeSettings, create_app, from_trained
+from tests.model_helpers import explainable_trained_model
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver, or `make test-browser`)",
+)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, process: subprocess.Popen | None = None, log: str = "", timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and process.poll() is not None:
+            with open(log) as f:
+                pytest.fail(f"the server exited with status {process.returncode}:\n{f.read()[-3000:]}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        assert time.monotonic() < deadline, f"{url} was not ready after {timeout} s"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def server_process(trained_workdir, tmp_path_factory):
+    """`python -m jaxclf.serve` on the tiny run, as a separate process on a free loopback port."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    log = str(tmp_path_factory.mktemp("server") / "stderr.txt")
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "jaxclf.serve", "--workdir", trained_workdir, "--import_file", "tests/tiny_config.py",
+             "--image_size", "16", "--host", "127.0.0.1", "--port", str(port), "--max_batch", "4"],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, process, log)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def _upload_and_read_top_class(browser, url: str, path: str) -> str:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(url + "/")
+    WebDriverWait(browser, 30).until(lambda d: "checkpoint step" in d.find_element(By.ID, "model").text)
+    browser.find_element(By.ID, "file").send_keys(path)
+    WebDriverWait(browser, 30).until(expected_conditions.presence_of_element_located((By.ID, "top-class")))
+    return browser.find_element(By.ID, "top-class").text
+
+
+def test_page_shows_the_top_class_of_an_uploaded_image(browser, server_process, trained_workdir, digits_root, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    path = os.path.join(digits_root, "val", "7", sorted(os.listdir(os.path.join(digits_root, "val", "7")))[0])
+    (expected,), _ = predict.Predictor(inference.load_trained(trained_workdir)).predict_files([path], top_k=5)
+    assert _upload_and_read_top_class(browser, server_process, path) == expected.classes[0]
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#bars .row")) == 5
+    assert "tiny_cnn" in browser.find_element(By.ID, "model").text
+    assert not browser.find_element(By.ID, "explain").is_displayed()  # tiny_cnn offers no explanation
+
+    junk = tmp_path / "notes.png"
+    junk.write_bytes(b"not an image at all")
+    browser.find_element(By.ID, "file").send_keys(str(junk))
+    WebDriverWait(browser, 30).until(lambda d: "not an image" in d.find_element(By.ID, "error").text)
+    assert httpx.get(f"{server_process}/healthz").status_code == 200  # and it is still serving
+
+
+def test_page_shows_the_explanation_overlay(browser, digits_root, tmp_path):
+    """The same page on a model Grad-CAM can explain (uvicorn in a thread of this process, on loopback)."""
+    import uvicorn
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    cam = explainable_trained_model(str(tmp_path), tuple("0123456789"))
+    app = create_app(from_trained(cam, image_size=16), ServeSettings(max_batch=1))
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url)
+        path = os.path.join(digits_root, "val", "3", sorted(os.listdir(os.path.join(digits_root, "val", "3")))[0])
+        top = _upload_and_read_top_class(browser, url, path)
+        button = browser.find_element(By.ID, "explain")
+        assert button.is_displayed()
+        button.click()
+        WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "overlay").is_displayed())
+        assert browser.find_element(By.ID, "overlay").get_property("src").startswith("data:image/png;base64,")
+        shown = browser.find_element(By.ID, "explanation").text
+        assert shown.startswith("Grad-CAM (final 8x8 map)") and f"for {top} (" in shown
+    finally:
+        server.should_exit = True
+        thread.join(30)
