@@ -39,19 +39,23 @@ class WorkdirError(ValueError):
 USER_ERRORS = (WorkdirError, config_lib.ConfigError, sources.DataError, checkpoint.CheckpointError)
 
 
-@dataclasses.dataclass
-class TrainedModel:
-    """The model of a run in eval mode, with the weights of one checkpoint on one device.
+class LoadedModel:
+    """What every tool that only runs a model needs, whatever holds the model (a workdir's checkpoint,
+    an exported artefact): class names, logits of preprocessed images, the run's eval preprocessing.
 
-    `weights` is "ema" (the run's exponential moving average) or "params" (the trained values).
+    A subclass sets `config` (the run's; `config.data.pp_eval` is its eval preprocessing),
+    `class_names`, `step`, `weights` and `model_name`, and defines `logits`, `format`,
+    `provenance`, `eval_dir` and `_config_path` (where the preprocessing was read, for errors).
     """
 
-    workdir: str
     config: ml_collections.ConfigDict
     class_names: tuple[str, ...]
-    model: nnx.Module
     step: int
     weights: str
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model_name
 
     @property
     def mean(self) -> tuple[float, ...]:
@@ -61,25 +65,9 @@ class TrainedModel:
     def std(self) -> tuple[float, ...]:
         return tuple(self.config.data.std)
 
-    def apply(self, images: jax.Array) -> jax.Array:
-        """uint8[B, H, W, 3] images after the eval preprocessing -> float32[B, C] logits (traceable, for export)."""
-        return _logits(self.model, images, self.mean, self.std)
-
     def logits(self, images: np.ndarray) -> np.ndarray:
-        """`apply`, jitted with the weights passed as arguments (not baked into the program)."""
-        return np.asarray(self._jitted_apply(self._state, images))
-
-    @functools.cached_property
-    def _state(self) -> nnx.State:
-        return nnx.state(self.model)
-
-    @functools.cached_property
-    def _jitted_apply(self) -> Callable:
-        graphdef, mean, std = nnx.graphdef(self.model), self.mean, self.std
-        return jax.jit(
-            lambda state, images: _logits(nnx.merge(graphdef, state), images, mean, std),
-            compiler_options=xla_cpu.compiler_options(jax.default_backend()),
-        )
+        """uint8[B, H, W, 3] images after the eval preprocessing -> float32[B, C] logits."""
+        raise NotImplementedError
 
     @functools.cached_property
     def eval_ops(self) -> list[ops_lib.Op]:
@@ -115,6 +103,57 @@ class TrainedModel:
                 return None
             sizes.add(ops_lib.as_array(example["image"]).shape[:2])
         return sizes.pop() if len(sizes) == 1 else None
+
+    @property
+    def _config_path(self) -> str:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass
+class TrainedModel(LoadedModel):
+    """The model of a run in eval mode, with the weights of one checkpoint on one device.
+
+    `weights` is "ema" (the run's exponential moving average) or "params" (the trained values).
+    """
+
+    workdir: str
+    config: ml_collections.ConfigDict
+    class_names: tuple[str, ...]
+    model: nnx.Module
+    step: int
+    weights: str
+
+    format = "jax"
+
+    @property
+    def provenance(self) -> dict:
+        """Where the weights come from: the run, its checkpoint and which of its weights."""
+        return {"workdir": os.path.abspath(self.workdir) if self.workdir else "", "checkpoint_step": self.step,
+                "weights": self.weights}
+
+    def eval_dir(self, split_name: str) -> str:
+        """Where `jaxclf.evaluate` writes the reports of `split_name`: WORKDIR/eval/<split>."""
+        return os.path.join(self.workdir, "eval", split_name)
+
+    def apply(self, images: jax.Array) -> jax.Array:
+        """uint8[B, H, W, 3] images after the eval preprocessing -> float32[B, C] logits (traceable, for export)."""
+        return _logits(self.model, images, self.mean, self.std)
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """`apply`, jitted with the weights passed as arguments (not baked into the program)."""
+        return np.asarray(self._jitted_apply(self._state, images))
+
+    @functools.cached_property
+    def _state(self) -> nnx.State:
+        return nnx.state(self.model)
+
+    @functools.cached_property
+    def _jitted_apply(self) -> Callable:
+        graphdef, mean, std = nnx.graphdef(self.model), self.mean, self.std
+        return jax.jit(
+            lambda state, images: _logits(nnx.merge(graphdef, state), images, mean, std),
+            compiler_options=xla_cpu.compiler_options(jax.default_backend()),
+        )
 
     @property
     def _config_path(self) -> str:
@@ -184,9 +223,9 @@ def _choose_step(checkpointer: checkpoint.Checkpointer, choice: str) -> int:
     return int(choice)
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+def add_run_arguments(parser: argparse.ArgumentParser, workdir_required: bool = True) -> None:
     """The flags every inference tool shares: which run, which checkpoint, which weights."""
-    parser.add_argument("--workdir", required=True, help="the training run's workdir")
+    parser.add_argument("--workdir", required=workdir_required, help="the training run's workdir")
     parser.add_argument("--checkpoint", default="best",
                         help="best (the best evaluation, else the latest), last, or a step number")
     parser.add_argument("--no_ema", action="store_true",
