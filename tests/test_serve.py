@@ -18,8 +18,8 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
-from jaxclf import explain, inference, predict
-from jaxclf.serve import ServeSettings, create_app, from_trained
+from jaxclf import artefact, explain, export, inference, predict
+from jaxclf.serve import ServeSettings, create_app, from_loaded
 from jaxclf.serve import __main__ as serve_main
 from jaxclf.serve.batcher import DynamicBatcher, padded_sizes
 from jaxclf.serve.metrics import ServerMetrics
@@ -49,7 +49,7 @@ def _wait_ready(client: TestClient) -> None:
 
 @pytest.fixture(scope="module")
 def client(trained):
-    with TestClient(create_app(from_trained(trained, image_size=16), SETTINGS)) as client:
+    with TestClient(create_app(from_loaded(trained, image_size=16), SETTINGS)) as client:
         _wait_ready(client)
         yield client
 
@@ -254,7 +254,7 @@ def test_model_card_health_and_metrics(client, trained, trained_workdir, val_fil
 
 def test_not_ready_until_every_batch_shape_is_compiled(trained, val_files):
     release = threading.Event()
-    served = from_trained(trained, image_size=16)
+    served = from_loaded(trained, image_size=16)
 
     def held_logits(images):
         release.wait(60)
@@ -273,7 +273,7 @@ def test_explain_returns_jaxclf_explain_overlay(trained, client, tmp_path, val_f
     _error(client.post("/v1/explain", files=_files(val_files[:1])), 501, "explain_unavailable")  # tiny_cnn has no hook
 
     cam = explainable_trained_model(str(tmp_path), ("round", "square", "star"))
-    with TestClient(create_app(from_trained(cam, image_size=16), dataclasses.replace(SETTINGS, max_batch=1))) as cam_client:
+    with TestClient(create_app(from_loaded(cam, image_size=16), dataclasses.replace(SETTINGS, max_batch=1))) as cam_client:
         _wait_ready(cam_client)
         assert cam_client.get("/v1/model").json()["explain"] == "Grad-CAM"
         response = cam_client.post("/v1/explain", files=_files(val_files[:1]), data={"class": "star"})
@@ -294,10 +294,30 @@ def test_explain_returns_jaxclf_explain_overlay(trained, client, tmp_path, val_f
     assert np.abs(decode(body["overlay_png"]).astype(int) - overlay).max() <= 1
 
 
+def test_an_exported_artefact_serves_the_same_predictions(trained, trained_workdir, val_files, tmp_path):
+    path = str(tmp_path / "digits.stablehlo")
+    assert export.main(["--workdir", trained_workdir, "--format", "stablehlo", "--out", path, "--image_size", "16"]) == 0
+    settings = dataclasses.replace(SETTINGS, max_batch=2)
+    with TestClient(create_app(from_loaded(artefact.load_artefact(path)), settings)) as client:
+        _wait_ready(client)
+        card = client.get("/v1/model").json()
+        assert card["provenance"]["format"] == "stablehlo" and card["provenance"]["artefact"] == os.path.abspath(path)
+        assert (card["model"], card["input_size"], card["classes"]) == ("tiny_cnn", [16, 16], list(trained.class_names))
+        response = client.post("/v1/classify", params={"top_k": 3}, files=_files(val_files[:3]))
+        assert response.status_code == 200, response.text
+        assert response.json()["checkpoint_step"] == trained.step
+        _assert_same(response.json()["predictions"], _expected(trained, val_files[:3], top_k=3))
+        assert "stablehlo" in _error(client.post("/v1/explain", files=_files(val_files[:1])), 501, "explain_unavailable")
+
+
 def test_command_line_mistakes_exit_2(trained_workdir, tmp_path, capsys):
     assert serve_main.main(["--workdir", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert serve_main.main(["--workdir", trained_workdir]) == 2  # pp_eval "decode" leaves the size open
     assert "pass --image_size" in capsys.readouterr().err
+    assert serve_main.main(["--workdir", trained_workdir, "--artefact", str(tmp_path / "x.stablehlo")]) == 2
+    assert "either --workdir" in capsys.readouterr().err
+    assert serve_main.main(["--artefact", str(tmp_path / "x.stablehlo")]) == 2
+    assert "no such file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         serve_main.main(["--workdir", trained_workdir, "--image_size", "16", "--max_batch", "0"])

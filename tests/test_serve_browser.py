@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from jaxclf import inference, predict
-from jaxclf.serve import ServeSettings, create_app, from_trained
+from jaxclf.serve import ServeSettings, create_app, from_loaded
 from tests.model_helpers import explainable_trained_model
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -116,7 +116,7 @@ def test_page_shows_the_explanation_overlay(browser, digits_root, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     cam = explainable_trained_model(str(tmp_path), tuple("0123456789"))
-    app = create_app(from_trained(cam, image_size=16), ServeSettings(max_batch=1))
+    app = create_app(from_loaded(cam, image_size=16), ServeSettings(max_batch=1))
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

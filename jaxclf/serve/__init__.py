@@ -5,6 +5,6 @@ compiled batch shapes; app.py: the Starlette app (API, errors, page); metrics.py
 """
 
 from jaxclf.serve.app import ApiError, ServeSettings, create_app
-from jaxclf.serve.model import ServedModel, from_trained
+from jaxclf.serve.model import ServedModel, from_loaded
 
-__all__ = ["ApiError", "ServeSettings", "ServedModel", "create_app", "from_trained"]
+__all__ = ["ApiError", "ServeSettings", "ServedModel", "create_app", "from_loaded"]

@@ -1,5 +1,8 @@
 """Serve a trained run over HTTP: `python -m jaxclf.serve --workdir RUN [--checkpoint best] [--port 8000]`.
 
+Or an exported model, `--artefact PATH` instead of `--workdir` (StableHLO or ONNX with its
+PATH.json sidecar, see jaxclf.artefact): a serving box then needs no checkpoint.
+
 Endpoints: POST /v1/classify (multipart files, base64 JSON or one raw image; top_k), POST
 /v1/explain, GET /v1/model, /healthz, /readyz (200 once every batch shape is compiled), /metrics
 (Prometheus) and the demo page at /. Concurrent requests are batched: up to --max_batch images or
@@ -13,9 +16,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from jaxclf import inference
+from jaxclf import artefact, inference
 from jaxclf.serve.app import ServeSettings, create_app
-from jaxclf.serve.model import from_trained
+from jaxclf.serve.model import from_loaded
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,7 +31,7 @@ def _run(argv: Sequence[str]) -> int:
 
     defaults = ServeSettings()
     parser = argparse.ArgumentParser(prog="python -m jaxclf.serve", description=__doc__.splitlines()[0])
-    inference.add_run_arguments(parser)
+    artefact.add_model_arguments(parser)
     parser.add_argument("--image_size", type=int, default=0,
                         help="side of the square images served, where the run's data.pp_eval leaves the size open")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -47,9 +50,9 @@ def _run(argv: Sequence[str]) -> int:
         parser.error("--max_wait_ms must be >= 0 and --max_upload_mb > 0")
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb,
                              max_images=args.max_images, decode_workers=args.decode_workers)
-    served = from_trained(inference.load_from_args(args), args.image_size or None)
+    served = from_loaded(artefact.load_from_args(args), args.image_size or None)
     _log_to_stderr(logging.getLogger("jaxclf.serve"))
-    print(f"serving {served.name} (checkpoint step {served.step}, {len(served.class_names)} classes, input "
+    print(f"serving {served.name} ({served.provenance['format']}, checkpoint step {served.step}, {len(served.class_names)} classes, input "
           f"{served.input_size[0]}x{served.input_size[1]}) on http://{args.host}:{args.port}; /readyz answers 200 once "
           "every batch shape is compiled", file=sys.stderr, flush=True)
     uvicorn.run(create_app(served, settings), host=args.host, port=args.port, log_level="info")

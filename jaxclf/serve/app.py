@@ -274,8 +274,8 @@ def create_app(served: ServedModel, settings: ServeSettings = ServeSettings()) -
         server.check_ready()
         if served.explain is None:
             raise ApiError(501, "explain_unavailable",
-                           f"model {served.name!r} served from {served.provenance.get('source')} offers no explanation: "
-                           "Grad-CAM needs forward_features/forward_head, attention rollout attention layers")
+                           f"{served.name} ({served.provenance.get('format')}) offers no explanation: Grad-CAM needs the "
+                           "model's forward_features/forward_head, attention rollout its attention layers (not in an artefact)")
         uploads, fields = await server.read_uploads(request, 1)
         (image,), _ = await server.decode_all(uploads)
         class_name = fields.get("class") or None
