@@ -4,9 +4,6 @@ against `python -m jaxclf.serve` running as its own process on 127.0.0.1. `make 
 import contextlib
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -15,6 +12,7 @@ import pytest
 
 from jaxclf import inference, predict
 from jaxclf.serve import ServeSettings, create_app, from_loaded
+from jaxclf.serve.process import ServerProcess
 from tests.model_helpers import explainable_trained_model
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -25,18 +23,9 @@ pytestmark = pytest.mark.skipif(
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, process: subprocess.Popen | None = None, log: str = "", timeout: float = 180) -> None:
+def _wait_ready(url: str, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        if process is not None and process.poll() is not None:
-            with open(log) as f:
-                pytest.fail(f"the server exited with status {process.returncode}:\n{f.read()[-3000:]}")
         with contextlib.suppress(httpx.TransportError):
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                 return
@@ -59,24 +48,12 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def server_process(trained_workdir, tmp_path_factory):
+def server_process(trained_workdir):
     """`python -m jaxclf.serve` on the tiny run, as a separate process on a free loopback port."""
-    port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
-    log = str(tmp_path_factory.mktemp("server") / "stderr.txt")
-    with open(log, "w") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "jaxclf.serve", "--workdir", trained_workdir, "--import_file", "tests/tiny_config.py",
-             "--image_size", "16", "--host", "127.0.0.1", "--port", str(port), "--max_batch", "4"],
-            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(url, process, log)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(30)
+    args = ["--workdir", trained_workdir, "--import_file", "tests/tiny_config.py", "--image_size", "16", "--max_batch", "4"]
+    with ServerProcess(args, env=env, cwd=REPO, ready_timeout=180) as server:
+        yield server.url
 
 
 def _upload_and_read_top_class(browser, url: str, path: str) -> str:
@@ -117,12 +94,15 @@ def test_page_shows_the_explanation_overlay(browser, digits_root, tmp_path):
 
     cam = explainable_trained_model(str(tmp_path), tuple("0123456789"))
     app = create_app(from_loaded(cam, image_size=16), ServeSettings(max_batch=1))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{port}"
     try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
         _wait_ready(url)
         path = os.path.join(digits_root, "val", "3", sorted(os.listdir(os.path.join(digits_root, "val", "3")))[0])
         top = _upload_and_read_top_class(browser, url, path)

@@ -35,7 +35,7 @@ def _run(argv: Sequence[str]) -> int:
     parser.add_argument("--image_size", type=int, default=0,
                         help="side of the square images served, where the run's data.pp_eval leaves the size open")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="0: a free port, shown in uvicorn's start-up line")
     parser.add_argument("--max_batch", type=int, default=defaults.max_batch, help="images in one model call")
     parser.add_argument("--max_wait_ms", type=float, default=defaults.max_wait_ms,
                         help="longest an image waits for others to fill its batch; 0: no waiting")
@@ -53,7 +53,8 @@ def _run(argv: Sequence[str]) -> int:
     served = from_loaded(artefact.load_from_args(args), args.image_size or None)
     _log_to_stderr(logging.getLogger("jaxclf.serve"))
     print(f"serving {served.name} ({served.provenance['format']}, checkpoint step {served.step}, {len(served.class_names)} classes, input "
-          f"{served.input_size[0]}x{served.input_size[1]}) on http://{args.host}:{args.port}; /readyz answers 200 once "
+          f"{served.input_size[0]}x{served.input_size[1]}) on {f'http://{args.host}:{args.port}' if args.port else args.host}; "
+          "/readyz answers 200 once "
           "every batch shape is compiled", file=sys.stderr, flush=True)
     uvicorn.run(create_app(served, settings), host=args.host, port=args.port, log_level="info")
     return 0

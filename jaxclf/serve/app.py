@@ -85,6 +85,7 @@ class _Server:
         # Explanations take a backward pass each: one at a time, beside the batcher's model thread.
         self.explain_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="explain")
         self.ready = False
+        self.closing = False
         self.warm_up_error: str | None = None
 
     def warm_up(self) -> None:
@@ -99,6 +100,7 @@ class _Server:
                  time.perf_counter() - started)
 
     def close(self) -> None:
+        self.closing = True
         self.batcher.close()
         self.decode_pool.shutdown(wait=True, cancel_futures=True)
         self.explain_pool.shutdown(wait=True, cancel_futures=True)
@@ -209,12 +211,13 @@ class _Server:
                            f"{self.image_shape[0]}x{self.image_shape[1]} images")
         return image, time.perf_counter() - started
 
-    async def decode_all(self, uploads: list[Upload]) -> tuple[list[np.ndarray], float]:
+    async def decode_all(self, uploads: list[Upload]) -> list[np.ndarray]:
+        """The uploads decoded in the pool, in order (ApiError for the first that cannot be)."""
         loop = asyncio.get_running_loop()
         decoded = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, self.decode, u) for u in uploads))
         for _, seconds in decoded:
             self.metrics.decode_seconds.observe(seconds)
-        return [image for image, _ in decoded], max(seconds for _, seconds in decoded)
+        return [image for image, _ in decoded]
 
 
 def _bad_image(name: str, reason: str) -> tuple[str, str]:
@@ -249,7 +252,8 @@ def create_app(served: ServedModel, settings: ServeSettings = ServeSettings()) -
         uploads, fields = await server.read_uploads(request, settings.max_images)
         top_k = server.top_k(fields)
         read = time.perf_counter()
-        images, decode_s = await server.decode_all(uploads)
+        images = await server.decode_all(uploads)
+        decoded = time.perf_counter()
         results = await server.batcher.classify(images)
         server.metrics.images.inc(len(images))
         predictions = []
@@ -264,7 +268,7 @@ def create_app(served: ServedModel, settings: ServeSettings = ServeSettings()) -
             "latency_ms": {
                 "total": _milliseconds(time.perf_counter() - started),
                 "read": _milliseconds(read - started),
-                "decode": _milliseconds(decode_s),
+                "decode": _milliseconds(decoded - read),
                 "queue": _milliseconds(max(r.queue_s for r in results)),
                 "model": _milliseconds(max(r.model_s for r in results)),
             },
@@ -277,7 +281,7 @@ def create_app(served: ServedModel, settings: ServeSettings = ServeSettings()) -
                            f"{served.name} ({served.provenance.get('format')}) offers no explanation: Grad-CAM needs the "
                            "model's forward_features/forward_head, attention rollout its attention layers (not in an artefact)")
         uploads, fields = await server.read_uploads(request, 1)
-        (image,), _ = await server.decode_all(uploads)
+        (image,) = await server.decode_all(uploads)
         class_name = fields.get("class") or None
         if class_name is not None and class_name not in served.class_names:
             raise ApiError(400, "bad_request", f"class={class_name!r} is not a class of this model")
@@ -370,6 +374,8 @@ def _warm_up(server: _Server) -> None:
     try:
         server.warm_up()
     except Exception as e:  # noqa: BLE001 -- reported by /healthz and /readyz, and logged
+        if server.closing:  # stopped while compiling: the pools are gone, nothing failed
+            return
         server.warm_up_error = f"{type(e).__name__}: {e}"
         log.exception("compiling the model failed")
 
