@@ -120,7 +120,7 @@ class _Server:
         if media_type == "multipart/form-data":
             uploads = await self._read_multipart(request, body, max_images, fields)
         elif media_type == "application/json":
-            uploads = self._read_json(body, fields)
+            uploads = self._read_json(body, max_images, fields)
         else:
             uploads = [Upload("body", body)]
         if not uploads:
@@ -163,7 +163,7 @@ class _Server:
         finally:
             await form.close()
 
-    def _read_json(self, body: bytes, fields: dict) -> list[Upload]:
+    def _read_json(self, body: bytes, max_images: int, fields: dict) -> list[Upload]:
         try:
             record = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -171,6 +171,8 @@ class _Server:
         images = record.get("images") if isinstance(record, dict) else None
         if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
             raise ApiError(400, "bad_request", 'send a JSON object with "images": a list of base64 strings')
+        if len(images) > max_images:
+            raise ApiError(413, "too_many_images", f"{len(images)} images in one request; at most {max_images}")
         fields.update({k: v for k, v in record.items() if k != "images"})
         uploads = []
         for index, text in enumerate(images):
@@ -214,7 +216,11 @@ class _Server:
     async def decode_all(self, uploads: list[Upload]) -> list[np.ndarray]:
         """The uploads decoded in the pool, in order (ApiError for the first that cannot be)."""
         loop = asyncio.get_running_loop()
-        decoded = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, self.decode, u) for u in uploads))
+        decoded = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, self.decode, u) for u in uploads),
+                                       return_exceptions=True)  # every one collected: none left unretrieved
+        for outcome in decoded:
+            if isinstance(outcome, BaseException):
+                raise outcome
         for _, seconds in decoded:
             self.metrics.decode_seconds.observe(seconds)
         return [image for image, _ in decoded]
