@@ -9,7 +9,7 @@ RUN_STAMP := $(VENV)/.installed-run-$(HASH)
 STAMP := $(VENV)/.installed-test-$(HASH)
 WORKDIR ?= runs/quickstart
 
-.PHONY: install quickstart test test-all test-slurm clean
+.PHONY: install quickstart test test-all test-slurm test-browser clean
 
 install: $(STAMP)
 
@@ -20,7 +20,7 @@ $(RUN_STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $@
 
 $(STAMP): $(RUN_STAMP)
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,serve]"
 	touch $@
 
 quickstart: $(RUN_STAMP)
@@ -36,6 +36,11 @@ test-all: $(STAMP)
 test-slurm: $(STAMP)
 	command -v slurmctld >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm)
 	$(PY) -m pytest -q -m slurm tests/test_launch.py
+
+# The demo page in headless Chromium (Debian's chromium + chromium-driver; needs root for apt-get the first time).
+test-browser: $(STAMP)
+	command -v chromedriver >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+	$(PY) -m pytest -q tests/test_serve_browser.py
 
 clean:
 	rm -rf runs .pytest_cache

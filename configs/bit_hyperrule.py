@@ -1,9 +1,12 @@
 """BiT-HyperRule: fine-tune BiT-M ResNet-50x1 with the rule of Kolesnikov et al., "Big Transfer" (2020).
 
-    python -m jaxclf.convert BiT-M-R50x1.npz --model resnetv2_50x1_bit --out weights/bit_m_r50x1   # once
-    python -m jaxclf.train --config configs/bit_hyperrule.py:cifar10 --workdir runs/bit_cifar10
-    python -m jaxclf.train --config configs/bit_hyperrule.py:folder --workdir runs/bit_mine \\
+    python -m jaxclf.train --config configs/bit_hyperrule.py:cifar10          # -> runs/bit_hyperrule_cifar10
+    python -m jaxclf.train --config configs/bit_hyperrule.py:folder \\
         --config.data.root=/path/to/images        # your own folder (train/<class>/*, val/<class>/*)
+
+The weights are BiT-M R50x1 (ImageNet-21k) as timm publishes them on the Hugging Face hub
+(timm/resnetv2_50x1_bit.goog_in21k), downloaded on first use and converted once;
+--config.model_init=BiT-M-R50x1.npz reads the original file instead.
 
 The rule (bit_hyperrule.py of google-research/big_transfer) sets everything from the data set's
 size and image resolution: batch 512, SGD with momentum 0.9 at lr 0.003, no weight decay; under
@@ -43,7 +46,7 @@ def hyperrule(num_images: int, small_images: bool) -> dict:
 def get_config(arg: str = "cifar10"):
     config = base_config()
     config.model_name = "resnetv2_50x1_bit"
-    config.model_init = "weights/bit_m_r50x1"
+    config.model_init = "timm/resnetv2_50x1_bit.goog_in21k"
     if arg.startswith("folder"):
         num_images = int(arg.partition(":")[2] or 0)
         rule = hyperrule(num_images, small_images=False)

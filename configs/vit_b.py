@@ -1,9 +1,10 @@
 """Fine-tune ImageNet-pretrained ViT-B/16 at 224 px on your own image folder (train/<class>/*, val/<class>/*).
 
-    python -m jaxclf.convert vit_base_patch16_224.safetensors --model vit_base_patch16_224 \
-        --out weights/vit_base_patch16_224      # once: timm's file, an AugReg .npz or a HF folder
-    python -m jaxclf.train --config configs/vit_b.py --workdir runs/vit_b \
-        --config.data.root=/path/to/images
+    python -m jaxclf.train --config configs/vit_b.py --config.data.root=/path/to/images   # -> runs/vit_b
+
+The weights are timm's AugReg ViT-B/16 (ImageNet-21k, fine-tuned on ImageNet-1k), downloaded from the
+Hugging Face hub on first use and converted once; --config.model_init= takes another hub name, a
+weights file or a `jaxclf.convert` folder.
 
 AdamW with warmup and cosine decay, label smoothing and drop path, as timm fine-tunes ViTs. The
 head is replaced (zero-initialised) for your classes; mean/std come from the weights.
@@ -16,7 +17,7 @@ from jaxclf.config import base_config
 def get_config():
     config = base_config()
     config.model_name = "vit_base_patch16_224"
-    config.model_init = "weights/vit_base_patch16_224"
+    config.model_init = "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k"
     config.model.drop_path_rate = 0.1
     config.data.pp_train = "decode|inception_crop(224)|flip_lr"
     config.data.pp_eval = "decode|resize_small(248)|central_crop(224)"

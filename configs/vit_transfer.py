@@ -1,9 +1,12 @@
 """big_vision's transfer recipe for AugReg ViTs (i21k): CIFAR-10/100, Oxford-IIIT Pets, Flowers-102.
 
-    python -m jaxclf.convert B_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.03-do_0.0-sd_0.0.npz \\
-        --model vit_base_patch32_224 --out weights/augreg_b32_i21k     # once, an AugReg i21k .npz
-    python -m jaxclf.train --config configs/vit_transfer.py:b32,cifar10 --workdir runs/b32_cifar10
-    python -m jaxclf.evaluate --workdir runs/b32_cifar10 --split test
+    python -m jaxclf.train --config configs/vit_transfer.py:b32,cifar10      # -> runs/vit_transfer_b32_cifar10
+    python -m jaxclf.evaluate --workdir runs/vit_transfer_b32_cifar10 --split test
+
+The weights are the AugReg i21k checkpoints the recipe starts from, as timm publishes them on the
+Hugging Face hub (timm/vit_base_patch32_224.augreg_in21k, converted from the same .npz files:
+B_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.03-do_0.0-sd_0.0), downloaded on first use and converted
+once; --config.model_init=PATH.npz reads big_vision's own file instead.
 
 ARG is MODEL,DATASET with MODEL b32 or b16 and DATASET cifar10, cifar100, pets or flowers.
 The recipe (big_vision/configs/transfer.py): batch 512 at 384 px, SGD with momentum 0.9, no weight
@@ -27,8 +30,8 @@ These runs have not been reproduced with jaxclf on a GPU yet (no weights or data
 
 from jaxclf.config import base_config
 
-MODELS = {"b32": ("vit_base_patch32_384", "weights/augreg_b32_i21k"),
-          "b16": ("vit_base_patch16_384", "weights/augreg_b16_i21k")}
+MODELS = {"b32": ("vit_base_patch32_384", "timm/vit_base_patch32_224.augreg_in21k"),
+          "b16": ("vit_base_patch16_384", "timm/vit_base_patch16_224.augreg_in21k")}
 # name: (TFDS name, train split, val split, steps, warmup, crop, learning rate of big_vision's best B/32 run)
 DATASETS = {
     "cifar10": ("cifar10", "train[:98%]", "train[98%:]", 10_000, 500, "resmall", 0.003),

@@ -360,9 +360,12 @@ def _accuracy_before(workdir: str, config, info, plan: ClassPlan, val, old) -> f
     return before
 
 
-def _read_record(path: str) -> dict | None:
+def _read_record(workdir: str) -> dict | None:
+    """The continual.json of `workdir` (None: not a continual run, or no workdir, as an artefact may have)."""
+    if not workdir:
+        return None
     try:
-        with open(path) as f:
+        with open(os.path.join(workdir, FILE)) as f:
             return json.load(f)
     except FileNotFoundError:
         return None
@@ -370,7 +373,7 @@ def _read_record(path: str) -> dict | None:
 
 def run_splits(config: ml_collections.ConfigDict, workdir: str) -> dict[str, sources.LabelledSource] | None:
     """The splits a finished continual run in `workdir` trained and evaluated on (None: not a continual run)."""
-    record = _read_record(os.path.join(workdir, FILE))
+    record = _read_record(workdir)
     if record is None:
         return None
     return assemble_splits(data_lib.load_splits(config.data), _recorded_plan(record), _OldData(record["old_data"]))
@@ -384,7 +387,7 @@ def evaluation_report(workdir: str, source: sources.LabelledSource, log_probs: n
                       batch_size: int) -> dict | None:
     """Old-class and new-class top-1 of a continual run on `source`, their mean, and forgetting: the old
     model's old-class top-1 on the same images minus the updated model's (None: not a continual run)."""
-    record = _read_record(os.path.join(workdir, FILE))
+    record = _read_record(workdir)
     if record is None:
         return None
     plan = _recorded_plan(record)

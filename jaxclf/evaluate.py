@@ -1,5 +1,9 @@
 """Evaluate a trained run: `python -m jaxclf.evaluate --workdir DIR [--split val|test|PATH] [--checkpoint best|last|STEP] [--tta flip]`.
 
+Or an exported model, `--artefact PATH` instead of `--workdir` (StableHLO, ONNX, ONNX int8; see
+jaxclf.artefact): the same report, written to `PATH.eval/<split>/`, so the accuracy cost of an
+export is one command.
+
 Writes `DIR/eval/<split>/`: report.json (every metric, see report.py), report.md (readable),
 confusion_matrix.png, reliability.png and predictions.csv (one row per image: file, true and
 predicted class, confidence); and refreshes the training curves in `DIR/plots/`. Each image is
@@ -19,13 +23,13 @@ import jax
 import numpy as np
 from scipy.special import log_softmax, logsumexp
 
-from jaxclf import continual, data as data_lib, inference, plots, report as report_lib
+from jaxclf import artefact as artefact_lib, continual, data as data_lib, inference, plots, report as report_lib
 from jaxclf.data import pipeline, sources
 
 TTA_MODES = ("none", "flip")
 
 
-def load_split(trained: inference.TrainedModel, split: str) -> tuple[str, sources.LabelledSource]:
+def load_split(trained: inference.LoadedModel, split: str) -> tuple[str, sources.LabelledSource]:
     """(name, source) for `split`: "train", "val" or "test" of the run's data config (a continual run's:
     its new data and the old run's images of old classes, as it trained), or a folder
     PATH/<class>/<images> whose class names are among the run's (labels follow the run's order)."""
@@ -63,7 +67,7 @@ def _load_folder(path: str, class_names: tuple[str, ...]) -> sources.LabelledFil
 
 
 def predict_source(
-    trained: inference.TrainedModel, source: sources.LabelledSource, *, batch_size: int, tta: str = "none"
+    trained: inference.LoadedModel, source: sources.LabelledSource, *, batch_size: int, tta: str = "none"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(log_probs float64[N, C], labels int64[N], indices int64[N]) for the readable examples of `source`.
 
@@ -91,7 +95,7 @@ def predict_source(
 
 
 def evaluate(
-    trained: inference.TrainedModel, split: str = "val", *, batch_size: int = 0, tta: str = "none"
+    trained: inference.LoadedModel, split: str = "val", *, batch_size: int = 0, tta: str = "none"
 ) -> tuple[dict, str]:
     """Evaluate on `split`, write the report files; return (report, output folder)."""
     if jax.process_count() > 1:
@@ -101,19 +105,20 @@ def evaluate(
     log_probs, labels, indices = predict_source(trained, source, batch_size=batch_size, tta=tta)
     report = report_lib.classification_report(log_probs, labels, list(trained.class_names))
     report.update({
-        "workdir": os.path.abspath(trained.workdir), "split": name,
+        **trained.provenance, "split": name,
         "data": trained.config.data.root if split in sources.SPLITS else os.path.abspath(split),
-        "checkpoint_step": trained.step, "weights": trained.weights, "tta": tta,
+        "model_name": trained.model_name, "format": trained.format, "tta": tta,
         "skipped_images": len(source) - len(labels),
     })
     update = continual.evaluation_report(trained.workdir, source, log_probs, labels, batch_size)
     if update is not None:
         report["continual"] = update
-    out_dir = os.path.join(trained.workdir, "eval", name)
+    out_dir = trained.eval_dir(name)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
-    title = f"{os.path.basename(os.path.abspath(trained.workdir))}, {name}, step {trained.step}"
+    evaluated = trained.provenance.get("artefact") or os.path.abspath(trained.workdir)
+    title = f"{os.path.basename(evaluated)}, {name}, step {trained.step}"
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(report_lib.markdown_report(report, f"Evaluation: {title}"))
     plots.plot_confusion_matrix(np.asarray(report["confusion_matrix"]), report["class_names"],
@@ -122,7 +127,8 @@ def evaluate(
                            title=f"ECE {report['ece']:.4f} ({report_lib.ECE_BINS} bins)")
     _write_predictions(os.path.join(out_dir, "predictions.csv"), source, log_probs, labels, indices,
                        trained.class_names)
-    plots.plot_training_curves(trained.workdir)
+    if isinstance(trained, inference.TrainedModel):
+        plots.plot_training_curves(trained.workdir)
     return report, out_dir
 
 
@@ -145,16 +151,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxclf.evaluate", description=__doc__.splitlines()[0])
-    inference.add_run_arguments(parser)
+    artefact_lib.add_model_arguments(parser)
     parser.add_argument("--split", default="val", help="train, val or test of the run's data, or a folder PATH/<class>/<images>")
     parser.add_argument("--tta", default="none", choices=TTA_MODES, help="flip: average with the mirrored image")
     parser.add_argument("--batch_size", type=int, default=0, help="0: the run's eval_batch_size (or batch_size)")
     args = parser.parse_args(argv)
-    trained = inference.load_from_args(args)
+    trained = artefact_lib.load_from_args(args)
     report, out_dir = evaluate(trained, args.split, batch_size=args.batch_size, tta=args.tta)
     print(f"top-1 {report['top1']:.2%}  top-5 {report['top5']:.2%}  loss {report['loss']:.4f}  "
           f"macro-F1 {report['macro_f1']:.4f}  balanced accuracy {report['balanced_accuracy']:.2%}  "
-          f"ECE {report['ece']:.4f}  ({report['num_examples']} images, step {trained.step}, {trained.weights})")
+          f"ECE {report['ece']:.4f}  ({report['num_examples']} images, step {trained.step}, {trained.weights}, "
+          f"{trained.format})")
     if "continual" in report:
         print(report_lib.continual_line(report["continual"]))
     print(f"wrote {out_dir}/report.json, report.md, confusion_matrix.png, reliability.png, predictions.csv")

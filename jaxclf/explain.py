@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from flax import nnx
@@ -116,6 +117,15 @@ def _rollout(maps: jax.Array, prefix: int, class_token_row: bool) -> jax.Array:
     return relevance.reshape(side, side)
 
 
+def explanation_method(model: nnx.Module) -> str | None:
+    """"attention rollout" or "Grad-CAM", the method `explain` uses for `model`; None if it has neither hook."""
+    if has_attention_weights(model):
+        return "attention rollout"
+    if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
+        return "Grad-CAM"
+    return None
+
+
 def explain(trained: inference.TrainedModel, image: np.ndarray, class_name: str | None = None) -> dict:
     """Explain the model's output on one preprocessed `image` uint8[H, W, 3].
 
@@ -133,13 +143,14 @@ def explain(trained: inference.TrainedModel, image: np.ndarray, class_name: str 
                                      f"{', '.join(trained.class_names[:20])}{', ...' if len(trained.class_names) > 20 else ''}")
     normalised = normalize_images(jnp.asarray(image[None]), trained.mean, trained.std)
     model = trained.model
-    if has_attention_weights(model):
-        coarse, method = attention_rollout(model, normalised), "attention rollout"
+    method = explanation_method(model)
+    if method == "attention rollout":
+        coarse = attention_rollout(model, normalised)
         where = f"{coarse.shape[0]}x{coarse.shape[1]} patches"
-    elif hasattr(model, "forward_features") and hasattr(model, "forward_head"):
+    elif method == "Grad-CAM":
         stage = cam_stage(model, normalised.shape)
         coarse = grad_cam(model, normalised, class_index, stage)
-        method, where = "Grad-CAM", f"{'final' if stage is None else f'stage {stage}'} {coarse.shape[0]}x{coarse.shape[1]} map"
+        where = f"{'final' if stage is None else f'stage {stage}'} {coarse.shape[0]}x{coarse.shape[1]} map"
     else:
         raise inference.WorkdirError(
             f"model {trained.config.model_name!r} offers no hook to explain: it needs forward_features and "
@@ -157,6 +168,12 @@ def explain(trained: inference.TrainedModel, image: np.ndarray, class_name: str 
         "predicted": trained.class_names[predicted],
         "predicted_probability": float(probabilities[predicted]),
     }
+
+
+def blend_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """uint8[H, W, 3]: `heatmap` float32[H, W] in [0, 1] in the jet colours over `image`, as `save_overlay` draws it."""
+    colours = colormaps["jet"](heatmap)[..., :3]
+    return np.round((1 - alpha) * image + alpha * 255 * colours).astype(np.uint8)
 
 
 def save_overlay(image: np.ndarray, explanation: dict, path: str, source: str = "") -> str:

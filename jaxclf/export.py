@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxclf import inference
+from jaxclf import artefact as artefact_lib, inference
 
 FORMATS = ("stablehlo", "onnx")
 
@@ -82,21 +82,6 @@ def _onnx_failure(trained: inference.TrainedModel, reason: str) -> str:
             f"{reason.splitlines()[0][:500]}\nThe stablehlo format (--format stablehlo) exports every jaxclf model.")
 
 
-def stablehlo_runner(artefact: bytes) -> Callable[[np.ndarray], np.ndarray]:
-    """A function running a serialized stablehlo export on a batch of images."""
-    exported = jax.export.deserialize(bytearray(artefact))
-    return lambda images: np.asarray(exported.call(images))
-
-
-def onnx_runner(artefact: bytes) -> Callable[[np.ndarray], np.ndarray]:
-    """A function running an ONNX export with onnxruntime on a batch of images."""
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(artefact, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-    return lambda images: session.run(None, {input_name: images})[0]
-
-
 def check_artefact(trained: inference.TrainedModel, run: Callable[[np.ndarray], np.ndarray], height: int,
                    width: int, tolerance: float, batch_sizes: Sequence[int] = (1, 3)) -> float:
     """Largest logit difference between `run` and the JAX model on random images of each batch size.
@@ -139,6 +124,8 @@ def sidecar(trained: inference.TrainedModel, fmt: str, path: str, height: int, w
         "workdir": os.path.abspath(trained.workdir),
         "checkpoint_step": trained.step,
         "weights": trained.weights,
+        # The run's config, so the artefact alone can be evaluated on the run's splits (jaxclf.artefact).
+        "run_config": json.loads(trained.config.to_json_best_effort()),
         **extra,
     }
 
@@ -154,10 +141,10 @@ def export(trained: inference.TrainedModel, fmt: str, out: str, *, image_size: i
         platforms = list(platforms or [jax.export.default_export_platform()])
         artefact = export_stablehlo(trained, height, width, platforms)
         extra["platforms"] = platforms
-        runner = stablehlo_runner if jax.export.default_export_platform() in platforms else None
+        runner = artefact_lib.stablehlo_runner if jax.export.default_export_platform() in platforms else None
     else:
         artefact = export_onnx(trained, height, width)
-        runner = onnx_runner
+        runner = artefact_lib.onnx_runner
     if runner is not None:
         try:
             difference = check_artefact(trained, runner(artefact), height, width, tolerance)

@@ -39,8 +39,78 @@ class WorkdirError(ValueError):
 USER_ERRORS = (WorkdirError, config_lib.ConfigError, sources.DataError, checkpoint.CheckpointError)
 
 
+class LoadedModel:
+    """What every tool that only runs a model needs, whatever holds the model (a workdir's checkpoint,
+    an exported artefact): class names, logits of preprocessed images, the run's eval preprocessing.
+
+    A subclass sets `config` (the run's; `config.data.pp_eval` is its eval preprocessing),
+    `class_names`, `step`, `weights` and `model_name`, and defines `logits`, `format`,
+    `provenance`, `eval_dir` and `_config_path` (where the preprocessing was read, for errors).
+    """
+
+    config: ml_collections.ConfigDict
+    class_names: tuple[str, ...]
+    step: int
+    weights: str
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model_name
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.config.data.mean)
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.config.data.std)
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """uint8[B, H, W, 3] images after the eval preprocessing -> float32[B, C] logits."""
+        raise NotImplementedError
+
+    @functools.cached_property
+    def eval_ops(self) -> list[ops_lib.Op]:
+        """The ops of `config.data.pp_eval`, checked: `decode` first, nothing random."""
+        operations = ops_lib.parse_ops(self.config.data.pp_eval)
+        if not isinstance(operations[0], ops_lib.Decode):
+            raise WorkdirError(f"data.pp_eval={self.config.data.pp_eval!r} in {self._config_path} must start with decode")
+        random_ops = [type(op).__name__ for op in operations if isinstance(op, grain.transforms.RandomMap)]
+        if random_ops:
+            raise WorkdirError(f"data.pp_eval in {self._config_path} has random ops {random_ops}")
+        return operations
+
+    def load_image(self, path: str, data: bytes | None = None) -> np.ndarray:
+        """The image file at `path` (or its encoded bytes `data`, which `path` then names) as the model
+        sees it: uint8[H, W, 3] after `config.data.pp_eval`.
+
+        Raises ops.BadImage (a DataError) naming the file when it cannot be decoded.
+        """
+        example = {"path": path} if data is None else {"path": path, "bytes": data}
+        for op in self.eval_ops:
+            example = op.map(example)
+        return ops_lib.as_array(example["image"])
+
+    def input_size(self) -> tuple[int, int] | None:
+        """(height, width) every image has after the eval ops, or None if it depends on the image."""
+        sizes = set()
+        for shape in _PROBE_SHAPES:
+            example = {"image": np.zeros((*shape, 3), np.uint8)}
+            try:
+                for op in self.eval_ops[1:]:
+                    example = op.map(example)
+            except ValueError:  # e.g. a crop larger than the probe
+                return None
+            sizes.add(ops_lib.as_array(example["image"]).shape[:2])
+        return sizes.pop() if len(sizes) == 1 else None
+
+    @property
+    def _config_path(self) -> str:
+        raise NotImplementedError
+
+
 @dataclasses.dataclass
-class TrainedModel:
+class TrainedModel(LoadedModel):
     """The model of a run in eval mode, with the weights of one checkpoint on one device.
 
     `weights` is "ema" (the run's exponential moving average) or "params" (the trained values).
@@ -53,13 +123,17 @@ class TrainedModel:
     step: int
     weights: str
 
-    @property
-    def mean(self) -> tuple[float, ...]:
-        return tuple(self.config.data.mean)
+    format = "jax"
 
     @property
-    def std(self) -> tuple[float, ...]:
-        return tuple(self.config.data.std)
+    def provenance(self) -> dict:
+        """Where the weights come from: the run, its checkpoint and which of its weights."""
+        return {"workdir": os.path.abspath(self.workdir) if self.workdir else "", "checkpoint_step": self.step,
+                "weights": self.weights}
+
+    def eval_dir(self, split_name: str) -> str:
+        """Where `jaxclf.evaluate` writes the reports of `split_name`: WORKDIR/eval/<split>."""
+        return os.path.join(self.workdir, "eval", split_name)
 
     def apply(self, images: jax.Array) -> jax.Array:
         """uint8[B, H, W, 3] images after the eval preprocessing -> float32[B, C] logits (traceable, for export)."""
@@ -80,40 +154,6 @@ class TrainedModel:
             lambda state, images: _logits(nnx.merge(graphdef, state), images, mean, std),
             compiler_options=xla_cpu.compiler_options(jax.default_backend()),
         )
-
-    @functools.cached_property
-    def eval_ops(self) -> list[ops_lib.Op]:
-        """The ops of `config.data.pp_eval`, checked: `decode` first, nothing random."""
-        operations = ops_lib.parse_ops(self.config.data.pp_eval)
-        if not isinstance(operations[0], ops_lib.Decode):
-            raise WorkdirError(f"data.pp_eval={self.config.data.pp_eval!r} in {self._config_path} must start with decode")
-        random_ops = [type(op).__name__ for op in operations if isinstance(op, grain.transforms.RandomMap)]
-        if random_ops:
-            raise WorkdirError(f"data.pp_eval in {self._config_path} has random ops {random_ops}")
-        return operations
-
-    def load_image(self, path: str) -> np.ndarray:
-        """The image file at `path` as the model sees it: uint8[H, W, 3] after `config.data.pp_eval`.
-
-        Raises ops.BadImage (a DataError) naming the file when it cannot be decoded.
-        """
-        example = {"path": path}
-        for op in self.eval_ops:
-            example = op.map(example)
-        return ops_lib.as_array(example["image"])
-
-    def input_size(self) -> tuple[int, int] | None:
-        """(height, width) every image has after the eval ops, or None if it depends on the image."""
-        sizes = set()
-        for shape in _PROBE_SHAPES:
-            example = {"image": np.zeros((*shape, 3), np.uint8)}
-            try:
-                for op in self.eval_ops[1:]:
-                    example = op.map(example)
-            except ValueError:  # e.g. a crop larger than the probe
-                return None
-            sizes.add(ops_lib.as_array(example["image"]).shape[:2])
-        return sizes.pop() if len(sizes) == 1 else None
 
     @property
     def _config_path(self) -> str:
@@ -183,9 +223,9 @@ def _choose_step(checkpointer: checkpoint.Checkpointer, choice: str) -> int:
     return int(choice)
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+def add_run_arguments(parser: argparse.ArgumentParser, workdir_required: bool = True) -> None:
     """The flags every inference tool shares: which run, which checkpoint, which weights."""
-    parser.add_argument("--workdir", required=True, help="the training run's workdir")
+    parser.add_argument("--workdir", required=workdir_required, help="the training run's workdir")
     parser.add_argument("--checkpoint", default="best",
                         help="best (the best evaluation, else the latest), last, or a step number")
     parser.add_argument("--no_ema", action="store_true",

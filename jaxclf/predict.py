@@ -78,9 +78,7 @@ class Predictor:
                     )
                 probabilities = self.predict_arrays(np.stack([image for _, image in readable]))
                 for (path, _), probs in zip(readable, probabilities):
-                    top = np.argsort(-probs, kind="stable")[:top_k]
-                    predictions.append(Prediction(path, tuple(self.trained.class_names[i] for i in top),
-                                                  tuple(float(probs[i]) for i in top)))
+                    predictions.append(Prediction(path, *top_classes(probs, self.trained.class_names, top_k)))
         return predictions, skipped
 
     def _load(self, path: str) -> np.ndarray | str:
@@ -91,6 +89,12 @@ class Predictor:
             return f"cannot decode the image ({e.reason})"
         except (sources.DataError, OSError, ValueError) as e:
             return str(e)
+
+
+def top_classes(probabilities: np.ndarray, class_names: Sequence[str], k: int) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """(the k most probable classes, their probabilities) of float32[C] `probabilities`; ties keep class order."""
+    top = np.argsort(-probabilities, kind="stable")[:k]
+    return tuple(class_names[i] for i in top), tuple(float(probabilities[i]) for i in top)
 
 
 def expand_inputs(items: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:

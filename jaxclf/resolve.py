@@ -51,7 +51,8 @@ def resolve(config: ml_collections.ConfigDict, platform: str) -> Resolved:
     with config.unlocked():
         if pretrained:
             for key, value in pretrained[1].model_options.items():
-                config.model.setdefault(key, value)
+                if key not in config.model:  # (ConfigDict has no setdefault)
+                    config.model[key] = value
         if "kernels" in accepted:
             try:
                 config.model.kernels = kernels.resolve(config.model.get("kernels", "auto"), platform)

@@ -32,3 +32,33 @@ def with_random_values(make_model: Callable[[], nnx.Module], seed: int = 0, spre
         return jnp.asarray(rng.normal(0, 0.2, x.shape), x.dtype)
 
     return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
+
+
+class CamNet(nnx.Module):
+    """Two convs, global average pool, linear head, with the hooks Grad-CAM needs (forward_features/forward_head)."""
+
+    def __init__(self, num_classes: int, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(3, 8, (3, 3), strides=2, rngs=rngs)
+        self.conv2 = nnx.Conv(8, 16, (3, 3), rngs=rngs)
+        self.head = nnx.Linear(16, num_classes, rngs=rngs)
+
+    def forward_features(self, images):
+        return nnx.relu(self.conv2(nnx.relu(self.conv1(images))))
+
+    def forward_head(self, features):
+        return self.head(features.mean(axis=(1, 2)))
+
+    def __call__(self, images):
+        return self.forward_head(self.forward_features(images))
+
+
+def explainable_trained_model(workdir: str, class_names: tuple[str, ...]):
+    """An inference.TrainedModel of a random CamNet taking images as they are decoded (no training run needed)."""
+    from jaxclf import config as config_lib, inference
+
+    config = config_lib.base_config()
+    config.model_name, config.data.pp_eval = "cam_net", "decode"
+    config.data.mean, config.data.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    model = CamNet(len(class_names), nnx.Rngs(0))
+    model.eval()
+    return inference.TrainedModel(workdir, config, class_names, model, step=7, weights="params")

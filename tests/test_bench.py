@@ -50,3 +50,16 @@ def test_matmul_bench_times_xla_and_torch_on_vit_shapes(tmp_path):
     products = {row["product"] for row in report["rows"]}
     assert {"qkv x W", "fc2 x^T dy", "attn P V"} <= products and len(products) == 15
     assert all(row["xla_ms"] > 0 and row["torch_ms"] > 0 for row in report["rows"])
+
+
+def test_serve_bench_loads_both_servers(tmp_path, trained_workdir, digits_root):
+    report = _run_bench("serve.py", tmp_path / "serve.json", "--workdir", trained_workdir,
+                        "--import_file", "tests/tiny_config.py", "--image_size", "16",
+                        "--images", f"{digits_root}/val", "--clients", "1,4", "--requests", "5", "--seconds", "5",
+                        "--rounds", "1", "--max_batch", "4")
+    assert [row["clients"] for row in report["table"]] == [1, 4]
+    for row in report["table"]:
+        for mode in ("batching", "no_batching"):
+            assert row[mode]["requests_per_s"] > 0 and row[mode]["server_cpu_ms_per_request"] > 0
+    assert all(m["errors"] == 0 and m["requests"] == 20 for m in report["results"]["batching"]["4"])
+    assert report["table"][0]["no_batching"]["mean_batch_images"] == 1

@@ -118,15 +118,17 @@ def test_batch_not_divisible_by_devices_is_named(digits_root, tmp_path):
 
 @pytest.mark.parametrize("config_file", ["configs/resnet50.py", "configs/vit_b.py"])
 def test_finetune_configs_without_data_name_the_field(config_file, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty_hf_cache"))
+
     def run(*overrides):
         return subprocess.run(
             [sys.executable, "-m", "jaxclf.train", "--config", config_file, "--workdir", str(tmp_path / "w"),
-             *overrides], capture_output=True, text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+             *overrides], capture_output=True, text=True, timeout=120, env=env,
         )
 
-    result = run()  # no converted weights here
+    result = run()  # the config's hub weights are not in this (empty, offline) cache
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "config.model_init='weights/" in result.stderr and "python -m jaxclf.convert" in result.stderr
+    assert "config.model_init='timm/" in result.stderr and "not in the Hugging Face cache" in result.stderr
     result = run("--config.model_init=")  # from scratch: the data set is what is missing
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "config.data.root is not set" in result.stderr

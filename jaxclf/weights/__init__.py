@@ -14,14 +14,15 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from collections.abc import Callable
 
 import jax
 import numpy as np
 from flax import nnx
 
-from jaxclf import models, tree_paths
-from jaxclf.weights import bit, files, hub, resnet, surgery, vit, workdir
+from jaxclf import models, progress, tree_paths
+from jaxclf.weights import bit, cache, files, hub, resnet, surgery, vit, workdir
 from jaxclf.weights.files import WeightsError
 
 INFO_FILE = "pretrained.json"
@@ -85,7 +86,7 @@ def detect_format(tensors: dict, path: str, name: str = "") -> SourceFormat:
 
 
 def convert(source: str, model_name: str = "", format_name: str = "") -> tuple[dict[str, np.ndarray], Pretrained]:
-    """Read `source` (a file, a Hugging Face / timm folder or a hub name) into (params, info)."""
+    """Read `source` (a file, a Hugging Face / timm folder or a hub name: `hub.resolve`) into (params, info)."""
     path = hub.resolve(source)
     tensors = files.read_tensors(path)
     fmt = detect_format(tensors, path, format_name)
@@ -161,17 +162,38 @@ def is_converted(path: str) -> bool:
 
 
 def load(source: str, model_name: str = "") -> tuple[dict[str, np.ndarray], Pretrained]:
-    """(params, info) from a converted folder, or converted on the fly from any other source (as
-    `model_name` when the source does not say). A finished jaxclf workdir gives a `workdir.RunInfo`."""
+    """(params, info) for `config.model_init`: a finished jaxclf workdir (a `workdir.RunInfo`), a
+    converted folder, any other weights file or folder (converted on the fly, as `model_name` when the
+    source does not say), or a hub name (downloaded and converted once, then read from
+    `weights/cache.py`'s cache). `hub.hub_repo` holds the rules that tell a hub name from a path."""
     if workdir.is_workdir(source):
         return workdir.load(source, model_name)
-    if not is_converted(source):
+    if is_converted(source):
+        return _read_converted(source)
+    repo = hub.hub_repo(source)
+    if repo is None:
         return convert(source, model_name)
-    with open(os.path.join(source, INFO_FILE)) as f:
-        info = Pretrained(**json.load(f))
-    with np.load(os.path.join(source, PARAMS_FILE)) as data:
+    folder = hub.download(repo)
+    entry = cache.entry_for(folder, model_name)
+    if is_converted(entry):
+        print(f"{repo}: converted weights from {entry}", file=sys.stderr)
+        return _read_converted(entry)
+    with progress.phase(f"converting {repo} (once: kept in {entry})"):
+        params, info = convert(folder, model_name)
+        info = dataclasses.replace(info, source=repo)
+        cache.store(entry, lambda folder: save(folder, params, info))
+    return params, _read_info(entry)  # as JSON gives it back, the same on every later start
+
+
+def _read_converted(folder: str) -> tuple[dict[str, np.ndarray], Pretrained]:
+    with np.load(os.path.join(folder, PARAMS_FILE)) as data:
         params = dict(data)
-    return params, info
+    return params, _read_info(folder)
+
+
+def _read_info(folder: str) -> Pretrained:
+    with open(os.path.join(folder, INFO_FILE)) as f:
+        return Pretrained(**json.load(f))
 
 
 def apply(
@@ -183,7 +205,7 @@ def apply(
 ) -> list[str]:
     """Load `params` into `model` in place after fitting them (head, position embedding, strict keys);
     returns notes on what was changed for the caller to print."""
-    state = nnx.state(model)
+    state = nnx.state(model, nnx.Not(nnx.RngState))  # weights hold params and statistics, not dropout keys
     target = {name: tuple(leaf.shape) for name, leaf in tree_paths.flatten(state).items()}
     fitted, notes = surgery.fit(params, target, head_paths=model.head_paths(),
                                 pos_embed_prefix_tokens=model.pos_embed_prefix_tokens(), dont_load=dont_load,

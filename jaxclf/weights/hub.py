@@ -1,10 +1,17 @@
-"""Hub names and the config files that come with downloaded weights.
+"""Where weights named by `config.model_init` come from: a local path or the Hugging Face hub.
 
-`timm/vit_base_patch16_224.augreg2_in21k_ft_in1k` or `google/vit-base-patch16-224` download
-through huggingface_hub when it is installed and the network allows; offline, the error says
-which files to fetch and where to point jaxclf instead. A folder's `config.json` (timm's
-`pretrained_cfg`, or transformers' model config) and `preprocessor_config.json` supply the model
-name, its options and the preprocessing.
+The rules, in order (`hub_repo`):
+1. an existing file or folder is a local path;
+2. `hf:org/name` is a hub repository;
+3. a value that looks like a path is a local path, and a missing one is an error that gives the
+   convert command (the hub is not asked): absolute, `./`, `../`, `~`, more than one `/`, a
+   weights-file suffix, or a name under jaxclf's own folders (`weights/`, `runs/`, `checkpoints/`);
+4. any other `org/name` (`timm/resnet50.a1_in1k`, `google/vit-base-patch16-224`) is a hub repository.
+
+Hub files arrive through huggingface_hub's own cache, so its environment variables hold
+(`HF_HOME`, `HF_HUB_CACHE`, `HF_HUB_OFFLINE`, `HF_TOKEN`) and an interrupted download resumes. A
+folder's `config.json` (timm's `pretrained_cfg`, or transformers' model config) and
+`preprocessor_config.json` supply the model name, its options and the preprocessing.
 """
 
 from __future__ import annotations
@@ -13,40 +20,91 @@ import json
 import os
 import re
 
-from jaxclf.weights.files import WeightsError
+from jaxclf.weights.files import TORCH_SUFFIXES, WeightsError
 
+HUB_PREFIX = "hf:"
 _HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
-_FILES = ("model.safetensors", "config.json", "preprocessor_config.json")
+_PATH_STARTS = ("/", "./", "../", "~")
+_WEIGHTS_SUFFIXES = (".safetensors", ".npz", *TORCH_SUFFIXES)
+# jaxclf's own folders: a name under them is a local path, never a hub organisation.
+_LOCAL_ROOTS = ("weights", "runs", "checkpoints")
+_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
+_SIDECAR_FILES = ("config.json", "preprocessor_config.json")
 _VIT_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large"}
 _RESNET_DEPTHS = {(2, 2, 2, 2): 18, (3, 4, 6, 3): 34, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}
 _PIL_RESAMPLE = {2: "bilinear", 3: "bicubic"}
 
 
+def hub_repo(source: str) -> str | None:
+    """The hub repository `source` names, or None when it is a local path (the rules above)."""
+    if source.startswith(HUB_PREFIX):
+        repo = source[len(HUB_PREFIX):]
+        if not _HUB_NAME.match(repo):
+            raise WeightsError(f"{source!r}: a hub name is hf:ORG/NAME, e.g. hf:timm/resnet50.a1_in1k")
+        return repo
+    if os.path.exists(source) or _looks_like_path(source) or not _HUB_NAME.match(source):
+        return None
+    return source
+
+
+def _looks_like_path(source: str) -> bool:
+    return (source.startswith(_PATH_STARTS) or source.count("/") > 1 or source.endswith(_WEIGHTS_SUFFIXES)
+            or source.split("/")[0] in _LOCAL_ROOTS)
+
+
 def resolve(source: str) -> str:
-    """A local path for `source`: itself when it exists, else a hub download."""
-    if os.path.exists(source):
-        return source
-    if not _HUB_NAME.match(source):
-        raise WeightsError(f"weights {source!r}: no such file or folder (nor a hub name like org/model)")
-    url = f"https://huggingface.co/{source}/resolve/main"
-    manual = (f"if it is a hub name, download {url}/model.safetensors and {url}/config.json into one "
-              "folder and pass that folder instead; if it is meant to be a local folder, create it with "
-              f"`python -m jaxclf.convert WEIGHTS_FILE --model NAME --out {source}`")
+    """A local file or folder for `source`: the path itself, or the hub repository's downloaded folder."""
+    repo = hub_repo(source)
+    if repo:
+        return download(repo)
+    path = os.path.expanduser(source)
+    if not os.path.exists(path):
+        raise WeightsError(
+            f"{source!r}: no such file or folder. Convert weights into it once with `python -m jaxclf.convert "
+            f"WEIGHTS_FILE --model MODEL_NAME --out {source}`, or name weights on the Hugging Face hub "
+            "(e.g. timm/resnet50.a1_in1k or hf:ORG/NAME)")
+    return path
+
+
+def download(repo: str) -> str:
+    """The snapshot folder of hub repository `repo` holding its weights and config files (downloaded once
+    into the Hugging Face cache; offline, read from it)."""
     try:
         import huggingface_hub
+        from huggingface_hub import constants, errors
     except ImportError:
-        raise WeightsError(f"{source} looks like a hub name but huggingface_hub is not installed: {manual}") from None
-    folder = None
-    for name in _FILES:
+        raise WeightsError(f"{repo} is a hub name, but huggingface_hub is not installed "
+                           "(`pip install huggingface_hub`)") from None
+    folder, not_cached = None, False
+    for name in _WEIGHTS_FILES:
         try:
-            path = huggingface_hub.hf_hub_download(source, name)
-        except Exception as e:  # offline, missing repo or file: the hub raises many kinds
-            if name == "model.safetensors":
-                raise WeightsError(f"{source} is not a file or folder here, and downloading it from the hub "
-                                   f"failed ({type(e).__name__}); {manual}") from None
-            continue
-        folder = os.path.dirname(path)
+            folder = os.path.dirname(huggingface_hub.hf_hub_download(repo, name))
+            break
+        except errors.LocalEntryNotFoundError:  # offline or unreachable, and not in the cache
+            not_cached = True
+        except errors.EntryNotFoundError:  # the repository has no such file
+            pass
+        except (errors.RepositoryNotFoundError, errors.GatedRepoError, errors.RevisionNotFoundError) as e:
+            raise WeightsError(f"{repo}: the hub has no such repository, or it needs a token (HF_TOKEN) "
+                               f"({type(e).__name__})") from None
+    if folder is None:
+        if not_cached:
+            raise WeightsError(_not_cached_message(repo, constants))
+        raise WeightsError(f"{repo} has neither {' nor '.join(_WEIGHTS_FILES)} on the hub: jaxclf reads those files")
+    for name in _SIDECAR_FILES:
+        try:
+            huggingface_hub.hf_hub_download(repo, name)
+        except errors.EntryNotFoundError:  # optional files (a LocalEntryNotFoundError too)
+            pass
     return folder
+
+
+def _not_cached_message(repo: str, constants) -> str:
+    url = f"https://huggingface.co/{repo}/resolve/main"
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+    return (f"{repo} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}. Download it once "
+            f"where there is network (`hf download {repo}`) and copy the cache here (or point HF_HUB_CACHE at "
+            f"it), or download {url}/model.safetensors and {url}/config.json into one folder and pass that folder")
 
 
 def read_sidecar_config(path: str) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import struct
 
@@ -34,6 +35,9 @@ class BadImage(DataError):
 class Decode(grain.transforms.Map):
     """Read example["path"] into example["image"], an RGB image with its EXIF orientation applied.
 
+    An example with "bytes" (an upload the server received) is decoded from them; its "path" then
+    only names the image in errors.
+
     `decode(size)`: a JPEG whose shorter side is at least 2 * size is decoded at 1/2, 1/4 or 1/8
     scale by libjpeg (much faster), keeping the shorter side >= size; give the size the next
     resize or crop produces. Grayscale, palette, RGBA (alpha dropped, as torchvision), CMYK and
@@ -54,8 +58,9 @@ class Decode(grain.transforms.Map):
             example["image"] = array_to_rgb(np.asarray(example["image"]))
             return example
         path = example.pop("path")
+        data = example.pop("bytes", None)
         try:
-            with Image.open(path) as img:
+            with Image.open(path if data is None else io.BytesIO(data)) as img:
                 if self.size is not None and img.format == "JPEG":
                     self._draft(img)
                 img.load()

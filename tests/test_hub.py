@@ -1,0 +1,176 @@
+"""Pretrained weights by hub name: telling names from paths, an offline Hugging Face cache, the converted cache."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from hf_cache import add_repo, offline_hub  # noqa: F401 - offline_hub is a fixture
+from jaxclf import load_pretrained, weights
+from jaxclf.weights import hub
+
+timm = pytest.importorskip("timm")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("source, repo", [
+    ("timm/resnet50.a1_in1k", "timm/resnet50.a1_in1k"),
+    ("google/vit-base-patch16-224", "google/vit-base-patch16-224"),
+    ("hf:timm/resnet50.a1_in1k", "timm/resnet50.a1_in1k"),
+    ("hf:weights/vit", "weights/vit"),  # hf: always means the hub
+    ("weights/vit_base_patch16_224", None),  # jaxclf's own folders are never organisations
+    ("runs/pets", None),
+    ("./vit", None), ("../models/vit", None), ("/abs/vit", None), ("~/vit", None),
+    ("a/b/c", None), ("org/model.pth", None), ("model.safetensors", None), ("resnet50", None),
+])
+def test_hub_names_and_paths_are_told_apart(source, repo):
+    assert hub.hub_repo(source) == repo
+
+
+def test_an_existing_folder_is_a_path_even_if_it_reads_like_a_hub_name(tmp_path, monkeypatch):
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert hub.hub_repo("org/name") is None
+
+
+def test_a_missing_path_gives_the_convert_command_and_never_asks_the_hub(monkeypatch):
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    for source in ("weights/vit_base_patch16_224", "./vit", "/no/such/file.pth"):
+        with pytest.raises(weights.WeightsError) as error:
+            weights.load(source)
+        assert f"python -m jaxclf.convert WEIGHTS_FILE --model MODEL_NAME --out {source}" in str(error.value)
+
+
+def test_a_name_missing_from_the_offline_cache_says_what_to_do(offline_hub):
+    with pytest.raises(weights.WeightsError) as error:
+        weights.load("timm/vit_base_patch16_224.augreg2_in21k_ft_in1k")
+    message = str(error.value)
+    assert "not in the Hugging Face cache" in message and offline_hub in message and "HF_HUB_OFFLINE is set" in message
+    assert "hf download timm/vit_base_patch16_224.augreg2_in21k_ft_in1k" in message
+    assert "https://huggingface.co/timm/vit_base_patch16_224.augreg2_in21k_ft_in1k/resolve/main/model.safetensors" in message
+
+
+def _randomized(model: torch.nn.Module) -> torch.nn.Module:
+    """Random norm parameters and statistics, so a wrong mapping shows in the logits."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)):
+                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+                module.bias.copy_(torch.rand(module.bias.shape, generator=generator) - 0.5)
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.copy_(torch.rand(module.running_mean.shape, generator=generator) - 0.5)
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+    return model.eval()
+
+
+def _timm_repo(folder, architecture: str):
+    torch.manual_seed(0)
+    reference = _randomized(timm.create_model(architecture, pretrained=False, num_classes=7))
+    timm.models._hub.save_for_hf(reference, str(folder), safe_serialization=True)
+    return reference
+
+
+def _transformers_repo(folder):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(hidden_size=192, num_hidden_layers=12, num_attention_heads=3,
+                                    intermediate_size=768, image_size=224, patch_size=16, num_labels=7)
+    torch.manual_seed(0)
+    reference = _randomized(transformers.ViTForImageClassification(config))
+    reference.save_pretrained(str(folder))
+    transformers.ViTImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(str(folder))
+    return reference
+
+
+# (hub name, how the test makes its files, jaxclf model it holds, mean it carries)
+HUB_MODELS = {
+    "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k": (lambda d: _timm_repo(d, "vit_tiny_patch16_224"),
+                                                       "vit_tiny_patch16_224", [0.5, 0.5, 0.5]),
+    "timm/resnet18.a1_in1k": (lambda d: _timm_repo(d, "resnet18"), "resnet18", [0.485, 0.456, 0.406]),
+    "google/vit-tiny-test": (_transformers_repo, "vit_tiny_patch16_224", [0.5, 0.5, 0.5]),
+}
+
+
+@pytest.mark.parametrize("name", list(HUB_MODELS))
+def test_hub_weights_from_an_offline_cache_match_the_reference(name, offline_hub, tmp_path, monkeypatch):
+    make_files, model_name, mean = HUB_MODELS[name]
+    reference = make_files(tmp_path / "files")
+    add_repo(offline_hub, name, str(tmp_path / "files"))
+
+    model, info = load_pretrained(name)
+    assert (info.source, info.model_name, info.num_classes) == (name, model_name, 7)
+    assert list(info.preprocessing["mean"]) == mean
+    images = np.random.default_rng(0).standard_normal((2, 224, 224, 3), dtype=np.float32)
+    with torch.no_grad():
+        out = reference(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    theirs = (out.logits if hasattr(out, "logits") else out).numpy()
+    ours = np.asarray(model(images))
+    assert np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)) < 1e-4
+
+    # A second start reads the converted cache and does not convert again.
+    entries = os.listdir(tmp_path / "jaxclf_cache" / "converted")
+    assert len(entries) == 1
+    monkeypatch.setattr(weights, "convert", lambda *a, **k: pytest.fail("converted again"))
+    params_again, info_again = weights.load(name)
+    assert info_again == info
+    params, _ = weights._read_converted(str(tmp_path / "jaxclf_cache" / "converted" / entries[0]))
+    assert params_again.keys() == params.keys()
+
+
+def test_new_files_under_the_same_name_are_converted_anew(offline_hub, tmp_path):
+    name = "timm/resnet18.a1_in1k"
+    _timm_repo(tmp_path / "v1", "resnet18")
+    add_repo(offline_hub, name, str(tmp_path / "v1"))
+    first, _ = weights.load(name)
+    import shutil
+
+    shutil.rmtree(os.path.join(offline_hub, "models--timm--resnet18.a1_in1k"))
+    torch.manual_seed(1)
+    timm.models._hub.save_for_hf(timm.create_model("resnet18", num_classes=7), str(tmp_path / "v2"),
+                                 safe_serialization=True)
+    add_repo(offline_hub, name, str(tmp_path / "v2"))
+    second, _ = weights.load(name)
+    assert len(os.listdir(tmp_path / "jaxclf_cache" / "converted")) == 2
+    assert not np.array_equal(first["conv1/kernel"], second["conv1/kernel"])
+
+
+def test_vit_b_config_trains_from_an_offline_cache_without_a_convert_step(digits_root, offline_hub, tmp_path):
+    """`python -m jaxclf.train --config configs/vit_b.py --config.data.root=DIR` as README gives it, with
+    the config's hub weights (random ViT-B/16 here) in the cache: no convert command, no network."""
+    name = "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k"
+    torch.manual_seed(0)
+    timm.models._hub.save_for_hf(timm.create_model("vit_base_patch16_224", num_classes=1000),
+                                 str(tmp_path / "files"), safe_serialization=True)
+    add_repo(offline_hub, name, str(tmp_path / "files"))
+    # Small images and two steps: what is tested is the start, not ViT-B's speed on a CPU.
+    small = ["--config.model.img_size=32", "--config.data.pp_train=decode|resize(32)|flip_lr",
+             "--config.data.pp_eval=decode|resize(32)", "--config.batch_size=8", "--config.total_steps=2",
+             "--config.data.num_workers=0"]
+
+    def train(*extra):
+        return subprocess.run([sys.executable, "-m", "jaxclf.train", "--config", os.path.join(REPO, "configs/vit_b.py"),
+                               f"--config.data.root={digits_root}", *small, *extra],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=""))  # one device: 8 simulated
+                                                                                   # ones update 8 copies of ViT-B
+
+    result = train()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"converting {name}" in result.stderr and "resampled" in result.stderr.lower()
+    with open(tmp_path / "runs" / "vit_b" / "result.json") as f:
+        assert json.load(f)["status"] == "done"
+    with open(tmp_path / "runs" / "vit_b" / "config.json") as f:
+        assert json.load(f)["data"]["mean"] == [0.5, 0.5, 0.5]  # from timm's pretrained_cfg, not ImageNet's
+
+    again = train("--workdir", str(tmp_path / "second"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{name}: converted weights from" in again.stderr and "converting" not in again.stderr
