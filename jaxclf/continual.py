@@ -342,8 +342,7 @@ def old_model_accuracy(old, source: sources.LabelledSource | None, batch_size: i
 
 def _accuracy_before(workdir: str, config, info, plan: ClassPlan, val, old) -> float | None:
     """The old model's old-class accuracy on this run's validation images, measured once and kept in continual.json."""
-    path = os.path.join(workdir, FILE)
-    record = _read_record(path)
+    record = _read_record(workdir)
     same = record and record.get("old_workdir") == info.workdir and record.get("old_step") == info.step \
         and record.get("class_names") == list(plan.names)
     if same:
@@ -355,7 +354,7 @@ def _accuracy_before(workdir: str, config, info, plan: ClassPlan, val, old) -> f
             "class_names": list(plan.names), "dropped": list(plan.dropped), "old_data": info.config["data"],
             "old_accuracy_before": before,
         }
-        with open(path, "w") as f:
+        with open(os.path.join(workdir, FILE), "w") as f:
             json.dump(record, f, indent=2)
     return before
 

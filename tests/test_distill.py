@@ -13,6 +13,8 @@ from flax import nnx
 from jaxclf import augment, config as config_lib, distill, models, optim, sharding, steps, train
 from jaxclf.metrics import read_metrics
 
+from hf_cache import offline_hub  # noqa: F401 - a fixture (tests/ is on sys.path)
+
 STUDENT_NORM = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 TEACHER_NORM = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
@@ -190,6 +192,32 @@ def test_a_teacher_of_other_classes_is_named(trained_workdir):
         distill.load_teacher(_config(**{"distill.teacher": trained_workdir, "distill.alpha": 1.5}), [str(d) for d in range(10)])
     teacher = distill.load_teacher(config, [str(d) for d in reversed(range(10))])
     assert teacher.teacher_columns.tolist() == list(reversed(range(10)))  # matched by name
+
+
+def test_a_teacher_named_on_the_hub_is_converted_once_and_equals_timm(offline_hub, tmp_path):
+    """`distill.teacher` as a hub name goes through `weights.load` (the offline cache of tests/hf_cache.py):
+    the teacher's logits equal timm's model's on the same raw pixels, with the weights' own mean/std."""
+    torch, timm = pytest.importorskip("torch"), pytest.importorskip("timm")
+    from hf_cache import add_repo
+
+    torch.manual_seed(0)
+    reference = timm.create_model("resnet18", pretrained=False, num_classes=4).eval()
+    timm.models._hub.save_for_hf(reference, str(tmp_path / "files"), safe_serialization=True)
+    add_repo(offline_hub, "timm/resnet18.a1_in1k", str(tmp_path / "files"))
+
+    config = _config(**{"distill.teacher": "timm/resnet18.a1_in1k", "distill.image_size": 32, "dtype": "float32"})
+    teacher = distill.load_teacher(config, list("abcd"))
+    assert teacher.mean == TEACHER_NORM["mean"] and teacher.std == TEACHER_NORM["std"]  # the weights' own
+    assert teacher.image_size == (32, 32)  # distill.image_size over the weights' 224: no resize here
+    images = _batch(size=2, pixels=32)["image"]
+    student_input = (images / 255.0 - np.asarray(STUDENT_NORM["mean"])) / np.asarray(STUDENT_NORM["std"])
+    ours = np.asarray(teacher.logits(teacher.state, jnp.asarray(student_input, jnp.float32),
+                                     STUDENT_NORM["mean"], STUDENT_NORM["std"]))
+    raw = (images / 255.0 - np.asarray(TEACHER_NORM["mean"])) / np.asarray(TEACHER_NORM["std"])
+    with torch.no_grad():
+        theirs = reference(torch.from_numpy(raw.transpose(0, 3, 1, 2).astype(np.float32))).numpy()
+    assert np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)) < 1e-4
+    assert len(os.listdir(tmp_path / "jaxclf_cache" / "converted")) == 1  # converted once, kept in the cache
 
 
 @pytest.mark.slow
