@@ -32,30 +32,23 @@ NEAR_DISTANCE = 5  # pHash bits; resized/re-encoded copies measured 0-4 apart, d
 TRAINING_REPORT = "data_check.json"  # in a run's workdir (its report.json is evaluation's)
 
 
-def training_crop_size(pp_train: str) -> int | None:
-    """The side of the images training produces: the `size` of the last sizing op of `pp_train`
+def training_crop_size(data: ml_collections.ConfigDict) -> int | None:
+    """The side of the images training produces: the `size` of the last sizing op of config.data.pp_train
     (e.g. 224 for "decode|inception_crop(224)|flip_lr"); None if no op sets one."""
-    sizes = [op.size for op in _parse(pp_train, "pp_train")[1:] if isinstance(getattr(op, "size", None), int)]
+    sizes = [op.size for op in _split_ops(data, "pp_train")[1] if isinstance(getattr(op, "size", None), int)]
     return sizes[-1] if sizes else None
-
-
-def _parse(spec: str, field: str) -> list:
-    try:
-        return ops_lib.parse_ops(spec)
-    except ValueError as e:
-        raise config_lib.ConfigError(f"config.data.{field}: {e}") from None
 
 
 def decode_ops(data: ml_collections.ConfigDict, split_names: Sequence[str]) -> dict[str, ops_lib.Decode]:
     """The decode op training applies to each split: pp_train's for train, pp_eval's for val and test."""
-    decodes = {}
-    for split in split_names:
-        field = "pp_train" if split == "train" else "pp_eval"
-        try:
-            decodes[split], _ = pipeline._split_decode(data[field])
-        except ValueError as e:
-            raise config_lib.ConfigError(f"config.data.{field}: {e}") from None
-    return decodes
+    return {split: _split_ops(data, "pp_train" if split == "train" else "pp_eval")[0] for split in split_names}
+
+
+def _split_ops(data: ml_collections.ConfigDict, field: str) -> tuple[ops_lib.Decode, list]:
+    try:
+        return pipeline._split_decode(data[field])
+    except ValueError as e:
+        raise config_lib.ConfigError(f"config.data.{field}: {e}") from None
 
 
 def check_splits(
@@ -82,7 +75,7 @@ def check_splits(
     root = os.path.abspath(os.path.expanduser(data.root)) if data.root else ""
     about = {"data": f"{data.source} {data.tfds_name or root}", "source": data.source, "root": root,
              "tfds_name": data.tfds_name}
-    return findings.build_report(scanned, scans, full=full, crop_size=training_crop_size(data.pp_train),
+    return findings.build_report(scanned, scans, full=full, crop_size=training_crop_size(data),
                                  near_distance=near_distance, about=about, skipped=skipped)
 
 
