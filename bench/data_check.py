@@ -4,9 +4,10 @@ full check (decode, sha256, pHash), on a folder of small JPEGs written to a temp
     .venv/bin/python bench/data_check.py --images 20000 --rounds 3 --out bench/results/data_check_cpu.json
 
 Rounds alternate fast and full, so both see the same machine load; reported: the median wall time,
-images per second, seconds per 100k images, and for the fast check (threads in this process) CPU
-seconds. The files are in the page cache (just written): on a network file system the fast check
-waits on storage, which its threads overlap. The full check's time includes starting its workers.
+images per second, seconds per 100k images, and the CPU seconds of this process (all of the work
+for the fast check's threads and for a full check with 0 workers). The files are in the page cache
+(just written): on a network file system the fast check waits on storage, which its threads
+overlap. The full check's time includes starting its workers.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fast-threads", default=f"1,{check.FAST_THREADS}", help="comma-separated thread counts")
-    parser.add_argument("--full-workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--full-workers", default=f"0,{len(os.sched_getaffinity(0))}",
+                        help="comma-separated process counts (0: in this process, which gives its CPU seconds)")
     parser.add_argument("--out", default="bench/results/data_check_cpu.json")
     args = parser.parse_args()
 
@@ -64,7 +66,8 @@ def main() -> None:
         config.data.root = root
         config.data.pp_train = "decode|inception_crop(64)"  # small images: none below the crop
         splits = load_splits(config.data)
-        variants = [("fast", int(t)) for t in args.fast_threads.split(",")] + [("full", args.full_workers)]
+        variants = ([("fast", int(t)) for t in args.fast_threads.split(",")]
+                    + [("full", int(w)) for w in args.full_workers.split(",")])
         timings = {v: [] for v in variants}
         for round_ in range(args.rounds):
             for mode, workers in variants if round_ % 2 == 0 else reversed(variants):
@@ -75,13 +78,14 @@ def main() -> None:
     for (mode, workers), runs in timings.items():
         wall = statistics.median(r["wall_s"] for r in runs)
         cpu = statistics.median(r["main_cpu_s"] for r in runs)
-        rows.append({"check": mode, "workers": workers, "kind": "threads" if mode == "fast" else "processes",
+        kind = "threads" if mode == "fast" else "processes" if workers else "in-process"
+        rows.append({"check": mode, "workers": workers, "kind": kind,
                      "wall_s": wall, "images_per_s": args.images / wall, "s_per_100k": 1e5 * wall / args.images,
                      "main_cpu_s": cpu, "runs": runs})
     print(f"{args.images} images, {len(os.sched_getaffinity(0))} cores, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
-    print(f"{'check':6} {'workers':>12} {'wall s':>8} {'img/s':>9} {'s/100k':>8} {'main CPU s':>11}")
+    print(f"{'check':6} {'workers':>13} {'wall s':>8} {'img/s':>9} {'s/100k':>8} {'main CPU s':>11}")
     for r in rows:
-        print(f"{r['check']:6} {r['workers']:>4} {r['kind']:>7} {r['wall_s']:8.2f} {r['images_per_s']:9.0f} "
+        print(f"{r['check']:6} {r['workers']:>2} {r['kind']:>10} {r['wall_s']:8.2f} {r['images_per_s']:9.0f} "
               f"{r['s_per_100k']:8.1f} {r['main_cpu_s']:11.2f}")
     record = {
         "machine": {"cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),

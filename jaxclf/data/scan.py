@@ -245,6 +245,6 @@ def _gather(results: dict[str, SplitScan], splits: dict, readers: dict, full: bo
         others = flagged[flagged % process_count != process_index]
         if len(others):
             paths = [source.paths[i] for i in others] if readers[name].source is None else None
-            _, _, records, problems, notes = _scan_chunk(readers, full, name, others, paths)
+            _, _, _, problems, notes = _scan_chunk(readers, full, name, others, paths)
             result.problems.update(problems)
             result.notes.update(notes)
