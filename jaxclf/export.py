@@ -8,7 +8,7 @@ them for probabilities). Normalisation with the run's mean/std is part of the ex
 
 - stablehlo: `jax.export` serialized bytes; load with
   `jax.export.deserialize(open(PATH, "rb").read()).call(images)` (lowered for --platforms).
-- onnx: through jax2onnx (the `onnx` extra); run with onnxruntime.
+- onnx: opset 18, written from the jaxpr by jaxclf.onnx_graph (the `onnx` extra); run with onnxruntime.
 
 Each artefact is checked after writing: run on random images, it must give the JAX model's
 logits within --tolerance (relative to the largest logit, at least 1).
@@ -17,9 +17,7 @@ logits within --tolerance (relative to the largest logit, at least 1).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -60,26 +58,22 @@ def export_stablehlo(trained: inference.TrainedModel, height: int, width: int,
 
 
 def export_onnx(trained: inference.TrainedModel, height: int, width: int) -> bytes:
-    """ONNX model bytes of `trained.apply` through jax2onnx, with a symbolic batch dimension "B"."""
-    # jax2onnx logs a traceback for each of its plugins for other libraries (dm_pix) that do not
-    # import under this JAX; none of them is used here.
-    logging.getLogger("jax2onnx.plugins.plugin_system").setLevel(logging.ERROR)
+    """ONNX model bytes of `trained.apply` (jaxclf.onnx_graph), with a symbolic batch dimension "B"."""
     try:
-        import jax2onnx
+        from jaxclf import onnx_graph
     except ImportError:
-        raise ExportError("ONNX export needs jax2onnx: pip install -e '.[onnx]'") from None
+        raise ExportError("ONNX export needs the onnx package: pip install -e '.[onnx]'") from None
     try:
-        proto = jax2onnx.to_onnx(trained.apply, [jax.ShapeDtypeStruct(("B", height, width, 3), jnp.uint8)],
-                                 model_name=trained.config.model_name, input_names=["images"],
-                                 output_names=["logits"])
-    except Exception as e:  # noqa: BLE001 -- any converter failure: say which model and converter
-        raise ExportError(_onnx_failure(trained, f"{type(e).__name__}: {e}")) from e
+        proto = onnx_graph.to_onnx(trained.apply, (height, width, 3), np.uint8, input_name="images",
+                                   output_name="logits", model_name=trained.config.model_name)
+    except onnx_graph.UnsupportedError as e:
+        raise ExportError(_onnx_failure(trained, str(e))) from e
     return proto.SerializeToString()
 
 
 def _onnx_failure(trained: inference.TrainedModel, reason: str) -> str:
-    return (f"jax2onnx {importlib.metadata.version('jax2onnx')} cannot export {trained.config.model_name}: "
-            f"{reason.splitlines()[0][:500]}\nThe stablehlo format (--format stablehlo) exports every jaxclf model.")
+    return (f"cannot export {trained.config.model_name} to ONNX: {reason.splitlines()[0][:500]}\n"
+            "The stablehlo format (--format stablehlo) exports every jaxclf model.")
 
 
 def check_artefact(trained: inference.TrainedModel, run: Callable[[np.ndarray], np.ndarray], height: int,
