@@ -112,6 +112,14 @@ def _constant(array: np.ndarray, shape: tuple | None = None) -> _Value:
     return _Value(shape, array.dtype, const=array, full=tuple(array.shape) == shape)
 
 
+def _without_leading_ones(array: np.ndarray) -> np.ndarray:
+    """A constant operand of a broadcasting op without its leading 1-dims (ONNX aligns ranks on the right):
+    a bias is then the 1-D tensor that onnxruntime's fusions and quantizer look for."""
+    while array.ndim and array.shape[0] == 1:
+        array = array[0]
+    return array
+
+
 def _is_static(shape: tuple) -> bool:
     return all(isinstance(d, int) for d in shape)
 
@@ -276,7 +284,7 @@ class _Graph:
     def elementwise(self, name: str, params: dict, ins: list[_Value], dtype: np.dtype, shape: tuple) -> tuple[str, bool]:
         """An elementwise op on the tensors as they are (ONNX broadcasts them): (output name, whether it is full)."""
         full = any(v.full and v.shape == shape for v in ins)
-        x = [self.tensor(v) for v in ins]
+        x = [self.tensor(v) if v.const is None else self.initializer(_without_leading_ones(v.const)) for v in ins]
         if name in _ELEMENTWISE_BINARY:
             return self.node(_ELEMENTWISE_BINARY[name], x), full
         if name in _ELEMENTWISE_UNARY:
