@@ -20,6 +20,7 @@ logits within --tolerance (relative to the largest logit, at least 1).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -27,9 +28,11 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from flax import nnx
 
-from jaxclf import artefact as artefact_lib, inference, timm_export
+from jaxclf import artefact as artefact_lib, inference, models, timm_export, tree_paths
 
 FORMATS = ("stablehlo", "onnx", "timm")
 QUANTIZATIONS = ("", "int8")
@@ -62,17 +65,42 @@ def export_stablehlo(trained: inference.TrainedModel, height: int, width: int,
 
 
 def export_onnx(trained: inference.TrainedModel, height: int, width: int) -> bytes:
-    """ONNX model bytes of `trained.apply` (jaxclf.onnx_graph), with a symbolic batch dimension "B"."""
+    """ONNX model bytes of `trained.apply` (jaxclf.onnx_graph), with a symbolic batch dimension "B".
+
+    The program translated is the model's plain-kernel formulation where the run's config rebuilds
+    the same model: the "cpu" kernels' XLA:CPU forms (max pooling as 9 slices, small convolutions
+    as im2col) would become ONNX graphs that onnxruntime fuses and quantizes less well.
+    """
     try:
         from jaxclf import onnx_graph
     except ImportError:
         raise ExportError("ONNX export needs the onnx package: pip install -e '.[onnx]'") from None
+    trained = with_plain_kernels(trained)
     try:
         proto = onnx_graph.to_onnx(trained.apply, (height, width, 3), np.uint8, input_name="images",
                                    output_name="logits", model_name=trained.config.model_name)
     except onnx_graph.UnsupportedError as e:
         raise ExportError(_onnx_failure(trained, str(e))) from e
     return proto.SerializeToString()
+
+
+def with_plain_kernels(trained: inference.TrainedModel) -> inference.TrainedModel:
+    """`trained` with its weights in the same model built with kernels="plain", where its config rebuilds
+    the same model (same class and param shapes); else `trained` itself."""
+    config = trained.config
+    if config.model_name not in models.list_models() or "kernels" not in models.options(config.model_name):
+        return trained
+    if config.model.get("kernels", "auto") == "plain" or config.dtype not in models.DTYPES:
+        return trained  # plain already, or a config that was never resolved (a model built in memory)
+    plain_config = ml_collections.ConfigDict(config.to_dict())
+    plain_config.model.kernels = "plain"
+    plain = nnx.eval_shape(lambda: models.create_model(plain_config, len(trained.class_names)))
+    state = nnx.state(trained.model)
+    if type(plain) is not type(trained.model) or tree_paths.shapes(nnx.state(plain)) != tree_paths.shapes(state):
+        return trained
+    nnx.update(plain, state)
+    plain.eval()
+    return dataclasses.replace(trained, model=plain, config=plain_config)
 
 
 def _onnx_failure(trained: inference.TrainedModel, reason: str) -> str:

@@ -285,6 +285,13 @@ class _Graph:
         """An elementwise op on the tensors as they are (ONNX broadcasts them): (output name, whether it is full)."""
         full = any(v.full and v.shape == shape for v in ins)
         x = [self.tensor(v) if v.const is None else self.initializer(_without_leading_ones(v.const)) for v in ins]
+        zeros = [v.const is not None and not v.const.any() for v in ins]
+        if name == "max" and any(zeros) and not all(zeros) and np.issubdtype(dtype, np.floating):
+            # max(x, 0), ReLU: as Relu, which onnxruntime fuses into the convolution before it
+            return self.node("Relu", [x[zeros.index(False)]]), full
+        if name == "sub" and ins[1].const is not None and np.issubdtype(ins[1].dtype, np.floating):
+            # x - c as x + (-c), the same number: onnxruntime fuses Adds (BatchNorm's mean) into convolutions
+            return self.node("Add", [x[0], self.initializer(-_without_leading_ones(ins[1].const))]), full
         if name in _ELEMENTWISE_BINARY:
             return self.node(_ELEMENTWISE_BINARY[name], x), full
         if name in _ELEMENTWISE_UNARY:

@@ -61,8 +61,9 @@ def quantize(model: bytes, calibration: np.ndarray | None = None, input_name: st
         source, prepared, out = (os.path.join(folder, name) for name in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
         with open(source, "wb") as f:
             f.write(model)
-        # Shape inference and onnxruntime's graph fusions first, as its quantization guide asks.
-        quantization.quant_pre_process(source, prepared)
+        # Shape inference and onnxruntime's graph fusions first, as its quantization guide asks (ONNX's
+        # shape inference: onnxruntime's symbolic one fails on the ViT graphs' Unsqueeze).
+        quantization.quant_pre_process(source, prepared, skip_symbolic_shape=True)
         if calibration is None:
             quantization.quantize_dynamic(prepared, out, op_types_to_quantize=OP_TYPES,
                                           weight_type=quantization.QuantType.QInt8)

@@ -108,3 +108,21 @@ def test_an_unsupported_primitive_is_named(tmp_path):
     with pytest.raises(export.ExportError, match="JAX primitive 'sort' has no ONNX translation"):
         export.export(_in_memory(Sorts(), 3), "onnx", str(tmp_path / "sorts.onnx"))
     assert not (tmp_path / "sorts.onnx").exists()
+
+
+def test_a_runs_cpu_kernels_are_exported_in_their_plain_form(tmp_path):
+    """A run's config names its model and kernels: ONNX gets the plain formulation (one MaxPool, BatchNorm and
+    ReLU for onnxruntime to fuse into 20 convolutions), checked against the cpu-kernel model it came from."""
+    import onnx
+
+    config = config_lib.base_config()
+    config.model_name, config.dtype, config.model.kernels = "resnet18", "float32", "cpu"
+    config.data.pp_eval = "decode|resize_small(40)|central_crop(32)"
+    config.data.mean, config.data.std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    model = with_random_values(lambda: models.create_model(config, 5))
+    model.eval()
+    trained = inference.TrainedModel("", config, tuple("abcde"), model, 0, "params")
+    out = str(tmp_path / "resnet18.onnx")
+    assert export.export(trained, "onnx", out)["checked_max_logit_difference"] < 1e-4
+    ops = [node.op_type for node in onnx.load(out).graph.node]
+    assert ops.count("MaxPool") == 1 and "Slice" not in ops and ops.count("Conv") == 20 and ops.count("Relu") == 17
