@@ -64,6 +64,8 @@ _ELEMENTWISE_UNARY = {"exp": "Exp", "log": "Log", "tanh": "Tanh", "erf": "Erf", 
                       "sin": "Sin", "cos": "Cos"}
 _ELEMENTWISE_OTHER = ("ne", "rsqrt", "square", "integer_pow", "convert_element_type", "select_n", "clamp")
 _ELEMENTWISE = set(_ELEMENTWISE_BINARY) | set(_ELEMENTWISE_UNARY) | set(_ELEMENTWISE_OTHER)
+_REDUCTIONS = {"reduce_sum": "ReduceSum", "reduce_max": "ReduceMax", "reduce_min": "ReduceMin",
+               "reduce_prod": "ReduceProd"}
 # Constant folding in numpy of the float ops weight preprocessing uses (BiT's standardisation, layouts).
 _NUMPY_FOLDS = {
     "add": lambda x, y, **_: x + y, "sub": lambda x, y, **_: x - y, "mul": lambda x, y, **_: x * y,
@@ -252,10 +254,13 @@ class _Graph:
         constant = all(v.const is not None for v in ins)
         if constant and name != "broadcast_in_dim" and (name in _ELEMENTWISE or all(map(_is_static, shapes))):
             return self.fold(eqn, ins, shapes)
-        translate = getattr(self, f"_{name}", None)
+        if name in _REDUCTIONS:
+            return [_Value(shapes[0], dtypes[0], name=self._reduce(_REDUCTIONS[name], ins, eqn.params["axes"]))]
         if name in _ELEMENTWISE:
             out, full = self.elementwise(name, eqn.params, ins, dtypes[0], shapes[0])
             return [_Value(shapes[0], dtypes[0], name=out, full=full)]
+        # (translations are named _op_<primitive>, so that no helper method can be taken for one)
+        translate = getattr(self, f"_op_{name}", None)
         if translate is None:
             raise UnsupportedError(f"JAX primitive {name!r} has no ONNX translation (inputs "
                                    f"{[v.shape for v in ins]}, params {sorted(eqn.params)})")
@@ -284,14 +289,14 @@ class _Graph:
     def elementwise(self, name: str, params: dict, ins: list[_Value], dtype: np.dtype, shape: tuple) -> tuple[str, bool]:
         """An elementwise op on the tensors as they are (ONNX broadcasts them): (output name, whether it is full)."""
         full = any(v.full and v.shape == shape for v in ins)
-        x = [self.tensor(v) if v.const is None else self.initializer(_without_leading_ones(v.const)) for v in ins]
         zeros = [v.const is not None and not v.const.any() for v in ins]
         if name == "max" and any(zeros) and not all(zeros) and np.issubdtype(dtype, np.floating):
             # max(x, 0), ReLU: as Relu, which onnxruntime fuses into the convolution before it
-            return self.node("Relu", [x[zeros.index(False)]]), full
+            return self.node("Relu", [self.tensor(ins[zeros.index(False)])]), full
         if name == "sub" and ins[1].const is not None and np.issubdtype(ins[1].dtype, np.floating):
             # x - c as x + (-c), the same number: onnxruntime fuses Adds (BatchNorm's mean) into convolutions
-            return self.node("Add", [x[0], self.initializer(-_without_leading_ones(ins[1].const))]), full
+            return self.node("Add", [self.tensor(ins[0]), self.initializer(-_without_leading_ones(ins[1].const))]), full
+        x = [self.tensor(v) if v.const is None else self.initializer(_without_leading_ones(v.const)) for v in ins]
         if name in _ELEMENTWISE_BINARY:
             return self.node(_ELEMENTWISE_BINARY[name], x), full
         if name in _ELEMENTWISE_UNARY:
@@ -319,7 +324,7 @@ class _Graph:
 
     # --- shapes and layout -------------------------------------------------------------------
 
-    def _broadcast_in_dim(self, ins, shapes, dtypes, *, shape, broadcast_dimensions, **_):
+    def _op_broadcast_in_dim(self, ins, shapes, dtypes, *, broadcast_dimensions, **_):
         (x,), (out_shape,) = ins, shapes
         missing = [d for d in range(len(out_shape)) if d not in broadcast_dimensions]
         if x.const is not None:
@@ -329,25 +334,25 @@ class _Graph:
         name = self.node("Unsqueeze", [x.name, self.ints(missing)]) if missing else x.name
         return _Value(out_shape, x.dtype, name=name, full=full)
 
-    def _reshape(self, ins, shapes, dtypes, *, dimensions=None, **_):
+    def _op_reshape(self, ins, shapes, dtypes, *, dimensions=None, **_):
         if dimensions is not None:
             raise UnsupportedError("reshape with a dimension order has no ONNX translation")
         return self.node("Reshape", [self.full(ins[0]), self.shape_tensor(shapes[0], batch_as_minus_one=True)])
 
-    def _squeeze(self, ins, shapes, dtypes, *, dimensions, **_):
+    def _op_squeeze(self, ins, shapes, dtypes, *, dimensions, **_):
         (x,) = ins
         return _Value(shapes[0], x.dtype, name=self.node("Squeeze", [self.tensor(x), self.ints(dimensions)]),
                       full=x.full)
 
-    def _transpose(self, ins, shapes, dtypes, *, permutation, **_):
+    def _op_transpose(self, ins, shapes, dtypes, *, permutation, **_):
         (x,) = ins
         return _Value(shapes[0], x.dtype, name=self.node("Transpose", [self.tensor(x)], perm=list(permutation)),
                       full=x.full)
 
-    def _concatenate(self, ins, shapes, dtypes, *, dimension, **_):
+    def _op_concatenate(self, ins, shapes, dtypes, *, dimension, **_):
         return self.node("Concat", [self.full(v) for v in ins], axis=int(dimension))
 
-    def _slice(self, ins, shapes, dtypes, *, start_indices, limit_indices, strides, **_):
+    def _op_slice(self, ins, shapes, dtypes, *, start_indices, limit_indices, strides, **_):
         (x,) = ins
         strides = strides or (1,) * len(start_indices)
         axes, starts, ends, steps = [], [], [], []
@@ -365,7 +370,7 @@ class _Graph:
             return self.tensor(x) if x.full else self.full(x)
         return self.node("Slice", [self.full(x), self.ints(starts), self.ints(ends), self.ints(axes), self.ints(steps)])
 
-    def _pad(self, ins, shapes, dtypes, *, padding_config, **_):
+    def _op_pad(self, ins, shapes, dtypes, *, padding_config, **_):
         x, pad_value = ins
         if any(interior for _, _, interior in padding_config) or any(lo < 0 or hi < 0 for lo, hi, _ in padding_config):
             raise UnsupportedError("pad with interior or negative padding has no ONNX translation")
@@ -374,7 +379,7 @@ class _Graph:
             else self.tensor(pad_value)
         return self.node("Pad", [self.full(x), self.ints(pads), value], mode="constant")
 
-    def _split(self, ins, shapes, dtypes, *, sizes, axis, **_):
+    def _op_split(self, ins, shapes, dtypes, *, sizes, axis, **_):
         return self.node("Split", [self.full(ins[0]), self.ints(sizes)], num_outputs=len(sizes), axis=int(axis))
 
     # --- reductions --------------------------------------------------------------------------
@@ -384,25 +389,13 @@ class _Graph:
             return self.full(ins[0])
         return self.node(op, [self.full(ins[0]), self.ints(axes)], keepdims=0)
 
-    def _reduce_sum(self, ins, shapes, dtypes, *, axes, **_):
-        return self._reduce("ReduceSum", ins, axes)
-
-    def _reduce_max(self, ins, shapes, dtypes, *, axes, **_):
-        return self._reduce("ReduceMax", ins, axes)
-
-    def _reduce_min(self, ins, shapes, dtypes, *, axes, **_):
-        return self._reduce("ReduceMin", ins, axes)
-
-    def _reduce_prod(self, ins, shapes, dtypes, *, axes, **_):
-        return self._reduce("ReduceProd", ins, axes)
-
-    def _argmax(self, ins, shapes, dtypes, *, axes, index_dtype, **_):
+    def _op_argmax(self, ins, shapes, dtypes, *, axes, index_dtype, **_):
         out = self.node("ArgMax", [self.full(ins[0])], axis=int(axes[0]), keepdims=0)
         return self.node("Cast", [out], to=helper.np_dtype_to_tensor_dtype(np.dtype(index_dtype)))
 
     # --- products, convolutions, pooling -----------------------------------------------------
 
-    def _dot_general(self, ins, shapes, dtypes, *, dimension_numbers, preferred_element_type=None, **_):
+    def _op_dot_general(self, ins, shapes, dtypes, *, dimension_numbers, preferred_element_type=None, **_):
         lhs, rhs = ins
         (lc, rc), (lb, rb) = dimension_numbers
         lfree = [d for d in range(len(lhs.shape)) if d not in lc and d not in lb]
@@ -429,7 +422,7 @@ class _Graph:
         perm = [int(p) for p in perm]
         return name if perm == list(range(len(perm))) else self.node("Transpose", [name], perm=perm)
 
-    def _conv_general_dilated(self, ins, shapes, dtypes, *, window_strides, padding, lhs_dilation, rhs_dilation,
+    def _op_conv_general_dilated(self, ins, shapes, dtypes, *, window_strides, padding, lhs_dilation, rhs_dilation,
                               dimension_numbers, feature_group_count, batch_group_count, **_):
         lhs, rhs = ins
         if any(d != 1 for d in lhs_dilation or ()) or batch_group_count != 1:
@@ -446,7 +439,7 @@ class _Graph:
                       pads=[lo for lo, _ in padding] + [hi for _, hi in padding], group=int(feature_group_count))
         return self._permuted(y, list(np.argsort(out_spec)))
 
-    def _reduce_window_max(self, ins, shapes, dtypes, *, window_dimensions, window_strides, padding,
+    def _op_reduce_window_max(self, ins, shapes, dtypes, *, window_dimensions, window_strides, padding,
                            base_dilation, window_dilation, **_):
         (x,) = ins
         spatial = [d for d in range(len(x.shape))
