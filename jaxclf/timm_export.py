@@ -111,7 +111,10 @@ def check(trained: inference.TrainedModel, spec: TimmModel, weights_file: str, h
 
 def write(trained: inference.TrainedModel, out: str, height: int, width: int, tolerance: float) -> dict:
     """Write the state dict to `out` (checked in timm where it is installed); return what the sidecar adds."""
-    from safetensors.numpy import save_file
+    try:
+        from safetensors.numpy import save_file
+    except ImportError:
+        raise TimmExportError('--format timm writes .safetensors: pip install -e ".[timm]"') from None
 
     spec = timm_model(trained)
     tensors = state_dict(trained)
