@@ -50,3 +50,14 @@ def test_matmul_bench_times_xla_and_torch_on_vit_shapes(tmp_path):
     products = {row["product"] for row in report["rows"]}
     assert {"qkv x W", "fc2 x^T dy", "attn P V"} <= products and len(products) == 15
     assert all(row["xla_ms"] > 0 and row["torch_ms"] > 0 for row in report["rows"])
+
+
+def test_inference_bench_times_jax_onnx_and_int8(tmp_path):
+    report = _run_bench("inference.py", tmp_path / "inference.json", "--models", "resnet18", "--size", "32",
+                        "--batch", "2", "--rounds", "1", "--latency_calls", "1", "--throughput_calls", "1",
+                        "--calibration", "2")
+    measured = report["results"]["resnet18"]["runtimes"]
+    assert set(measured) == {"jax", "onnx_fp32", "onnx_int8_dynamic", "onnx_int8_static"}
+    assert all(entry["latency_ms"] > 0 and entry["images_per_sec"] > 0 for entry in measured.values())
+    assert measured["onnx_int8_static"]["file_mib"] < measured["onnx_fp32"]["file_mib"] / 3
+    assert "| resnet18 32px | onnx_fp32 |" in report["table"]
