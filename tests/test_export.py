@@ -85,7 +85,8 @@ ONNX_MODELS = {
 SLOW_ONNX_MODELS = ("resnet50", "vit_small_patch16_224", "resnetv2_50x1_bit")
 
 
-@pytest.mark.parametrize("kernels", ["plain", "cpu"])
+# (cpu kernels in the default run: test_a_runs_cpu_kernels_are_exported_in_their_plain_form; every family: make test-all)
+@pytest.mark.parametrize("kernels", ["plain", pytest.param("cpu", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_ONNX_MODELS else n
                                   for n in ONNX_MODELS])
 def test_onnx_export_of_every_family(name, kernels, tmp_path):
