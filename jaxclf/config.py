@@ -68,6 +68,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.split_seed = 0
     c.data.classes = ()  # only these class names of the data (e.g. ("0", "1") of the digits); (): every class
     c.data.bad_images = "error"  # an undecodable image: "error" stops naming it; "skip" replaces it (counted)
+    # Checking the data when a run starts (jaxclf/data/check.py; report in workdir/data_check.json):
+    # "fast" reads every file's header and end marker (no decoding; TFDS is skipped), "full" also
+    # decodes every image and looks for duplicates, "off". Unreadable files fail the run at once
+    # with bad_images="error"; with "skip" they are listed and skipped.
+    c.data.check = "fast"
     c.data.sampling = "uniform"  # "uniform" (each epoch a permutation) or "balanced" (classes drawn equally)
     c.data.class_weights = "none"  # loss weights: "none", "balanced" (n / (C * count)) or "w0,w1,..."
     # Per-example ops run in grain worker processes; images stay uint8 (see jaxclf/data/ops/).
@@ -170,6 +175,22 @@ def import_file(path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def parse_override_args(args: list[str]) -> list[str]:
+    """`--config.a.b=VALUE` (or `--config.a.b VALUE`) command-line items as "a.b=VALUE" overrides.
+
+    Raises ConfigError naming the first item that is not one.
+    """
+    overrides, rest = [], list(args)
+    while rest:
+        item = rest.pop(0)
+        if not item.startswith("--config."):
+            raise ConfigError(f"unrecognised argument {item!r}")
+        if "=" not in item and rest:
+            item = f"{item}={rest.pop(0)}"
+        overrides.append(item[len("--config."):])
+    return overrides
 
 
 def apply_override(config: ml_collections.ConfigDict, override: str) -> None:

@@ -8,7 +8,10 @@ them for probabilities). Normalisation with the run's mean/std is part of the ex
 
 - stablehlo: `jax.export` serialized bytes; load with
   `jax.export.deserialize(open(PATH, "rb").read()).call(images)` (lowered for --platforms).
-- onnx: through jax2onnx (the `onnx` extra); run with onnxruntime.
+- onnx: opset 18, written from the jaxpr by jaxclf.onnx_graph (the `onnx` extra); run with onnxruntime.
+- timm: ResNet, ViT and BiT as a timm-named `.safetensors` state dict (jaxclf.timm_export); the
+  sidecar and the output give the `timm.create_model(...)` call that loads it. It takes float
+  NCHW images normalised with the sidecar's mean/std, as timm models do.
 
 Each artefact is checked after writing: run on random images, it must give the JAX model's
 logits within --tolerance (relative to the largest logit, at least 1).
@@ -17,20 +20,22 @@ logits within --tolerance (relative to the largest logit, at least 1).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
+import dataclasses
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from flax import nnx
 
-from jaxclf import artefact as artefact_lib, inference
+from jaxclf import artefact as artefact_lib, inference, models, timm_export, tree_paths
 
-FORMATS = ("stablehlo", "onnx")
+FORMATS = ("stablehlo", "onnx", "timm")
+QUANTIZATIONS = ("", "int8")
 
 
 class ExportError(RuntimeError):
@@ -60,26 +65,47 @@ def export_stablehlo(trained: inference.TrainedModel, height: int, width: int,
 
 
 def export_onnx(trained: inference.TrainedModel, height: int, width: int) -> bytes:
-    """ONNX model bytes of `trained.apply` through jax2onnx, with a symbolic batch dimension "B"."""
-    # jax2onnx logs a traceback for each of its plugins for other libraries (dm_pix) that do not
-    # import under this JAX; none of them is used here.
-    logging.getLogger("jax2onnx.plugins.plugin_system").setLevel(logging.ERROR)
+    """ONNX model bytes of `trained.apply` (jaxclf.onnx_graph), with a symbolic batch dimension "B".
+
+    The program translated is the model's plain-kernel formulation where the run's config rebuilds
+    the same model: the "cpu" kernels' XLA:CPU forms (max pooling as 9 slices, small convolutions
+    as im2col) would become ONNX graphs that onnxruntime fuses and quantizes less well.
+    """
     try:
-        import jax2onnx
+        from jaxclf import onnx_graph
     except ImportError:
-        raise ExportError("ONNX export needs jax2onnx: pip install -e '.[onnx]'") from None
+        raise ExportError("ONNX export needs the onnx package: pip install -e '.[onnx]'") from None
+    trained = with_plain_kernels(trained)
     try:
-        proto = jax2onnx.to_onnx(trained.apply, [jax.ShapeDtypeStruct(("B", height, width, 3), jnp.uint8)],
-                                 model_name=trained.config.model_name, input_names=["images"],
-                                 output_names=["logits"])
-    except Exception as e:  # noqa: BLE001 -- any converter failure: say which model and converter
-        raise ExportError(_onnx_failure(trained, f"{type(e).__name__}: {e}")) from e
+        proto = onnx_graph.to_onnx(trained.apply, (height, width, 3), np.uint8, input_name="images",
+                                   output_name="logits", model_name=trained.config.model_name)
+    except onnx_graph.UnsupportedError as e:
+        raise ExportError(_onnx_failure(trained, str(e))) from e
     return proto.SerializeToString()
 
 
+def with_plain_kernels(trained: inference.TrainedModel) -> inference.TrainedModel:
+    """`trained` with its weights in the same model built with kernels="plain", where its config rebuilds
+    the same model (same class and param shapes); else `trained` itself."""
+    config = trained.config
+    if config.model_name not in models.list_models() or "kernels" not in models.options(config.model_name):
+        return trained
+    if config.model.get("kernels", "auto") == "plain" or config.dtype not in models.DTYPES:
+        return trained  # plain already, or a config that was never resolved (a model built in memory)
+    plain_config = ml_collections.ConfigDict(config.to_dict())
+    plain_config.model.kernels = "plain"
+    plain = nnx.eval_shape(lambda: models.create_model(plain_config, len(trained.class_names)))
+    state = nnx.state(trained.model)
+    if type(plain) is not type(trained.model) or tree_paths.shapes(nnx.state(plain)) != tree_paths.shapes(state):
+        return trained
+    nnx.update(plain, state)
+    plain.eval()
+    return dataclasses.replace(trained, model=plain, config=plain_config)
+
+
 def _onnx_failure(trained: inference.TrainedModel, reason: str) -> str:
-    return (f"jax2onnx {importlib.metadata.version('jax2onnx')} cannot export {trained.config.model_name}: "
-            f"{reason.splitlines()[0][:500]}\nThe stablehlo format (--format stablehlo) exports every jaxclf model.")
+    return (f"cannot export {trained.config.model_name} to ONNX: {reason.splitlines()[0][:500]}\n"
+            "The stablehlo format (--format stablehlo) exports every jaxclf model.")
 
 
 def check_artefact(trained: inference.TrainedModel, run: Callable[[np.ndarray], np.ndarray], height: int,
@@ -106,17 +132,24 @@ def check_artefact(trained: inference.TrainedModel, run: Callable[[np.ndarray], 
 def sidecar(trained: inference.TrainedModel, fmt: str, path: str, height: int, width: int, **extra) -> dict:
     """What a deployment needs besides the artefact: class names, input contract, preprocessing."""
     after_decode = "|".join(op.strip() for op in trained.config.data.pp_eval.split("|")[1:])
+    if fmt == "timm":  # a PyTorch model: float NCHW, normalised by the caller
+        model_input = {"name": "x", "shape": ["B", 3, height, width], "dtype": "float32",
+                       "layout": "NCHW, RGB, normalised: (image / 255 - mean) / std"}
+        normalisation = "before the model, by the caller: (image / 255 - mean) / std"
+    else:
+        model_input = {"name": "images", "shape": ["B", height, width, 3], "dtype": "uint8", "layout": "NHWC, RGB"}
+        normalisation = "inside the exported program: (image / 255 - mean) / std"
     return {
         "format": fmt,
         "file": os.path.basename(path),
         "class_names": list(trained.class_names),
-        "input": {"name": "images", "shape": ["B", height, width, 3], "dtype": "uint8", "layout": "NHWC, RGB"},
+        "input": model_input,
         "output": {"name": "logits", "shape": ["B", len(trained.class_names)], "dtype": "float32",
                    "note": "logits; softmax them for probabilities"},
         "preprocessing": {
             "before_the_model": after_decode or "none (images must already be the input size)",
             "pp_eval": trained.config.data.pp_eval,
-            "normalisation": "inside the exported program: (image / 255 - mean) / std",
+            "normalisation": normalisation,
             "mean": list(trained.mean),
             "std": list(trained.std),
         },
@@ -131,11 +164,43 @@ def sidecar(trained: inference.TrainedModel, fmt: str, path: str, height: int, w
 
 
 def export(trained: inference.TrainedModel, fmt: str, out: str, *, image_size: int | None = None,
-           platforms: Sequence[str] | None = None, tolerance: float = 1e-4) -> dict:
-    """Write the artefact to `out` and its sidecar to `out + ".json"` after checking it; return the sidecar."""
+           platforms: Sequence[str] | None = None, tolerance: float = 1e-4, quantize: str = "",
+           calibration: int = 0) -> dict:
+    """Write the artefact to `out` and its sidecar to `out + ".json"` after checking it; return the sidecar.
+
+    `quantize="int8"` (onnx only) writes the int8 model instead: dynamic, or static with `calibration`
+    images of the train split; the sidecar's `quantization` holds sizes and val top-1 before and after.
+    """
     if fmt not in FORMATS:
         raise inference.WorkdirError(f"--format {fmt}: use one of {FORMATS}")
+    if quantize not in QUANTIZATIONS:
+        raise inference.WorkdirError(f"--quantize {quantize}: use one of {QUANTIZATIONS[1:]}")
+    if quantize and fmt != "onnx":
+        raise inference.WorkdirError(f"--quantize {quantize} needs --format onnx (not {fmt})")
+    if calibration and not quantize:
+        raise inference.WorkdirError("--calibration N needs --quantize int8 (it calibrates static int8 quantization)")
     height, width = resolve_image_size(trained, image_size)
+    if fmt == "timm":
+        try:
+            extra = timm_export.write(trained, out, height, width, tolerance)
+        except timm_export.TimmExportError as e:
+            raise ExportError(str(e)) from None
+    else:
+        artefact, extra = _checked_program(trained, fmt, height, width, platforms, tolerance)
+        if quantize:
+            artefact, extra["quantization"] = _quantized(trained, artefact, height, width, calibration)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "wb") as f:
+            f.write(artefact)
+    record = sidecar(trained, fmt, out, height, width, **extra)
+    with open(out + ".json", "w") as f:
+        json.dump(record, f, indent=2)
+    return record
+
+
+def _checked_program(trained: inference.TrainedModel, fmt: str, height: int, width: int,
+                     platforms: Sequence[str] | None, tolerance: float) -> tuple[bytes, dict]:
+    """The stablehlo or onnx artefact's bytes, checked against the JAX model where it runs here."""
     extra = {}
     if fmt == "stablehlo":
         platforms = list(platforms or [jax.export.default_export_platform()])
@@ -155,13 +220,40 @@ def export(trained: inference.TrainedModel, fmt: str, out: str, *, image_size: i
                 raise
             raise ExportError(_onnx_failure(trained, f"onnxruntime: {type(e).__name__}: {e}")) from e
         extra["checked_max_logit_difference"] = difference
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "wb") as f:
-        f.write(artefact)
-    record = sidecar(trained, fmt, out, height, width, **extra)
-    with open(out + ".json", "w") as f:
-        json.dump(record, f, indent=2)
-    return record
+    return artefact, extra
+
+
+def _quantized(trained: inference.TrainedModel, model: bytes, height: int, width: int,
+               calibration: int) -> tuple[bytes, dict]:
+    """(int8 ONNX bytes, what the quantization did: mode, sizes, val top-1 of float32 and int8)."""
+    try:
+        from jaxclf import quantize
+    except ImportError:
+        raise ExportError("int8 quantization needs onnxruntime: pip install -e '.[onnx]'") from None
+    images = quantize.calibration_images(trained, calibration) if calibration else None
+    int8 = quantize.quantize(model, images)
+    record = {"mode": "static" if calibration else "dynamic", "calibration_images": calibration,
+              "quantized_ops": quantize.OP_TYPES, "size_bytes": {"float32": len(model), "int8": len(int8)}}
+    record["top1_val"] = _val_top1(trained, {"float32": model, "int8": int8}, height, width)
+    return int8, record
+
+
+def _val_top1(trained: inference.TrainedModel, models: dict[str, bytes], height: int, width: int) -> dict | str:
+    """Top-1 on the run's val split of each ONNX model in `models` (a note instead where there is no val split)."""
+    from jaxclf import evaluate  # evaluate imports artefact, which export imports: import at use
+
+    try:
+        _, source = evaluate.load_split(trained, "val")
+    except inference.USER_ERRORS as e:
+        return f"not measured: {e}"
+    record = {"format": "onnx", "class_names": list(trained.class_names), "input": {"shape": ["B", height, width, 3]}}
+    batch_size = trained.config.eval_batch_size or trained.config.batch_size
+    top1 = {}
+    for name, model in models.items():
+        runner = artefact_lib.Artefact("", record, trained.config, artefact_lib.onnx_runner(model))
+        log_probs, labels, _ = evaluate.predict_source(runner, source, batch_size=batch_size)
+        top1[name] = float(np.mean(log_probs.argmax(axis=1) == labels))
+    return top1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -181,21 +273,43 @@ def _run(argv: Sequence[str]) -> int:
                         help="stablehlo: comma-separated platforms to lower for (cpu,cuda,tpu); default: this one")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest logit difference accepted in the check, relative to the largest logit")
+    parser.add_argument("--quantize", default="", choices=QUANTIZATIONS[1:],
+                        help="onnx: write the int8 model (onnxruntime quantization); prints size and val top-1 before/after")
+    parser.add_argument("--calibration", type=int, default=0, metavar="N",
+                        help="with --quantize: 0 for dynamic quantization, N > 0 for static with N train images")
     args = parser.parse_args(argv)
+    if args.calibration < 0:
+        parser.error("--calibration N: N must be 0 (dynamic) or positive (static)")
     trained = inference.load_from_args(args)
     platforms = [p for p in args.platforms.split(",") if p] or None
     try:
         record = export(trained, args.format, args.out, image_size=args.image_size or None, platforms=platforms,
-                        tolerance=args.tolerance)
+                        tolerance=args.tolerance, quantize=args.quantize, calibration=args.calibration)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    checked = record.get("checked_max_logit_difference")
-    print(f"wrote {args.out} ({args.format}, input uint8[B, {record['input']['shape'][1]}, "
-          f"{record['input']['shape'][2]}, 3]) and {args.out}.json"
-          + (f"; checked: logits within {checked:.2g} of the JAX model" if checked is not None else
-             "; not checked (lowered for other platforms than this one)"))
+    print(_summary(args.out, record))
     return 0
+
+
+def _summary(out: str, record: dict) -> str:
+    """What the export wrote and checked, for the console."""
+    shape = ", ".join(map(str, record["input"]["shape"]))
+    lines = [f"wrote {out} ({record['format']}, input {record['input']['dtype']}[{shape}]) and {out}.json"]
+    checked = record.get("checked_max_logit_difference")
+    if checked is not None:
+        lines.append(f"checked: logits within {checked:.2g} of the JAX model")
+    else:
+        lines.append(record.get("checked", "not checked (lowered for other platforms than this one)"))
+    if "timm" in record:
+        lines.append(f"load it in PyTorch with:\n  import timm\n  model = {record['timm']['create_model']}")
+    quantization = record.get("quantization")
+    if quantization:
+        sizes, top1 = quantization["size_bytes"], quantization["top1_val"]
+        lines.append(f"int8 ({quantization['mode']}): {sizes['float32'] / 2**20:.2f} MiB -> {sizes['int8'] / 2**20:.2f} MiB")
+        lines.append(f"val top-1: float32 {top1['float32']:.2%}, int8 {top1['int8']:.2%}" if isinstance(top1, dict)
+                     else f"val top-1 {top1}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

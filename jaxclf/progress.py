@@ -45,8 +45,13 @@ def phase(description: str) -> Iterator[None]:
 
 def track(items: Iterable, description: str, total: int | None = None) -> Iterator:
     """`items`, with a transient bar on a terminal (nothing elsewhere)."""
-    return iter(tqdm(items, desc=description, total=total, leave=False, file=sys.stderr, dynamic_ncols=True,
-                     disable=not interactive()))
+    return iter(bar(description, total, items=items))
+
+
+def bar(description: str, total: int | None, unit: str = "it", items: Iterable | None = None) -> tqdm:
+    """A transient bar on a terminal (a silent counter elsewhere): `.update(n)` it, or iterate it over `items`."""
+    return tqdm(items, desc=description, total=total, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True,
+                disable=not interactive())
 
 
 class TrainProgress:

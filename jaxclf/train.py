@@ -41,7 +41,7 @@ from jaxclf import (
     steps,
     weights,
 )
-from jaxclf.data import classes as data_classes, imbalance, pipeline, sources
+from jaxclf.data import check as data_check, classes as data_classes, imbalance, pipeline, sources
 from jaxclf.metrics import MetricsWriter
 
 NonFiniteLoss = loop_lib.NonFiniteLoss
@@ -97,6 +97,7 @@ def build(config: ml_collections.FrozenConfigDict, pretrained: tuple[dict, weigh
     """Data, model (with `pretrained` loaded), optimizer, sharded train state and jitted steps for a resolved config."""
     with progress_lib.phase(f"reading the data ({config.data.source} {config.data.tfds_name or config.data.root})"):
         splits = data_lib.load_splits(config.data)
+    data_check.before_training(config.data, splits, workdir)  # config.data.check: fails now, not hours in
     update = continual.prepare(config, pretrained, splits, workdir)  # None unless model_init is a finished run
     if update:
         splits = update.splits
@@ -301,15 +302,10 @@ def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]:
     multi.add_argument("--num_processes", type=int)
     multi.add_argument("--process_id", type=int)
     args, rest = parser.parse_known_args(argv)
-    overrides = []
-    rest = list(rest)
-    while rest:
-        item = rest.pop(0)
-        if not item.startswith("--config."):
-            parser.error(f"unrecognised argument {item!r}")
-        if "=" not in item and rest:
-            item = f"{item}={rest.pop(0)}"
-        overrides.append(item[len("--config.") :])
+    try:
+        overrides = config_lib.parse_override_args(rest)
+    except config_lib.ConfigError as e:
+        parser.error(str(e))
     config = config_lib.load_config(args.config, overrides)
     try:
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)

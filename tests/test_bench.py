@@ -63,3 +63,14 @@ def test_serve_bench_loads_both_servers(tmp_path, trained_workdir, digits_root):
             assert row[mode]["requests_per_s"] > 0 and row[mode]["server_cpu_ms_per_request"] > 0
     assert all(m["errors"] == 0 and m["requests"] == 20 for m in report["results"]["batching"]["4"])
     assert report["table"][0]["no_batching"]["mean_batch_images"] == 1
+
+
+def test_inference_bench_times_jax_onnx_and_int8(tmp_path):
+    report = _run_bench("inference.py", tmp_path / "inference.json", "--models", "resnet18", "--size", "32",
+                        "--batch", "2", "--rounds", "1", "--latency_calls", "1", "--throughput_calls", "1",
+                        "--calibration", "2")
+    measured = report["results"]["resnet18"]["runtimes"]
+    assert set(measured) == {"jax", "onnx_fp32", "onnx_int8_dynamic", "onnx_int8_static"}
+    assert all(entry["latency_ms"] > 0 and entry["images_per_sec"] > 0 for entry in measured.values())
+    assert measured["onnx_int8_static"]["file_mib"] < measured["onnx_fp32"]["file_mib"] / 3
+    assert "| resnet18 32px | onnx_fp32 |" in report["table"]

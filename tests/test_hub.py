@@ -12,6 +12,7 @@ import torch
 from hf_cache import add_repo, offline_hub  # noqa: F401 - offline_hub is a fixture
 from jaxclf import load_pretrained, weights
 from jaxclf.weights import hub
+from torch_reference import randomize_norms, torch_logits
 
 timm = pytest.importorskip("timm")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,23 +60,9 @@ def test_a_name_missing_from_the_offline_cache_says_what_to_do(offline_hub):
     assert "https://huggingface.co/timm/vit_base_patch16_224.augreg2_in21k_ft_in1k/resolve/main/model.safetensors" in message
 
 
-def _randomized(model: torch.nn.Module) -> torch.nn.Module:
-    """Random norm parameters and statistics, so a wrong mapping shows in the logits."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)):
-                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
-                module.bias.copy_(torch.rand(module.bias.shape, generator=generator) - 0.5)
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.copy_(torch.rand(module.running_mean.shape, generator=generator) - 0.5)
-                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
-    return model.eval()
-
-
 def _timm_repo(folder, architecture: str):
     torch.manual_seed(0)
-    reference = _randomized(timm.create_model(architecture, pretrained=False, num_classes=7))
+    reference = randomize_norms(timm.create_model(architecture, pretrained=False, num_classes=7))
     timm.models._hub.save_for_hf(reference, str(folder), safe_serialization=True)
     return reference
 
@@ -85,7 +72,7 @@ def _transformers_repo(folder):
     config = transformers.ViTConfig(hidden_size=192, num_hidden_layers=12, num_attention_heads=3,
                                     intermediate_size=768, image_size=224, patch_size=16, num_labels=7)
     torch.manual_seed(0)
-    reference = _randomized(transformers.ViTForImageClassification(config))
+    reference = randomize_norms(transformers.ViTForImageClassification(config))
     reference.save_pretrained(str(folder))
     transformers.ViTImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(str(folder))
     return reference
@@ -110,9 +97,7 @@ def test_hub_weights_from_an_offline_cache_match_the_reference(name, offline_hub
     assert (info.source, info.model_name, info.num_classes) == (name, model_name, 7)
     assert list(info.preprocessing["mean"]) == mean
     images = np.random.default_rng(0).standard_normal((2, 224, 224, 3), dtype=np.float32)
-    with torch.no_grad():
-        out = reference(torch.from_numpy(images.transpose(0, 3, 1, 2)))
-    theirs = (out.logits if hasattr(out, "logits") else out).numpy()
+    theirs = torch_logits(reference, images)
     ours = np.asarray(model(images))
     assert np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)) < 1e-4
 

@@ -14,30 +14,10 @@ import torch
 
 from jaxclf import config as config_lib, load_pretrained, train, tree_paths, weights
 from jaxclf.weights import files, surgery
+from torch_reference import randomize_norms, torch_logits
 
 timm = pytest.importorskip("timm")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _randomize_norms(model: torch.nn.Module) -> torch.nn.Module:
-    """Non-trivial BatchNorm/LayerNorm parameters and statistics, so a wrong mapping shows in the logits."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.LayerNorm, torch.nn.GroupNorm)):
-                if module.weight is not None:
-                    module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
-                    module.bias.copy_(torch.rand(module.bias.shape, generator=generator) - 0.5)
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.copy_(torch.rand(module.running_mean.shape, generator=generator) - 0.5)
-                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
-    return model.eval()
-
-
-def _torch_logits(model, images: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        out = model(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))))
-    return (out.logits if hasattr(out, "logits") else out).numpy()
 
 
 def _images(size: int, batch: int = 2) -> np.ndarray:
@@ -67,34 +47,34 @@ def _save_state(model, path):
 def test_torchvision_resnet_logits_match(depth, tmp_path):
     import torchvision
 
-    reference = _randomize_norms(getattr(torchvision.models, f"resnet{depth}")(num_classes=7))
+    reference = randomize_norms(getattr(torchvision.models, f"resnet{depth}")(num_classes=7))
     path = _save_state(reference, tmp_path / "r.pth")
     params, info = weights.convert(path, f"resnet{depth}")
     assert info.source_format == "torchvision" and info.num_classes == 7
     weights.save(str(tmp_path / "conv"), params, info)
     model, info = load_pretrained(str(tmp_path / "conv"))
     images = _images(64)
-    _assert_close(model(images), _torch_logits(reference, images))
+    _assert_close(model(images), torch_logits(reference, images))
 
 
 def test_timm_resnet_safetensors_logits_match(tmp_path):
-    reference = _randomize_norms(timm.create_model("resnet50", pretrained=False, num_classes=5))
+    reference = randomize_norms(timm.create_model("resnet50", pretrained=False, num_classes=5))
     converted = _convert(_save_state(reference, tmp_path / "r50.safetensors"), "resnet50", tmp_path)
     model, info = load_pretrained(converted)
     assert info.source_format == "torchvision"  # timm's ResNet names are torchvision's
     images = _images(48)
-    _assert_close(model(images), _torch_logits(reference, images))
+    _assert_close(model(images), torch_logits(reference, images))
 
 
 def test_hf_resnet_logits_match(tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.ResNetConfig(layer_type="bottleneck", depths=[3, 4, 6, 3], num_labels=4)
-    reference = _randomize_norms(transformers.ResNetForImageClassification(config))
+    reference = randomize_norms(transformers.ResNetForImageClassification(config))
     reference.save_pretrained(tmp_path / "hf")
     model, info = load_pretrained(str(tmp_path / "hf"))
     assert (info.model_name, info.source_format, info.num_classes) == ("resnet50", "hf_resnet", 4)
     images = _images(64)
-    _assert_close(model(images), _torch_logits(reference, images))
+    _assert_close(model(images), torch_logits(reference, images))
 
 
 # --- ViT ------------------------------------------------------------------------------------------
@@ -113,7 +93,7 @@ def _vit_reference(name: str, img_size: int, num_classes: int = 6, **kwargs):
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(0)
-    return _randomize_norms(VisionTransformer(img_size=img_size, patch_size=int(patch[5:]), embed_dim=width, depth=depth,
+    return randomize_norms(VisionTransformer(img_size=img_size, patch_size=int(patch[5:]), embed_dim=width, depth=depth,
                                               num_heads=heads, num_classes=num_classes, **kwargs))
 
 
@@ -129,14 +109,14 @@ def test_timm_vit_logits_match(name, tmp_path):
     model, info = load_pretrained(_convert(_save_state(reference, tmp_path / "v.safetensors"), name, tmp_path))
     assert info.model_options["img_size"] == img_size
     images = _images(img_size)
-    _assert_close(model(images), _torch_logits(reference, images))
+    _assert_close(model(images), torch_logits(reference, images))
 
 
 def _hf_vit(tmp_path, **kwargs):
     transformers = pytest.importorskip("transformers")
     config = transformers.ViTConfig(hidden_size=192, num_hidden_layers=12, num_attention_heads=3,
                                     intermediate_size=768, image_size=64, patch_size=16, num_labels=5, **kwargs)
-    reference = _randomize_norms(transformers.ViTForImageClassification(config))
+    reference = randomize_norms(transformers.ViTForImageClassification(config))
     reference.save_pretrained(tmp_path / "hf")
     return reference
 
@@ -146,7 +126,7 @@ def test_hf_vit_logits_match(tmp_path):
     model, info = load_pretrained(str(tmp_path / "hf"))
     assert info.model_name == "vit_tiny_patch16_224" and info.model_options == {"norm_eps": 1e-12, "img_size": 64}
     images = _images(64)
-    _assert_close(model(images), _torch_logits(reference, images))
+    _assert_close(model(images), torch_logits(reference, images))
 
 
 def test_hf_vit_transformers_v4_names_match(tmp_path):
@@ -166,7 +146,7 @@ def test_hf_vit_transformers_v4_names_match(tmp_path):
     save_file(state, str(tmp_path / "hf" / "model.safetensors"))
     model, _ = load_pretrained(str(tmp_path / "hf"))
     images = _images(64)
-    _assert_close(model(images), _torch_logits(reference, images))
+    _assert_close(model(images), torch_logits(reference, images))
 
 
 def _write_vit_npz(reference, path, big_vision: bool = False, prefix: str = "", scanned: bool = False):
@@ -213,10 +193,10 @@ def test_vit_npz_matches_timms_npz_loader(variant, tmp_path):
     reference = _vit_reference("vit_tiny_patch16_224", 64, no_embed_class=big_vision)
     reference.load_pretrained(path)  # timm's own npz loader
     images = _images(64)
-    _assert_close(_torch_logits(reference, images), _torch_logits(source, images), 1e-6)
+    _assert_close(torch_logits(reference, images), torch_logits(source, images), 1e-6)
     model, info = load_pretrained(_convert(path, "vit_tiny_patch16_224", tmp_path))
     assert info.source_format == "vit_npz"
-    _assert_close(model(images), _torch_logits(reference, images))
+    _assert_close(model(images), torch_logits(reference, images))
 
 
 def _convert(source, model_name, tmp_path) -> str:
@@ -294,7 +274,7 @@ def test_register_tokens_convert_and_resample_as_timm(layout, tmp_path, capsys):
     assert info.model_options["reg_tokens"] == 4 and model.num_prefix_tokens == 5
     assert info.model_options.get("no_embed_class", False) == layout["no_embed_class"]
     images = _images(64)
-    _assert_close(model(images), _torch_logits(reference, images))
+    _assert_close(model(images), torch_logits(reference, images))
 
     bigger = _vit_reference("vit_tiny_patch16_224", 96, reg_tokens=4, **layout)
     state = reference.state_dict()
@@ -304,7 +284,7 @@ def test_register_tokens_convert_and_resample_as_timm(layout, tmp_path, capsys):
     bigger.load_state_dict(state)
     model, _ = load_pretrained(converted, img_size=96)
     assert "pos_embed resampled" in capsys.readouterr().out
-    _assert_close(model(_images(96)), _torch_logits(bigger, _images(96)))
+    _assert_close(model(_images(96)), torch_logits(bigger, _images(96)))
 
 
 def test_strict_loading_lists_every_bad_key(tmp_path):
@@ -378,7 +358,7 @@ def test_unknown_format_is_named(tmp_path):
 def test_convert_command_with_check(tmp_path):
     import torchvision
 
-    torch.save(_randomize_norms(torchvision.models.resnet18(num_classes=3)).state_dict(), tmp_path / "r18.pth")
+    torch.save(randomize_norms(torchvision.models.resnet18(num_classes=3)).state_dict(), tmp_path / "r18.pth")
     result = subprocess.run(
         [sys.executable, "-m", "jaxclf.convert", str(tmp_path / "r18.pth"), "--model", "resnet18",
          "--out", str(tmp_path / "out"), "--check"], capture_output=True, text=True, cwd=REPO)
@@ -392,7 +372,7 @@ def test_fine_tune_from_converted_checkpoint(digits_root, tmp_path, capsys):
     """config.model_init: the run starts from the converted weights (new head), takes their mean/std."""
     import torchvision
 
-    torch.save(_randomize_norms(torchvision.models.resnet18(num_classes=1000)).state_dict(), tmp_path / "r18.pth")
+    torch.save(randomize_norms(torchvision.models.resnet18(num_classes=1000)).state_dict(), tmp_path / "r18.pth")
     converted = _convert(str(tmp_path / "r18.pth"), "resnet18", tmp_path)
     config = config_lib.load_config(f"tests/tiny_config.py:{digits_root}", [
         "model_name=resnet18", f"model_init={converted}", "data.mean=()", "data.std=()", "total_steps=3",
@@ -418,9 +398,9 @@ def test_bad_model_init_is_a_config_error(digits_root, tmp_path):
 
 def test_bit_file_converts_and_loads(tmp_path):
     """The BiT converters (tests/test_bit.py) reached through format detection and load_pretrained."""
-    reference = _randomize_norms(timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=4))
+    reference = randomize_norms(timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=4))
     model, info = load_pretrained(_convert(_save_state(reference, tmp_path / "bit.safetensors"),
                                            "resnetv2_50x1_bit", tmp_path), num_classes=4)
     assert info.source_format == "timm_bit"
     images = _images(64)
-    _assert_close(model(images), _torch_logits(reference, images))
+    _assert_close(model(images), torch_logits(reference, images))

@@ -10,15 +10,23 @@ import re
 
 import numpy as np
 
-from jaxclf.weights import layout
+from jaxclf.weights import torch_names
 
 # What each format's files always hold (timm's own npz loader requires the same BiT key).
 _TIMM_ANCHOR = "stem.conv.weight"
 _NPZ_ANCHOR = "resnet/root_block/standardized_conv2d/kernel"
 
-_TIMM_CONV = re.compile(r"(stem\.conv|stages\.\d+\.blocks\.\d+\.(?:conv[123]|downsample\.conv))\.weight")
-_TIMM_NORM = re.compile(r"(norm|stages\.\d+\.blocks\.\d+\.norm[123])\.(weight|bias)")
-_TIMM_HEAD = re.compile(r"head\.fc\.(weight|bias)")
+_BLOCK = "stages.{}.blocks.{}."
+# timm's module names are jaxclf's; its 1x1-conv head is a Linear here. Every module is listed: a
+# name outside the table is not a BiT parameter.
+TABLE = torch_names.NameTable(
+    "timm BiT ResNetV2",
+    (torch_names.Module("stem.conv", "stem.conv"), torch_names.Module("norm", "norm"),
+     *(torch_names.Module(_BLOCK + layer, _BLOCK + layer)
+       for layer in ("conv1", "conv2", "conv3", "downsample.conv", "norm1", "norm2", "norm3")),
+     torch_names.Module("head.fc", "head.fc", conv_as_linear=True)),
+    strict=True, expected="stem.conv, stages.*, norm, head.fc",
+)
 
 _NPZ_UNIT = re.compile(r"resnet/block(\d+)/unit(\d+)/(.+)")
 # BiT unit sub-layer -> ours. Pre-activation: unit `a`'s group_norm is norm1, which feeds conv1.
@@ -53,38 +61,13 @@ def is_npz(tensors: dict[str, np.ndarray]) -> bool:
     return _NPZ_ANCHOR in tensors
 
 
-def _checked_ndim(name: str, value: np.ndarray, ndim: int) -> np.ndarray:
-    value = np.asarray(value)
-    if value.ndim != ndim:
-        raise ValueError(f"{name}: expected a {ndim}-d array, got shape {value.shape}")
-    return value
-
-
 def from_timm(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """timm `resnetv2_*_bit` state dict -> our params: OIHW convs as HWIO, the 1x1-conv head as a Linear.
+    """timm `resnetv2_*_bit` state dict -> our params through `TABLE`: OIHW convs as HWIO, the 1x1-conv head as a Linear.
 
-    Raises KeyError naming any key that is not a BiT ResNetV2 parameter, ValueError for a
-    tensor of the wrong rank.
+    Raises KeyError naming any key that is not a BiT ResNetV2 parameter, ValueError for a head
+    that is not a 1x1 conv.
     """
-    params = {}
-    for name, value in tensors.items():
-        if match := _TIMM_CONV.fullmatch(name):
-            path = match[1].replace(".", "/") + "/kernel"
-            params[path] = layout.conv_kernel(_checked_ndim(name, value, 4))
-        elif match := _TIMM_NORM.fullmatch(name):
-            leaf = "scale" if match[2] == "weight" else "bias"
-            params[match[1].replace(".", "/") + "/" + leaf] = _checked_ndim(name, value, 1)
-        elif match := _TIMM_HEAD.fullmatch(name):
-            if match[1] == "bias":
-                params["head/fc/bias"] = _checked_ndim(name, value, 1)
-            else:  # [classes, features, 1, 1]
-                weight = _checked_ndim(name, value, 4)
-                if weight.shape[2:] != (1, 1):
-                    raise ValueError(f"{name}: expected a 1x1 conv [classes, features, 1, 1], got {weight.shape}")
-                params["head/fc/kernel"] = layout.linear_kernel(weight[:, :, 0, 0])
-        else:
-            raise KeyError(f"{name}: not a timm BiT ResNetV2 parameter (expected stem.conv, stages.*, norm, head.fc)")
-    return params
+    return torch_names.to_jaxclf(tensors, TABLE)
 
 
 def from_npz(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -105,8 +88,7 @@ def from_npz(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             raise KeyError(f"{name}: not a BiT ResNetV2 weight (expected resnet/root_block, resnet/block*/unit*, "
                            "resnet/group_norm or resnet/head)")
         if path == "head/fc/kernel":
-            value = _checked_ndim(name, value, 4)
-            if value.shape[:2] != (1, 1):
+            if value.ndim != 4 or value.shape[:2] != (1, 1):
                 raise ValueError(f"{name}: expected a 1x1 conv [1, 1, features, classes], got {value.shape}")
             value = value[0, 0]
         params[path] = value

@@ -6,6 +6,9 @@ import numpy as np
 
 from jaxclf.weights import torch_names
 
+# torchvision's and timm's ResNet names are jaxclf's: only layouts change.
+TABLE = torch_names.NameTable("ResNet")
+
 _HF_STAGE = r"^resnet\.encoder\.stages\.(\d+)\.layers\.(\d+)\."
 
 
@@ -35,9 +38,10 @@ def is_hf(tensors: dict) -> bool:
 
 
 def from_torchvision(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """torchvision / timm ResNet names are jaxclf's: only layouts change."""
-    return torch_names.convert(tensors)
+    """torchvision / timm ResNet state dict -> jaxclf params, through `TABLE`."""
+    return torch_names.to_jaxclf(tensors, TABLE)
 
 
 def from_hf(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return torch_names.convert(tensors, _HF_RENAMES)
+    """Hugging Face names renamed to torchvision's, then `TABLE`."""
+    return torch_names.to_jaxclf(tensors, TABLE, _HF_RENAMES)

@@ -10,6 +10,9 @@ import numpy as np
 from jaxclf.weights import torch_names
 from jaxclf.weights.files import WeightsError
 
+# timm's names are jaxclf's, except `patch_embed.proj`, which is `patch_embed` itself here.
+TABLE = torch_names.NameTable("ViT", (torch_names.Module("patch_embed.proj", "patch_embed"),))
+
 # transformers < 5 wrote these names; transformers 5 renames them the same way when loading.
 _HF_V4_RENAMES = [
     (r"\.encoder\.layer\.", ".layers."),
@@ -22,7 +25,7 @@ _HF_V4_RENAMES = [
 ]
 # Hugging Face module paths -> timm's.
 _HF_RENAMES = {
-    r"^vit\.embeddings\.patch_embeddings\.projection$": "patch_embed",
+    r"^vit\.embeddings\.patch_embeddings\.projection$": "patch_embed.proj",
     r"^vit\.layers\.(\d+)\.attention\.o_proj$": r"blocks.\1.attn.proj",
     r"^vit\.layers\.(\d+)\.layernorm_before$": r"blocks.\1.norm1",
     r"^vit\.layers\.(\d+)\.layernorm_after$": r"blocks.\1.norm2",
@@ -45,8 +48,8 @@ def is_npz(tensors: dict) -> bool:
 
 
 def from_timm(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """timm's names are jaxclf's, except `patch_embed.proj`, which is `patch_embed` itself here."""
-    return torch_names.convert(tensors, {r"^patch_embed\.proj$": "patch_embed"})
+    """timm ViT state dict -> jaxclf params, through `TABLE`."""
+    return torch_names.to_jaxclf(tensors, TABLE)
 
 
 def from_hf(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -67,7 +70,7 @@ def from_hf(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for leaf in ("weight", "bias"):
             parts = [renamed.pop(f"{prefix}{p}_proj.{leaf}") for p in "qkv"]
             renamed[f"blocks.{index}.attn.qkv.{leaf}"] = np.concatenate(parts, axis=0)
-    return torch_names.convert(renamed, _HF_RENAMES)
+    return torch_names.to_jaxclf(renamed, TABLE, _HF_RENAMES)
 
 
 def from_npz(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

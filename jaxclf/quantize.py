@@ -1,0 +1,88 @@
+"""INT8 ONNX models with onnxruntime's quantization tools (`jaxclf.export --format onnx --quantize int8`).
+
+- dynamic (`--calibration 0`): int8 weights, activations quantized per batch at run time
+  (`quantize_dynamic`); no data needed.
+- static (`--calibration N`): int8 weights (per channel) and activations with ranges measured on
+  N images of the run's train split, read through its eval preprocessing (`quantize_static`,
+  QDQ format, MinMax calibration).
+
+Only convolutions and matrix products are quantized, where int8 pays; the rest (normalisation,
+softmax, pooling, residual adds) stays float32, which also keeps the -inf padding of max pooling
+out of the calibrated ranges. Needs onnxruntime (the `onnx` extra).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+from onnxruntime import quantization
+
+from jaxclf import inference
+from jaxclf.data import pipeline
+
+OP_TYPES = ["Conv", "MatMul"]
+
+
+class _Subset:
+    """Examples `indices` of a random-access source, as a source."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self.source, self.indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.source[int(self.indices[i])]
+
+
+def calibration_images(trained: inference.LoadedModel, count: int, seed: int = 0) -> np.ndarray:
+    """uint8[count, H, W, 3]: `count` images drawn at random from the run's train split, after its eval ops."""
+    from jaxclf import evaluate  # evaluate imports the export side; import here, at use
+
+    _, source = evaluate.load_split(trained, "train")
+    if count > len(source):
+        raise inference.WorkdirError(f"--calibration {count}: the train split has only {len(source)} images")
+    indices = np.sort(np.random.default_rng(seed).choice(len(source), count, replace=False))
+    images = []
+    for batch in pipeline.eval_batches(_Subset(source, indices), trained.config.data.pp_eval,
+                                       global_batch_size=min(count, 32), num_workers=trained.config.data.num_workers,
+                                       bad_images=trained.config.data.bad_images):
+        images.append(np.asarray(batch["image"])[np.asarray(batch["mask"], bool)])
+    return np.concatenate(images)
+
+
+def quantize(model: bytes, calibration: np.ndarray | None = None, input_name: str = "images") -> bytes:
+    """The int8 version of ONNX `model`: dynamic without `calibration`, else static with its images
+    (uint8[N, H, W, 3], fed one at a time)."""
+    with tempfile.TemporaryDirectory() as folder:
+        source, prepared, out = (os.path.join(folder, name) for name in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
+        with open(source, "wb") as f:
+            f.write(model)
+        # Shape inference and onnxruntime's graph fusions first, as its quantization guide asks (ONNX's
+        # shape inference: onnxruntime's symbolic one fails on the ViT graphs' Unsqueeze).
+        quantization.quant_pre_process(source, prepared, skip_symbolic_shape=True)
+        if calibration is None:
+            quantization.quantize_dynamic(prepared, out, op_types_to_quantize=OP_TYPES,
+                                          weight_type=quantization.QuantType.QInt8)
+        else:
+            reader = _ImageReader(input_name, calibration)
+            quantization.quantize_static(prepared, out, reader, quant_format=quantization.QuantFormat.QDQ,
+                                         op_types_to_quantize=OP_TYPES, per_channel=True,
+                                         activation_type=quantization.QuantType.QUInt8,
+                                         weight_type=quantization.QuantType.QInt8,
+                                         calibrate_method=quantization.CalibrationMethod.MinMax)
+        with open(out, "rb") as f:
+            return f.read()
+
+
+class _ImageReader(quantization.CalibrationDataReader):
+    """Calibration batches of one image each, as onnxruntime's calibrator asks for them."""
+
+    def __init__(self, input_name: str, images: np.ndarray):
+        self._batches = iter([{input_name: images[i : i + 1]} for i in range(len(images))])
+
+    def get_next(self) -> dict | None:
+        return next(self._batches, None)
