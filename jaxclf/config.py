@@ -150,6 +150,19 @@ def import_file(path: str):
     return module
 
 
+def overrides_from_flags(flags: list[str]) -> list[str]:
+    """`--config.a.b=VALUE` (or `--config.a.b VALUE`) command-line flags as `a.b=VALUE` overrides."""
+    overrides, rest = [], list(flags)
+    while rest:
+        item = rest.pop(0)
+        if not item.startswith("--config."):
+            raise ConfigError(f"unrecognised argument {item!r}: overrides look like --config.a.b=VALUE")
+        if "=" not in item and rest:
+            item = f"{item}={rest.pop(0)}"
+        overrides.append(item[len("--config.") :])
+    return overrides
+
+
 def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     """Set one field from `a.b=value`; the value is parsed to the field's current type."""
     key, sep, text = override.partition("=")

@@ -43,6 +43,7 @@ from jaxclf.data import classes as data_classes, imbalance, pipeline, sources
 from jaxclf.metrics import MetricsWriter
 
 NonFiniteLoss = loop_lib.NonFiniteLoss
+EXIT_PRUNED = 4  # see main()
 
 
 @dataclasses.dataclass
@@ -286,15 +287,10 @@ def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]:
     multi.add_argument("--num_processes", type=int)
     multi.add_argument("--process_id", type=int)
     args, rest = parser.parse_known_args(argv)
-    overrides = []
-    rest = list(rest)
-    while rest:
-        item = rest.pop(0)
-        if not item.startswith("--config."):
-            parser.error(f"unrecognised argument {item!r}")
-        if "=" not in item and rest:
-            item = f"{item}={rest.pop(0)}"
-        overrides.append(item[len("--config.") :])
+    try:
+        overrides = config_lib.overrides_from_flags(rest)
+    except config_lib.ConfigError as e:
+        parser.error(str(e))
     config = config_lib.load_config(args.config, overrides)
     try:
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
@@ -318,10 +314,16 @@ def default_workdir(config_arg: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 2 a mistake in the config, data or checkpoint (message on stderr),
-    75 (`EXIT_PREEMPTED`) stopped by a signal after checkpointing, 3 the loss became NaN/Inf."""
+    75 (`EXIT_PREEMPTED`) stopped by a signal after checkpointing, 3 the loss became NaN/Inf,
+    4 (`EXIT_PRUNED`) a search trial stopped by its pruner (`python -m launch.trial`, which runs
+    this training with the pruner as a listener; result.json says "pruned")."""
+    return exit_status(lambda: train_and_evaluate(*parse_args(sys.argv[1:] if argv is None else argv)))
+
+
+def exit_status(run: Callable[[], object]) -> int:
+    """Call `run` (which trains) and return how it ended as the exit status `main` documents."""
     try:
-        config, workdir = parse_args(sys.argv[1:] if argv is None else argv)
-        train_and_evaluate(config, workdir)
+        run()
     except (config_lib.ConfigError, sources.DataError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
