@@ -110,10 +110,19 @@ def make_sampler(spec: Spec, seed: int) -> optuna.samplers.BaseSampler:
     if spec.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.sampler == "grid":
-        return optuna.samplers.GridSampler(space_lib.grid(spec.optuna_distributions()), seed=seed)
+        # Trial i takes point i of the grid's order, shuffled by the seed: the same seed in every process.
+        return _GridSampler(space_lib.grid(spec.optuna_distributions()), seed=spec.seed)
     if spec.sampler == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, **startup)
     raise ValueError(f"unknown sampler {spec.sampler!r}; one of {', '.join(SAMPLERS)}")
+
+
+class _GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler, less its after_trial: that calls study.stop() once the grid is covered, which
+    Optuna allows only inside study.optimize; here the budget (at most the grid's size) ends the search."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
 
 
 def make_pruner(spec: Spec) -> optuna.pruners.BasePruner:
