@@ -146,10 +146,11 @@ def start(spec: study_lib.Spec, base: str) -> None:
 
 
 def run_local(base: str, parallel: int, gpus: list[str]) -> int:
-    """Start `parallel` workers here and wait for them; 75 if one was stopped by a signal, else 0 or 1."""
+    """Start `parallel` workers here (worker i on GPU gpus[i], if given) and wait for them; 75 if one was
+    stopped by a signal, else 0 when all ended well, else 1."""
     workers = []
     for i in range(parallel):
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus[i % len(gpus)]) if gpus else None
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus[i]) if gpus else None
         workers.append(subprocess.Popen([sys.executable, "-m", "launch.search", "worker", base, "--wait"],
                                         env=env, cwd=slurm.REPO))
 
@@ -176,11 +177,17 @@ def render_array_script(args: argparse.Namespace, base: str) -> str:
     return "\n".join(header + slurm.sbatch_body(command)) + "\n"
 
 
-def summarize(base: str) -> dict:
-    """Per trial: its sampled values, best metric, status and steps used; and the study's best."""
+def _existing_spec(base: str) -> study_lib.Spec:
     spec = study_lib.read_spec(base)
     if spec is None:
-        raise SearchError(f"{base} holds no {study_lib.SPEC_FILE}: not a search folder")
+        raise SearchError(f"{base} holds no {study_lib.SPEC_FILE}: not a search folder (start one with "
+                          "`python -m launch.search run` or `submit`)")
+    return spec
+
+
+def summarize(base: str) -> dict:
+    """Per trial: its sampled values, best metric, status and steps used; and the study's best."""
+    spec = _existing_spec(base)
     study = study_lib.load_study(spec, base)
     mode = "max" if spec.direction == "maximize" else "min"
     rows = []
@@ -270,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="search on this machine")
     run.add_argument("--config", required=True, help="config file (FILE or FILE:ARG)")
-    run.add_argument("--parallel", type=int, default=1, help="workers (trials at a time)")
-    run.add_argument("--gpus", default="", help="GPU ids, one per worker in turn (CUDA_VISIBLE_DEVICES), e.g. 0,1")
+    run.add_argument("--parallel", type=int, help="workers, i.e. trials at a time (default: one per --gpus, else 1)")
+    run.add_argument("--gpus", default="", help="GPU ids, one per worker (its CUDA_VISIBLE_DEVICES), e.g. 0,1")
     run.add_argument("--python", default=sys.executable, help="the interpreter that runs trials")
     _add_search_arguments(run)
     submit = commands.add_parser("submit", help="search on SLURM: a job array of --parallel workers")
@@ -288,11 +295,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "worker":
-            return worker_lib.Worker(args.base, args.wait).run()
+            return worker_lib.Worker(args.base, _existing_spec(args.base), args.wait).run()
         if args.command == "summary":
             return _summary(args.base, args.out)
-        if args.parallel < 1:
-            raise SearchError(f"--parallel {args.parallel}: must be at least 1")
+        gpus = [g for g in getattr(args, "gpus", "").split(",") if g]
+        if args.parallel is None:
+            args.parallel = len(gpus) or 1
+        if args.parallel < 1 or (gpus and args.parallel > len(gpus)):
+            raise SearchError(f"--parallel {args.parallel}: give at least 1" + (
+                f", and at most one worker per GPU of --gpus ({len(gpus)})" if gpus else ""))
         spec = prepare(args)
         base = os.path.abspath(args.base)
         if args.command == "submit":
@@ -302,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             slurm.submit(script, os.path.join(base, "search.sbatch"), args.dry_run)
             return 0
         start(spec, base)
-        code = run_local(base, args.parallel, [g for g in args.gpus.split(",") if g])
+        code = run_local(base, args.parallel, gpus)
     except (SearchError, space_lib.SpaceError, config_lib.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -87,13 +87,8 @@ class Claim:
 class Worker:
     """Runs trials of the search in BASE until the budget is spent (see the module docstring)."""
 
-    def __init__(self, base: str, wait: bool):
-        self.base = os.path.abspath(base)
-        self.spec = study_lib.read_spec(self.base)
-        if self.spec is None:
-            raise SystemExit(f"error: {self.base} holds no {study_lib.SPEC_FILE}; start the search with "
-                             "`python -m launch.search run` or `submit`")
-        self.wait = wait
+    def __init__(self, base: str, spec: study_lib.Spec, wait: bool):
+        self.base, self.spec, self.wait = os.path.abspath(base), spec, wait
         self.name = f"{socket.gethostname().split('.')[0]}:{os.getpid()}"
         self.study = study_lib.load_study(self.spec, self.base)
         self._signal: int | None = None

@@ -122,7 +122,7 @@ def test_workers_claim_distinct_trials(digits_root, tmp_path, sampler, axes):
                           metric="val/accuracy", direction="maximize", sampler=sampler, pruner="none",
                           python=sys.executable)
     study_lib.write_spec(str(tmp_path), spec)
-    workers = [worker_lib.Worker(str(tmp_path), wait=False) for _ in range(2)]
+    workers = [worker_lib.Worker(str(tmp_path), spec, wait=False) for _ in range(2)]
     for i, w in enumerate(workers):
         w.name = f"worker{i}"
     claimed = []
