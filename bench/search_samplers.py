@@ -4,7 +4,7 @@
 
 For each seed, two studies of `--trials` trials (`launch.search run`, one worker each, no pruning)
 run side by side over the same space: TPE (its first `--startup` trials random) and random search.
-Each trial's sampler is seeded by (seed + trial number) in both, so TPE's random start draws the
+Each trial's sampler is seeded from (seed, trial number) in both (study.trial_seed), so TPE's random start draws the
 same points as random search's first trials: the studies differ only in the trials after it, where
 TPE samples from its model of the results. Reported per seed: each study's best val/accuracy and
 the mean val/accuracy of the trials after the start (TPE's modelled ones against random's).

@@ -22,6 +22,8 @@ import dataclasses
 import difflib
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,8 +58,9 @@ def prepare(args: argparse.Namespace) -> study_lib.Spec:
     config = config_lib.load_config(args.config, fixed)
     axes = space_lib.check(axes, config, fixed)
     _check_options(settings, axes)
+    path, colon, arg = args.config.partition(":")  # trials run in the repository: a path from here, absolute
     return study_lib.Spec(
-        config=args.config, overrides=fixed, space=items, distributions=space_lib.to_json(axes),
+        config=os.path.abspath(path) + colon + arg, overrides=fixed, space=items, distributions=space_lib.to_json(axes),
         metric=resolve.best_metric(config), direction="maximize" if config.best_mode == "max" else "minimize",
         python=args.python, **settings,
     )
@@ -108,8 +111,14 @@ def _check_options(settings: dict, axes: dict[str, space_lib.Axis]) -> None:
                 raise SearchError(f"--space {field}={axis.text}: CMA-ES samples numeric ranges only; "
                                   "make it a range or use --sampler tpe")
     if settings["sampler"] == "grid":
+        try:
+            points = study_lib.grid_points({f: a.distribution for f, a in axes.items()})
+        except ValueError as e:
+            field = str(e)
+            raise SearchError(f"--space {field}={axes[field].text}: the grid sampler needs choice(...) or "
+                              "int(a,b) axes") from None
         size = 1
-        for values in space_lib.grid({f: a.distribution for f, a in axes.items()}).values():
+        for values in points.values():
             size *= len(values)
         if settings["trials"] is None:
             settings["trials"] = size
@@ -151,7 +160,7 @@ def run_local(base: str, parallel: int, gpus: list[str]) -> int:
     workers = []
     for i in range(parallel):
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus[i]) if gpus else None
-        workers.append(subprocess.Popen([sys.executable, "-m", "launch.search", "worker", base, "--wait"],
+        workers.append(subprocess.Popen([sys.executable, "-m", "launch.worker", base, "--wait"],
                                         env=env, cwd=slurm.REPO))
 
     def forward(signum, frame):
@@ -173,21 +182,15 @@ def render_array_script(args: argparse.Namespace, base: str) -> str:
         args, job_name=args.job_name or os.path.basename(base),
         output=os.path.join(base, "logs", "slurm-%A_%a.out"), array=f"0-{args.parallel - 1}",
     )
-    command = f"{args.python} -m launch.search worker {base}"
+    command = shlex.join([args.python, "-m", "launch.worker", base])
     return "\n".join(header + slurm.sbatch_body(command)) + "\n"
-
-
-def _existing_spec(base: str) -> study_lib.Spec:
-    spec = study_lib.read_spec(base)
-    if spec is None:
-        raise SearchError(f"{base} holds no {study_lib.SPEC_FILE}: not a search folder (start one with "
-                          "`python -m launch.search run` or `submit`)")
-    return spec
 
 
 def summarize(base: str) -> dict:
     """Per trial: its sampled values, best metric, status and steps used; and the study's best."""
-    spec = _existing_spec(base)
+    spec = study_lib.read_spec(base)
+    if spec is None:
+        raise SearchError(study_lib.not_a_search(base))
     study = study_lib.load_study(spec, base)
     mode = "max" if spec.direction == "maximize" else "min"
     rows = []
@@ -272,7 +275,7 @@ def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="after --: --config.a.b=VALUE, fixed for every trial")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m launch.search", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="search on this machine")
@@ -288,14 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     summary = commands.add_parser("summary", help="table, summary.json and plots of a search")
     summary.add_argument("base")
     summary.add_argument("--out", help="JSON file (default BASE/summary.json)")
-    work = commands.add_parser("worker", help="take trials of the search in BASE until none is left")
-    work.add_argument("base")
-    work.add_argument("--wait", action="store_true", help="at the end, wait while other workers' trials run")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     try:
-        if args.command == "worker":
-            return worker_lib.Worker(args.base, _existing_spec(args.base), args.wait).run()
         if args.command == "summary":
             return _summary(args.base, args.out)
         gpus = [g for g in getattr(args, "gpus", "").split(",") if g]
@@ -312,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                 start(spec, base)
             slurm.submit(script, os.path.join(base, "search.sbatch"), args.dry_run)
             return 0
+        if not shutil.which(args.python):
+            raise SearchError(f"--python {args.python!r}: no such interpreter")
         start(spec, base)
         code = run_local(base, args.parallel, gpus)
     except (SearchError, space_lib.SpaceError, config_lib.ConfigError) as e:
@@ -327,7 +331,7 @@ def _summary(base: str, out: str | None) -> int:
     best = summary["best_trial"]
     if best:
         print(f"best: trial {best['trial']}, {summary['metric']} {best['value']:.4g}: "
-              + " ".join(space_lib.overrides(best["params"])))
+              + " ".join(study_lib.trial_overrides(best["params"])))
     print(f"steps used: {summary['steps_used']} over {len(summary['trials'])} trials")
     with open(out or os.path.join(base, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -4,7 +4,7 @@
     batch_size=logint(16,256)        optim.name=choice(sgd,adamw)          batch_size=choice(64,128)
 
 Each axis becomes an Optuna distribution named by its field; a trial's sampled values become the
-overrides `FIELD=VALUE` of an ordinary `jaxclf.train` run. `check` applies every bound and
+overrides `FIELD=VALUE` of an ordinary `jaxclf.train` run (`study.trial_overrides`). `check` applies every bound and
 every choice to the config exactly as a trial will, so an unknown field (with the nearest valid
 name), a value of the wrong kind or a model option the model does not take fails before any
 trial starts.
@@ -137,27 +137,9 @@ def check(space: dict[str, Axis], config: ml_collections.ConfigDict, fixed: list
     return checked
 
 
-def overrides(params: dict) -> list[str]:
-    """A trial's sampled values as config overrides, `FIELD=VALUE`."""
-    return [f"{field}={value}" for field, value in params.items()]
-
-
 def to_json(space: dict[str, Axis]) -> dict[str, str]:
     """{field: Optuna's JSON of its distribution}, for BASE/search.json."""
     return {field: distributions.distribution_to_json(axis.distribution) for field, axis in space.items()}
-
-
-def grid(space: dict[str, distributions.BaseDistribution]) -> dict[str, list]:
-    """Every axis's values for Optuna's GridSampler: choices and int ranges (SpaceError for a continuous axis)."""
-    points = {}
-    for field, d in space.items():
-        if isinstance(d, distributions.CategoricalDistribution):
-            points[field] = list(d.choices)
-        elif isinstance(d, distributions.IntDistribution) and not d.log:
-            points[field] = list(range(d.low, d.high + 1))
-        else:
-            raise SpaceError(f"--space {field}: the grid sampler needs choice(...) or int(a,b) axes")
-    return points
 
 
 def _get(config: ml_collections.ConfigDict, field: str):

@@ -2,7 +2,7 @@
 
 Every process of a search (the command that starts it, each worker, each trial) rebuilds the same
 study from BASE/search.json, so they only share files: the journal (or a database URL) and the
-trial folders BASE/trial_NNNN.
+trial folders BASE/trial_NNNN. Nothing here imports JAX, so a worker starts in a moment.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import json
 import os
 from collections.abc import Iterator
 
+import numpy as np
 import optuna
 from optuna.storages import journal
 
-from launch import space as space_lib
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 PRUNERS = ("median", "asha", "hyperband", "none")
@@ -61,6 +61,11 @@ def read_spec(base: str) -> Spec | None:
         return Spec(**json.load(f))
 
 
+def not_a_search(base: str) -> str:
+    return (f"{base} holds no {SPEC_FILE}: not a search folder (start one with `python -m launch.search run` "
+            "or `submit`)")
+
+
 def write_spec(base: str, spec: Spec) -> None:
     path = os.path.join(base, SPEC_FILE)
     with open(path + ".tmp", "w") as f:
@@ -72,6 +77,24 @@ def differences(old: Spec, new: Spec) -> list[str]:
     """The fields (other than Spec.MUTABLE) in which two searches differ."""
     a, b = dataclasses.asdict(old), dataclasses.asdict(new)
     return [k for k in a if k not in Spec.MUTABLE and a[k] != b[k]]
+
+
+def trial_overrides(params: dict) -> list[str]:
+    """A trial's sampled values as config overrides, `FIELD=VALUE`."""
+    return [f"{field}={value}" for field, value in params.items()]
+
+
+def grid_points(space: dict[str, optuna.distributions.BaseDistribution]) -> dict[str, list]:
+    """Every axis's values for the grid sampler: choices and int ranges (ValueError naming a continuous axis)."""
+    points = {}
+    for field, d in space.items():
+        if isinstance(d, optuna.distributions.CategoricalDistribution):
+            points[field] = list(d.choices)
+        elif isinstance(d, optuna.distributions.IntDistribution) and not d.log:
+            points[field] = list(range(d.low, d.high + 1))
+        else:
+            raise ValueError(field)
+    return points
 
 
 def trial_dir(base: str, number: int) -> str:
@@ -101,6 +124,12 @@ def storage(spec: Spec, base: str) -> optuna.storages.BaseStorage | str:
     return journal.JournalStorage(journal.JournalFileBackend(path))
 
 
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler's seed for trial `number`: (seed, number) mixed by NumPy's SeedSequence, so trials get
+    unrelated random streams (consecutive integer seeds give MT19937 streams whose first draws are close)."""
+    return int(np.random.SeedSequence((seed, number)).generate_state(1)[0])
+
+
 def make_sampler(spec: Spec, seed: int) -> optuna.samplers.BaseSampler:
     """The spec's sampler, seeded with `seed`."""
     startup = {} if spec.startup_trials is None else {"n_startup_trials": spec.startup_trials}
@@ -111,7 +140,7 @@ def make_sampler(spec: Spec, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.sampler == "grid":
         # Trial i takes point i of the grid's order, shuffled by the seed: the same seed in every process.
-        return _GridSampler(space_lib.grid(spec.optuna_distributions()), seed=spec.seed)
+        return _GridSampler(grid_points(spec.optuna_distributions()), seed=spec.seed)
     if spec.sampler == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, **startup)
     raise ValueError(f"unknown sampler {spec.sampler!r}; one of {', '.join(SAMPLERS)}")

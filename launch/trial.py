@@ -17,7 +17,7 @@ import optuna
 
 from jaxclf import config as config_lib, resolve, train
 from jaxclf.listeners import Stop
-from launch import space as space_lib, study as study_lib
+from launch import study as study_lib
 
 
 class PruneTrial:
@@ -42,7 +42,7 @@ def run_trial(base: str, number: int) -> int:
     spec = study_lib.read_spec(base)
     study = study_lib.load_study(spec, base)
     frozen = study.get_trials(deepcopy=False)[number]
-    overrides = [*spec.overrides, *space_lib.overrides(frozen.params)]
+    overrides = [*spec.overrides, *study_lib.trial_overrides(frozen.params)]
     workdir = study_lib.trial_dir(base, number)
     print(f"trial {number} of {base}: --config {spec.config} " + " ".join(f"--config.{o}" for o in overrides),
           file=sys.stderr, flush=True)

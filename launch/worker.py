@@ -1,6 +1,6 @@
 """A search worker: takes the study's trials one at a time and runs each in a process of its own.
 
-    python -m launch.search worker BASE [--wait]   (`run --parallel K` starts K; each SLURM array task runs one)
+    python -m launch.worker BASE [--wait]   (`launch.search run --parallel K` starts K; each SLURM array task runs one)
 
 Which trial next, decided under BASE's claims lock so that two workers never take the same one:
 1. a running trial whose lease has gone stale (its worker was killed) or was released (it was
@@ -19,6 +19,7 @@ SIGINT or SIGUSR1 passes it to its trial, waits for the checkpoint and exits 75,
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import os
 import signal
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
-from launch import runs, slurm, space as space_lib, study as study_lib
+from launch import runs, slurm, study as study_lib
 
 WAIT = "wait"
 
@@ -120,8 +121,8 @@ class Worker:
                 return Claim(trial.number, trial._trial_id, trial.params, resumed=True)
         if len(trials) < self.spec.trials:
             # A seed per trial: workers asking in turn never repeat each other's random draws, and
-            # one worker's study is reproducible.
-            self.study.sampler = study_lib.make_sampler(self.spec, self.spec.seed + len(trials))
+            # a study's draws do not depend on which worker asked.
+            self.study.sampler = study_lib.make_sampler(self.spec, study_lib.trial_seed(self.spec.seed, len(trials)))
             trial = self.study.ask(self.spec.optuna_distributions())
             Lease(study_lib.trial_dir(self.base, trial.number), self.name).take()
             return Claim(trial.number, trial._trial_id, trial.params, resumed=False)
@@ -131,7 +132,7 @@ class Worker:
         """Run the claimed trial's process, keep its lease fresh, and tell the study how it ended."""
         workdir = study_lib.trial_dir(self.base, claim.number)
         lease = Lease(workdir, self.name)
-        settings = " ".join(space_lib.overrides(claim.params))
+        settings = " ".join(study_lib.trial_overrides(claim.params))
         result = runs.read_result(workdir)
         if claim.resumed and result and result["status"] in runs.FINISHED:  # its worker died before telling
             self._say(f"trial {claim.number}: finished before its worker stopped; recording it")
@@ -225,3 +226,20 @@ def _stop_with_parent() -> None:
     so a killed worker never leaves a trial running that another worker would then resume too."""
     if _LIBC is not None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("base", help="the search's folder (BASE/search.json)")
+    parser.add_argument("--wait", action="store_true", help="at the end, wait while other workers' trials run")
+    args = parser.parse_args(argv)
+    spec = study_lib.read_spec(args.base)
+    if spec is None:
+        print(f"error: {study_lib.not_a_search(args.base)}", file=sys.stderr)
+        return 2
+    return Worker(args.base, spec, args.wait).run()
+
+
+if __name__ == "__main__":
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """launch.search: bad spaces fail before any trial; real studies of the tiny model on the digits, each trial a
-real jaxclf.train process: ASHA prunes, two workers share one journal and a SIGKILLed worker's trial is
-resumed from its checkpoint, a stopped search continues when run again; a SLURM job array (marked `slurm`)
-and TPE against random search (marked `slow`)."""
+real jaxclf.train process: two workers share one journal and a SIGKILLed worker's trial is
+resumed from its checkpoint, a stopped search continues when run again; a SLURM job array (marked `slurm`),
+ASHA's pruning with the summary and plots, and TPE against random search (both marked `slow`)."""
 
 import json
 import os
@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import optuna
 import pytest
 from optuna.trial import TrialState
 
@@ -104,7 +105,7 @@ def test_space_distributions_and_typed_choices(digits_root):
     assert (lr.low, lr.high, lr.log) == (1e-4, 1e-1, True)
     assert batch.choices == (16, 32) and name.choices == ("sgd", "adamw")  # ints for an int field
     assert (width.low, width.high, width.log) == (4, 64, True) and (b1.low, b1.high, b1.log) == (0, 1, False)
-    assert space.overrides({"optim.lr": 0.001, "batch_size": 16, "freeze_bn_stats": True}) == [
+    assert study_lib.trial_overrides({"optim.lr": 0.001, "batch_size": 16, "freeze_bn_stats": True}) == [
         "optim.lr=0.001", "batch_size=16", "freeze_bn_stats=True"]
     trial_config = config_lib.load_config(f"tests/tiny_config.py:{digits_root}", ["freeze_bn_stats=True"])
     assert trial_config.freeze_bn_stats is True
@@ -134,6 +135,12 @@ def test_workers_claim_distinct_trials(digits_root, tmp_path, sampler, axes):
     assert len(set(points)) == 6
     if sampler == "grid":
         assert set(points) == {(w, n) for n in ("sgd", "adamw", "lion") for w in (8, 9)}
+    else:  # trial n drew what a sampler seeded with trial_seed(0, n) draws, whichever worker asked
+        seeds = [study_lib.trial_seed(0, c.number) for c in claimed]
+        assert len(set(seeds)) == 6 and seeds == [study_lib.trial_seed(0, n) for n in range(6)]
+        for c, seed in zip(claimed, seeds):
+            alone = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+            assert alone.ask(spec.optuna_distributions()).params == c.params
     for c in claimed:
         assert open(os.path.join(study_lib.trial_dir(str(tmp_path), c.number), "lease")).read() == f"worker{c.number % 2}"
     with study_lib.claims_lock(str(tmp_path)):  # the budget is spent and every lease is fresh
@@ -144,21 +151,34 @@ def test_exit_status_of_a_pruned_trial_is_known_to_the_launcher():
     assert slurm.EXIT_PRUNED == train.EXIT_PRUNED and slurm.EXIT_PRUNED not in (0, 2, 3, slurm.EXIT_PREEMPTED)
 
 
-def test_submit_dry_run_is_a_job_array_of_workers(digits_root, tmp_path):
-    result = _run([sys.executable, "-m", "launch.search", "submit", "--config", f"tests/tiny_config.py:{digits_root}",
-                   "--base", str(tmp_path / "s"), "--space", "optim.lr=loguniform(1e-4,1e-1)", "--trials", "8",
-                   "--parallel", "3", "--gpus_per_node", "1", "--dry_run"])
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+def test_submit_dry_run_is_a_job_array_of_workers(digits_root, tmp_path, capsys):
+    code = search.main(["submit", "--config", f"tests/tiny_config.py:{digits_root}", "--base", str(tmp_path / "s"),
+                        "--space", "optim.lr=loguniform(1e-4,1e-1)", "--trials", "8", "--parallel", "3",
+                        "--gpus_per_node", "1", "--dry_run"])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
     for line in ["#SBATCH --array=0-2", "#SBATCH --gpus-per-node=1", "#SBATCH --requeue",
                  f"#SBATCH --output={tmp_path}/s/logs/slurm-%A_%a.out", "  scontrol requeue $SLURM_JOB_ID"]:
         assert line in lines, line
-    assert f"srun --cpu-bind=none {sys.executable} -m launch.search worker {tmp_path}/s" in lines
+    assert f"srun --cpu-bind=none {sys.executable} -m launch.worker {tmp_path}/s" in lines
     assert not (tmp_path / "s").exists()
+
+
+def test_search_file_gives_space_and_budget(digits_root, tmp_path):
+    """configs/search_small_folder.py checks against its recipe; flags win over the file."""
+    spec = search.prepare(search.build_parser().parse_args([
+        "run", "--config", "configs/small_folder.py", "--space", "configs/search_small_folder.py",
+        "--base", str(tmp_path / "s"), "--trials", "6", "--", f"--config.data.root={digits_root}"]))
+    assert spec.trials == 6 and spec.sampler == "tpe" and spec.pruner == "asha" and spec.startup_trials == 8
+    assert set(spec.space) == {"optim.lr", "optim.weight_decay", "label_smoothing", "batch_size"}
+    assert spec.overrides == ["num_epochs=15", "eval_every_epochs=1", f"data.root={digits_root}"]
+    assert spec.direction == "maximize" and spec.metric == "val/accuracy"
+    assert spec.optuna_distributions()["batch_size"].choices == (16, 32, 64)
 
 
 # --- real studies -----------------------------------------------------------------------------------
 
+@pytest.mark.slow  # five trial processes: the heaviest; the two tests below keep real studies in `make test`
 def test_asha_prunes_trials_early_and_the_summary_adds_up(digits_root, tmp_path):
     """Five sequential trials on val/loss (no ties): ASHA with rungs at steps 5 and 15 (reduction factor 3)
     keeps a trial only while it is the best at its rung, so most stop at step 5 or 15 of 40."""
@@ -307,10 +327,32 @@ def test_slurm_job_array_of_two_workers_runs_one_study(slurm_cluster, digits_roo
         assert "no trial left to run (4 in the study)" in out
 
 
-def test_search_file_gives_space_and_budget(digits_root, tmp_path):
-    """configs/search_small_folder.py checks against its recipe (nothing runs: a dry-run submit)."""
-    result = _run([sys.executable, "-m", "launch.search", "submit", "--config", "configs/small_folder.py",
-                   "--space", "configs/search_small_folder.py", "--base", str(tmp_path / "s"), "--dry_run",
-                   "--", f"--config.data.root={digits_root}"])
-    assert result.returncode == 0, result.stderr
-    assert "-m launch.search worker" in result.stdout
+@pytest.mark.slow
+def test_tpe_against_random_search_with_the_same_budget(tmp_path):
+    """bench/search_samplers.py, seeds 0-2: a 12-trial TPE study (4 random trials first) against 12-point
+    random search, same seeds, the tiny CNN on the digits (200 steps a trial, lr and width searched).
+
+    MEASURED_DOCSTRING
+    """
+    out = tmp_path / "samplers.json"
+    result = subprocess.run([sys.executable, "bench/search_samplers.py", "--seeds", "0,1,2", "--base",
+                             str(tmp_path / "studies"), "--out", str(out)], env=ENV, cwd=REPO, capture_output=True,
+                            text=True, timeout=3600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    for row in report["rows"]:
+        # The paired design: TPE's random start drew the same points as random search's first trials.
+        assert row["same_start"], row
+        assert len(row["tpe"]) == len(row["random"]) == 12
+        base = tmp_path / "studies" / f"tpe_{row['seed']}"
+        for trial in _trials(base):  # real runs: the sampled values trained for the whole budget
+            workdir = study_lib.trial_dir(str(base), trial.number)
+            config = json.loads(open(os.path.join(workdir, "config.json")).read())
+            assert (config["optim"]["lr"], config["model"]["width"]) == (trial.params["optim.lr"],
+                                                                         trial.params["model.width"])
+            assert json.loads(open(os.path.join(workdir, "result.json")).read())["step"] == 200
+        tpe, rnd = _trials(base), _trials(tmp_path / "studies" / f"random_{row['seed']}")
+        start = report["settings"]["startup"]
+        assert [t.params for t in tpe[:start]] == [t.params for t in rnd[:start]]  # the same random start
+        # After it TPE samples from its model of the results, not from the random stream of the same seeds.
+        assert all(t.params != r.params for t, r in zip(tpe[start:], rnd[start:]))
