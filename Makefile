@@ -20,7 +20,7 @@ $(RUN_STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $@
 
 $(STAMP): $(RUN_STAMP)
-	$(PY) -m pip install --quiet -e ".[test,serve,onnx,timm]"
+	$(PY) -m pip install --quiet -e ".[test,serve,onnx,timm,search]"
 	touch $@
 
 quickstart: $(RUN_STAMP)
@@ -35,7 +35,7 @@ test-all: $(STAMP)
 # A real one-node SLURM cluster on this machine (needs root for apt-get the first time).
 test-slurm: $(STAMP)
 	command -v slurmctld >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm)
-	$(PY) -m pytest -q -m slurm tests/test_launch.py
+	$(PY) -m pytest -q -m slurm tests/test_launch.py tests/test_search.py
 
 # The demo page in headless Chromium (Debian's chromium + chromium-driver; needs root for apt-get the first time).
 test-browser: $(STAMP)

@@ -186,7 +186,7 @@ def parse_override_args(args: list[str]) -> list[str]:
     while rest:
         item = rest.pop(0)
         if not item.startswith("--config."):
-            raise ConfigError(f"unrecognised argument {item!r}")
+            raise ConfigError(f"unrecognised argument {item!r}: overrides look like --config.a.b=VALUE")
         if "=" not in item and rest:
             item = f"{item}={rest.pop(0)}"
         overrides.append(item[len("--config."):])

@@ -62,12 +62,18 @@ def resolve(config: ml_collections.ConfigDict, platform: str) -> Resolved:
     for key in ("mean", "std"):
         if not config.data[key]:
             config.data[key] = tuple(preprocessing[key])
-    if config.ema_decay > 0 and config.best_metric.startswith("val/"):
-        ema_metric = "val_ema/" + config.best_metric.removeprefix("val/")
-        notes.append(f"config.best_metric: {config.best_metric} -> {ema_metric} (an EMA is kept; its weights are "
-                     "the ones evaluated and exported by default)")
-        config.best_metric = ema_metric
+    if best_metric(config) != config.best_metric:
+        notes.append(f"config.best_metric: {config.best_metric} -> {best_metric(config)} (an EMA is kept; its "
+                     "weights are the ones evaluated and exported by default)")
+        config.best_metric = best_metric(config)
     return Resolved(ml_collections.FrozenConfigDict(config), pretrained, tuple(notes))
+
+
+def best_metric(config: ml_collections.ConfigDict) -> str:
+    """The evaluation metric `config.best_metric` names in a run: with an EMA, val/* means val_ema/*."""
+    if config.ema_decay > 0 and config.best_metric.startswith("val/"):
+        return "val_ema/" + config.best_metric.removeprefix("val/")
+    return config.best_metric
 
 
 def _read_model_init(config: ml_collections.ConfigDict) -> tuple[dict[str, np.ndarray], weights.Pretrained] | None:

@@ -45,6 +45,7 @@ from jaxclf.data import check as data_check, classes as data_classes, imbalance,
 from jaxclf.metrics import MetricsWriter
 
 NonFiniteLoss = loop_lib.NonFiniteLoss
+EXIT_PRUNED = 4  # see main()
 
 
 @dataclasses.dataclass
@@ -329,10 +330,16 @@ def default_workdir(config_arg: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 2 a mistake in the config, data or checkpoint (message on stderr),
-    75 (`EXIT_PREEMPTED`) stopped by a signal after checkpointing, 3 the loss became NaN/Inf."""
+    75 (`EXIT_PREEMPTED`) stopped by a signal after checkpointing, 3 the loss became NaN/Inf,
+    4 (`EXIT_PRUNED`) a search trial stopped by its pruner (`python -m launch.trial`, which runs
+    this training with the pruner as a listener; result.json says "pruned")."""
+    return exit_status(lambda: train_and_evaluate(*parse_args(sys.argv[1:] if argv is None else argv)))
+
+
+def exit_status(run: Callable[[], object]) -> int:
+    """Call `run` (which trains) and return how it ended as the exit status `main` documents."""
     try:
-        config, workdir = parse_args(sys.argv[1:] if argv is None else argv)
-        train_and_evaluate(config, workdir)
+        run()
     except (config_lib.ConfigError, sources.DataError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

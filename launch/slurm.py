@@ -6,8 +6,9 @@
 How a run survives its time limit: `--signal=USR1@SECONDS` (without `B:`) makes SLURM send SIGUSR1
 to every task some minutes before the limit; each `python -m jaxclf.train` task checkpoints at a
 step all processes agree on and exits with status 75; the batch script sees 75 and requeues the
-job (`scontrol requeue`), which starts again from that checkpoint. Status 0 ends the job; 2
-(a config or data mistake) and 3 (NaN loss) fail it without requeueing.
+job (`scontrol requeue`), which starts again from that checkpoint. Only 75 requeues: status 0
+ends the job; 2 (a config or data mistake), 3 (NaN loss) and 4 (a search trial its pruner
+stopped, which must free the GPU rather than run again) end it without requeueing.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import shlex
 import subprocess
 import sys
 
-EXIT_PREEMPTED = 75  # jaxclf.preemption.EXIT_PREEMPTED, repeated so this module imports without JAX
+# jaxclf.preemption.EXIT_PREEMPTED and jaxclf.train.EXIT_PRUNED, repeated so this module imports without JAX.
+EXIT_PREEMPTED = 75
+EXIT_PRUNED = 4
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

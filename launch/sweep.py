@@ -16,12 +16,11 @@ import argparse
 import itertools
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
 
-from launch import slurm
+from launch import runs as runs_lib, slurm
 
 
 def expand(grid: list[str], list_file: str | None) -> list[list[str]]:
@@ -38,16 +37,10 @@ def expand(grid: list[str], list_file: str | None) -> list[list[str]]:
     return [list(combination) for combination in itertools.product(*axes)] if axes else [[]]
 
 
-def run_name(overrides: list[str]) -> str:
-    """A folder name from overrides: 'optim.lr=1e-3 model.x=0' -> 'lr=1e-3,x=0'."""
-    parts = [f"{field.rsplit('.', 1)[-1]}={value}" for field, _, value in (o.partition("=") for o in overrides)]
-    return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", ",".join(parts)) or "default"
-
-
 def plan(base: str, runs: list[list[str]]) -> list[dict]:
     """[{name, workdir, overrides}] for every run, written to BASE/sweep.json."""
     base = os.path.abspath(base)
-    entries = [{"name": run_name(o), "workdir": os.path.join(base, run_name(o)), "overrides": o} for o in runs]
+    entries = [{"name": runs_lib.run_name(o), "workdir": os.path.join(base, runs_lib.run_name(o)), "overrides": o} for o in runs]
     if len({e["name"] for e in entries}) != len(entries):
         raise SystemExit("two runs of the sweep would share a workdir; make the override values distinct")
     return entries
@@ -100,52 +93,8 @@ def summarize(base: str, metric: str, mode: str) -> list[dict]:
     """Best `metric` per run (and its step), the last step reached, and the status."""
     with open(os.path.join(base, "sweep.json")) as f:
         entries = json.load(f)["runs"]
-    rows = []
-    for entry in entries:
-        records = _read_jsonl(os.path.join(entry["workdir"], "metrics.jsonl"))
-        scored = [r for r in records if metric in r]
-        pick = max if mode == "max" else min
-        best = pick(scored, key=lambda r: r[metric]) if scored else None
-        result_path = os.path.join(entry["workdir"], "result.json")
-        if os.path.exists(result_path):
-            with open(result_path) as f:
-                status = json.load(f)["status"]
-        else:
-            status = "started" if records else "not started"
-        rows.append({
-            "run": entry["name"],
-            "overrides": " ".join(entry["overrides"]),
-            f"best {metric}": best[metric] if best else None,
-            "best step": best["step"] if best else None,
-            "last step": max((r["step"] for r in records), default=None),
-            "status": status,
-        })
-    return rows
-
-
-def _read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def print_table(rows: list[dict]) -> None:
-    if not rows:
-        print("no runs")
-        return
-    columns = list(rows[0])
-    cells = [[_cell(row[c]) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    for r in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    return [{"run": entry["name"], "overrides": " ".join(entry["overrides"]),
+             **runs_lib.describe(entry["workdir"], metric, mode)} for entry in entries]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,13 +116,13 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.command == "summary":
         rows = summarize(args.base, args.metric, args.mode)
-        print_table(rows)
+        runs_lib.print_table(rows)
         with open(args.out or os.path.join(args.base, "summary.json"), "w") as f:
             json.dump(rows, f, indent=2)
         return
     entries = plan(args.base, expand(args.grid, args.list_file))
     if not args.dry_run:
-        os.makedirs(os.path.join(args.base, "logs"), exist_ok=True)  # SLURM does not create log folders
+        runs_lib.logs_dir(args.base)
         with open(os.path.join(args.base, "sweep.json"), "w") as f:
             json.dump({"config": args.config, "runs": entries}, f, indent=2)
     if args.command == "local":

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from launch import sweep
+from launch import runs as runs_lib, sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,7 +61,7 @@ def test_sweep_list_file_and_names(tmp_path):
     runs = tmp_path / "runs.txt"
     runs.write_text("# comment\noptim.lr=0.1 optim.name=adamw\n\nlabel_smoothing=0.1\n")
     assert sweep.expand([], str(runs)) == [["optim.lr=0.1", "optim.name=adamw"], ["label_smoothing=0.1"]]
-    assert sweep.run_name(["optim.lr=0.1", "data.root=/a b"]) == "lr=0.1,root=_a_b"
+    assert runs_lib.run_name(["optim.lr=0.1", "data.root=/a b"]) == "lr=0.1,root=_a_b"
     with pytest.raises(SystemExit, match="share a workdir"):
         sweep.plan(str(tmp_path), [["optim.lr=0.1"], ["other.lr=0.1"]])
 
