@@ -13,7 +13,10 @@ the figure of merit, a ratio within one run, so other jobs on a shared machine d
 than either rate. Where the gap goes, per step, timed inside the loop: waiting for the next host
 batch from grain, the host-to-device copy (`sharding.shard_batch`), the data position kept for
 checkpoints (`get_state`), and logging (TrainLog.flush less its wait for the device); plus the
-CPU-seconds the worker processes spent per step (on a CPU they take cores from the step).
+CPU-seconds the worker processes spent per step (on a CPU they take cores from the step), and from
+them the workers (cores) the input needs to match the step alone: where that exceeds the cores a
+node has per accelerator, `decode(size)` on large photos or a pre-resized copy of the folder
+(shorter side ~256-320) is the knob, not more workers.
 `tiny_cnn` (registered here: one strided conv, a pool, a linear head) is so cheap that the loop
 shows the input's ceiling; the ViT shows a model the input keeps up with.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import sys
@@ -230,15 +234,18 @@ def main(argv: list[str] | None = None) -> int:
             loop = time_loop(config, workdir)
         loads.append(load_average())
         input_capacity = workers * args.batch / loop["worker_cpu_s_per_step"] if loop["worker_cpu_s_per_step"] else 0
+        # Worker CPU-seconds per image times the step's images per second: the cores the input needs to keep up.
+        workers_needed = math.ceil(step_rate * loop["worker_cpu_s_per_step"] / args.batch)
         results[model] = {"step_images_per_sec": step_rate, "loop": loop, "fraction": loop["images_per_sec"] / step_rate,
-                          "input_images_per_sec_if_each_worker_had_a_core": input_capacity}
+                          "input_images_per_sec_if_each_worker_had_a_core": input_capacity,
+                          "workers_needed_for_the_step_rate": workers_needed}
 
     print(f"\n{jax.device_count()} {jax.default_backend()} device(s), batch {args.batch}, {workers} grain worker(s), "
           f"{args.windows} windows of {args.log_every} steps; load average (1, 5, 15 min): {' | '.join(loads)}")
     print("| model | step alone img/s | loop img/s | loop / step | ms/step step alone | ms/step loop | "
           "input wait | host-to-device | get_state | logging | device wait at logs | worker CPU-s/step "
-          "| input img/s if each worker had a core |")
-    print("| --- " * 13 + "|")
+          "| input img/s if each worker had a core | workers needed |")
+    print("| --- " * 14 + "|")
     for model, r in results.items():
         loop, parts = r["loop"], r["loop"]["parts_ms_per_step"]
         print(f"| {model} | {r['step_images_per_sec']:.1f} | {loop['images_per_sec']:.1f} | {r['fraction']:.1%} "
@@ -246,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
               f"| {parts.get('input wait', 0):.1f} | {parts.get('host-to-device copy', 0):.1f} "
               f"| {parts.get('data position (get_state)', 0):.2f} | {parts['logging (flush less its device wait)']:.2f} "
               f"| {parts.get('device wait (at log steps)', 0):.1f} | {loop['worker_cpu_s_per_step']:.3f} "
-              f"| {r['input_images_per_sec_if_each_worker_had_a_core']:.0f} |")
+              f"| {r['input_images_per_sec_if_each_worker_had_a_core']:.0f} | {r['workers_needed_for_the_step_rate']} |")
     record = {
         "settings": vars(args), "workers": workers, "backend": jax.default_backend(), "devices": jax.device_count(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average": loads},
