@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
 # Everything we measure on a GPU, in one go (a lent GPU is rare and its time short):
-# the train-step benchmark at GPU settings (bf16, batch 128) for the four models, and the
+# the train-step benchmark at GPU settings (bf16, batch 128) for the four models, the whole
+# training loop on a JPEG folder against the step alone (ResNet-50, ViT-B/16), and the
 # quickstart trained on the GPU (bf16 by config.dtype="auto") as an end-to-end check of the loop.
-#   bash bench/gpu.sh [OUT_DIR]        # writes train_step_gpu_{large,small}.json to OUT_DIR
+#   bash bench/gpu.sh [OUT_DIR]        # writes train_step_gpu_{large,small}.json, train_loop_gpu.json to OUT_DIR
+#   GPU_PARTS=train_loop bash bench/gpu.sh   # only some parts (train_step, train_loop, quickstart; default all)
 # Needs jax with CUDA, flax, optax, orbax, torch, timm, plus ml_collections and grain. On the
-# workplace's lent GPUs only ml_collections, grain, array_record and portpicker are missing: carry
-# them as wheels, and not flax (the image's flax matches its jax; flax 0.12.8 fails on jax 0.11.2).
+# workplace's lent GPUs only ml_collections, grain, array_record and portpicker are missing (and
+# simplejpeg, opencv-python-headless for train_loop's fast input): carry them as wheels, and not flax
+# (the image's flax matches its jax; flax 0.12.8 fails on jax 0.11.2). All parts at their default
+# timeouts take ~19 min: with a 15-minute device budget run train_step and train_loop in separate calls.
 set -u
 out=${1:-bench/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
+parts=",${GPU_PARTS:-train_step,train_loop,quickstart},"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 $python -c "import jax, flax, torch, timm; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'torch', torch.__version__, 'timm', timm.__version__)"
+$python -c "import os, simplejpeg, cv2; print('fast input: simplejpeg', simplejpeg.__version__, 'opencv', cv2.__version__, 'cores', len(os.sched_getaffinity(0)))" \
+  || echo "fast input missing (pip install simplejpeg opencv-python-headless): train_loop measures Pillow's path"
 
+if [[ $parts == *,train_step,* ]]; then
 # The larger models twice (alternating frameworks), the smaller once: torch.compile's cold
 # compile dominates the time this takes.
 timeout "${BENCH_LARGE_S:-330}" $python bench/train_step.py --models resnet50,vit_base_patch16_224 \
@@ -26,5 +34,21 @@ timeout "${BENCH_XLA_ATTENTION_S:-90}" $python bench/train_step.py --frameworks 
   --models vit_base_patch16_224,vit_small_patch16_224 --batch 128 --steps 20 --rounds 1 \
   --out "$out/train_step_gpu_vit_xla_attention.json"
 
+fi
+
+if [[ $parts == *,train_loop,* ]]; then
+# The whole training loop on the input bench's JPEG folder (decode|inception_crop(224)|flip_lr) against
+# the step alone on device-resident data, bf16, every core but the training process's as grain workers
+# (--workers -1). Needs jaxclf[fastjpeg] (simplejpeg, opencv-python-headless) for the fast input path;
+# without it Pillow decodes (about half the images per core). Not yet run on a GPU. The table's
+# "workers needed" column says how many cores the input needs to match the step alone.
+timeout "${TRAIN_LOOP_S:-480}" $python bench/train_loop.py --models resnet50,vit_base_patch16_224 \
+  --batch 128 --log_every 10 --windows 4 --dtype bfloat16 --workers "${TRAIN_LOOP_WORKERS:--1}" \
+  --images 2048 --out "$out/train_loop_gpu.json" 2>&1 | grep -v "leaked shared_memory" | tail -8
+
+fi
+
+if [[ $parts == *,quickstart,* ]]; then
 timeout "${TRAIN_S:-60}" $python -m jaxclf.train --config configs/quickstart.py --workdir /tmp/jaxclf_gpu_quickstart \
   --config.num_epochs=5 2>&1 | grep -v "leaked shared_memory" | tail -25
+fi

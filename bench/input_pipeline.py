@@ -1,16 +1,23 @@
 """Input pipeline throughput: jaxclf's grain loader against torchvision's ImageFolder + DataLoader.
 
 Both decode JPEGs, take a random-resized crop to 224 and flip, with the same number of worker
-processes, in one run, alternating which goes first each round. torchvision also runs ToTensor
+processes, in one run, rotating which goes first each round. torchvision also runs ToTensor
 and Normalize in its workers (its model needs float tensors); jaxclf ships uint8 and normalises
-on the device inside the jitted step, so that work is not in its column. Reported, steady state
-(after the first batch), median over rounds: images per CPU-second of the worker processes (read
-from /proc, so other jobs on a shared machine distort it little) and images per wall-clock second.
+on the device inside the jitted step, so that work is not in its column. Three loaders:
+  jaxclf        decode|inception_crop(224)|flip_lr: with jaxclf[fastjpeg], the crop box drawn
+                from the JPEG header, the JPEG decoded at the crop's DCT scale by libjpeg-turbo,
+                the crop resampled by OpenCV (jaxclf/data/ops/fast.py)
+  jaxclf_exact  decode|inception_crop(224, exact=True)|flip_lr: Pillow's resize, torchvision's pixels
+  torchvision   RandomResizedCrop(224), RandomHorizontalFlip, ToTensor, Normalize
+Reported, steady state (after the first batch), median over rounds: images per CPU-second of
+the worker processes (read from /proc, so other jobs on a shared machine distort it little) and
+images per wall-clock second; then CPU milliseconds per image of each stage in one process.
 
     .venv/bin/python bench/input_pipeline.py --workers 1 --rounds 5 --out bench/results/input_pipeline_cpu.json
 
 Images are scikit-image's sample photos, randomly cropped and resized to ImageNet-like sizes
-(500x375, 375x500, 500x333, 500x500) and saved as JPEG quality 90.
+(500x375, 375x500, 500x333, 500x500) and saved as JPEG quality 90, plus 40 "phone photos"
+(2016x1512) for the per-stage table.
 """
 
 from __future__ import annotations
@@ -88,17 +95,20 @@ def time_batches(iterator, num_batches: int, batch_size: int) -> dict[str, float
     }
 
 
-def jaxclf_rate(root: str, workers: int, batches: int, batch_size: int, seed: int) -> dict[str, float]:
+def jaxclf_rate(root: str, workers: int, batches: int, batch_size: int, seed: int,
+                spec: str = "decode|inception_crop(224)|flip_lr") -> dict[str, float]:
     from jaxclf.data import pipeline, sources
 
     train = sources.load_image_folder_splits(root, val_fraction=0.05)["train"]  # a val split is required; unused
-    loader = pipeline.make_train_loader(
-        train, "decode|inception_crop(224)|flip_lr", global_batch_size=batch_size, seed=seed, num_workers=workers
-    )
+    loader = pipeline.make_train_loader(train, spec, global_batch_size=batch_size, seed=seed, num_workers=workers)
     iterator = iter(loader)
     rate = time_batches(iterator, batches, batch_size)
     del iterator  # stops the workers before the next measurement
     return rate
+
+
+def jaxclf_exact_rate(root: str, workers: int, batches: int, batch_size: int, seed: int) -> dict[str, float]:
+    return jaxclf_rate(root, workers, batches, batch_size, seed, "decode|inception_crop(224, exact=True)|flip_lr")
 
 
 def torchvision_rate(root: str, workers: int, batches: int, batch_size: int, seed: int) -> dict[str, float]:
@@ -121,8 +131,9 @@ def torchvision_rate(root: str, workers: int, batches: int, batch_size: int, see
     return rate
 
 
-def per_image_costs(root: str, split: str, count: int = 200) -> dict[str, float]:
-    """Milliseconds per image of `root/<split>` in this process for each stage (where the time goes)."""
+def per_image_costs(root: str, split: str, count: int = 200, rounds: int = 5) -> dict[str, float]:
+    """CPU milliseconds per image of `root/<split>` in this process for each stage (where the time goes):
+    the stages alternate within each round; median over rounds."""
     import torch
     import torchvision.transforms as T
 
@@ -130,34 +141,62 @@ def per_image_costs(root: str, split: str, count: int = 200) -> dict[str, float]
 
     torch.set_num_threads(1)
     paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(root, split)) for f in fs)[:count]
-    rng = np.random.default_rng(0)
-    decode, decode_reduced, crop, flip = ops.Decode(), ops.Decode(224), ops.InceptionCrop(224), ops.FlipLr()
+    decode, decode_reduced, flip = ops.Decode(), ops.Decode(224), ops.FlipLr()
+    crop, exact_crop = ops.InceptionCrop(224), ops.InceptionCrop(224, exact=True)
     tv_crop = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip()])
     tv_float = T.Compose([T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    decoded = [np.asarray(decode.map({"path": p})["image"]) for p in paths]
+    as_pillow = [Image.fromarray(image) for image in decoded]
+    rng = np.random.default_rng(0)
+    boxes = [crop.crop_box(*image.shape[:2], rng) for image in decoded]
+    for_crop = [crop.decode_for_crop({"path": p}, rng) for p in paths]  # the fast path's decodes and boxes
+    crops = [crop.resize_box(example["image"], box) for example, box in for_crop]
 
     def pil_open(path):
         with Image.open(path) as img:
             return img.convert("RGB")
 
+    def header(path):
+        with ops.decode.open_image(path) as image_file:
+            return image_file.height
+
     stages = {
-        "decode (PIL)": pil_open,
-        "jaxclf decode|inception_crop(224)|flip_lr -> uint8": lambda p: np.asarray(
-            flip.random_map(crop.random_map(decode.map({"path": p}), rng), rng)["image"]),
-        "jaxclf decode(224)|inception_crop(224)|flip_lr -> uint8": lambda p: np.asarray(
-            flip.random_map(crop.random_map(decode_reduced.map({"path": p}), rng), rng)["image"]),
-        "torchvision decode + RRC + flip": lambda p: tv_crop(pil_open(p)),
-        "torchvision decode + RRC + flip + ToTensor + Normalize": lambda p: tv_float(tv_crop(pil_open(p))),
+        "read + Pillow's header (open_image)": lambda i, rng: header(paths[i]),
+        "decode for the crop: box from the header, JPEG at the crop's DCT scale (decode_for_crop)":
+            lambda i, rng: crop.decode_for_crop({"path": paths[i]}, rng),
+        "resample the crop to 224 (resize_box: OpenCV up to 3x downscale, else Pillow)":
+            lambda i, rng: crop.resize_box(for_crop[i][0]["image"], for_crop[i][1]),
+        "flip_lr of a 224 crop (uint8 array)": lambda i, rng: flip.random_map({"image": crops[i]}, rng),
+        "jaxclf decode|inception_crop(224)|flip_lr -> uint8 (all of the above)": lambda i, rng: np.asarray(
+            flip.random_map(crop.crop_while_decoding({"path": paths[i]}, rng), rng)["image"]),
+        "decode in full, Pillow (+ convert('RGB'), as ImageFolder)": lambda i, rng: pil_open(paths[i]),
+        "decode in full, jaxclf `decode` (libjpeg-turbo via simplejpeg where installed)":
+            lambda i, rng: decode.map({"path": paths[i]}),
+        "resample the full-size crop to 224, Pillow antialiased bilinear (exact=True)":
+            lambda i, rng: exact_crop.resize_box(as_pillow[i], boxes[i]),
+        "jaxclf decode|inception_crop(224, exact=True)|flip_lr -> uint8": lambda i, rng: np.asarray(
+            flip.random_map(exact_crop.random_map(decode.map({"path": paths[i]}), rng), rng)["image"]),
+        "jaxclf decode(224)|inception_crop(224)|flip_lr -> uint8 (decode reduced for the whole image)":
+            lambda i, rng: np.asarray(
+                flip.random_map(crop.random_map(decode_reduced.map({"path": paths[i]}), rng), rng)["image"]),
+        "torchvision decode + RRC + flip": lambda i, rng: tv_crop(pil_open(paths[i])),
+        "torchvision decode + RRC + flip + ToTensor + Normalize": lambda i, rng: tv_float(tv_crop(pil_open(paths[i]))),
     }
-    costs = {}
-    for name, stage in stages.items():
-        best = float("inf")
-        for _ in range(3):
-            start = time.perf_counter()
-            for path in paths:
-                stage(path)
-            best = min(best, (time.perf_counter() - start) / len(paths) * 1e3)
-        costs[name] = best
-    return costs
+    times = {name: [] for name in stages}
+    for r in range(rounds):
+        names = list(stages)
+        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate the order each round
+            rng = np.random.default_rng(r)
+            start = time.process_time()
+            for i in range(len(paths)):
+                stages[name](i, rng)
+            times[name].append((time.process_time() - start) / len(paths) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def load_average() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--batches", type=int, default=20, help="timed batches per measurement")
     parser.add_argument("--root", default="", help="reuse this folder instead of a temporary one")
+    parser.add_argument("--only", default="", help="comma-separated loaders to time (default: jaxclf,jaxclf_exact,torchvision)")
+    parser.add_argument("--stage_images", type=int, default=200, help="images per stage in the per-stage table")
+    parser.add_argument("--stage_rounds", type=int, default=5)
     parser.add_argument("--out", default="bench/results/input_pipeline_cpu.json")
     args = parser.parse_args(argv)
     if (args.batches + 1) * args.batch > args.images * 0.95:
@@ -178,43 +220,56 @@ def main(argv: list[str] | None = None) -> int:
         write_jpeg_folder(root, args.images)
     if not os.path.isdir(os.path.join(root, "phone")):
         write_jpeg_folder(root, 40, sizes=PHONE_SIZES, split="phone")
-    runners = {"jaxclf": jaxclf_rate, "torchvision": torchvision_rate}
-    results = []
+    runners = {"jaxclf": jaxclf_rate, "jaxclf_exact": jaxclf_exact_rate, "torchvision": torchvision_rate}
+    if args.only:
+        runners = {name: runners[name] for name in args.only.split(",")}
+    loads, results = [load_average()], []
     for workers in [int(w) for w in args.workers.split(",")]:
         rates = {name: [] for name in runners}
         for r in range(args.rounds):
-            order = list(runners) if r % 2 == 0 else list(reversed(runners))
-            for name in order:
+            names = list(runners)
+            for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
                 rates[name].append(runners[name](root, workers, args.batches, args.batch, seed=r))
         row = {"workers": workers}
         for name in runners:
             for metric in ("wall", "worker_cpu", "main_cpu"):
                 row[f"{name}_{metric}"] = statistics.median(r[metric] for r in rates[name])
-        row["ratio_per_worker_cpu"] = row["jaxclf_worker_cpu"] / row["torchvision_worker_cpu"]
-        row["ratio_wall"] = row["jaxclf_wall"] / row["torchvision_wall"]
+        if "torchvision" in runners:
+            for name in set(runners) - {"torchvision"}:
+                row[f"{name}_ratio_per_worker_cpu"] = row[f"{name}_worker_cpu"] / row["torchvision_worker_cpu"]
+                row[f"{name}_ratio_wall"] = row[f"{name}_wall"] / row["torchvision_wall"]
         row["rounds"] = rates
         results.append(row)
-    costs = {"imagenet_like": per_image_costs(root, "train"), "phone_photos": per_image_costs(root, "phone")}
+        loads.append(load_average())
+    costs = {"imagenet_like": per_image_costs(root, "train", args.stage_images, args.stage_rounds),
+             "phone_photos": per_image_costs(root, "phone", args.stage_images, args.stage_rounds)}
+    loads.append(load_average())
 
-    print("\n| workers | jaxclf img per worker CPU-s | torchvision img per worker CPU-s | ratio "
-          "| jaxclf img/s (wall) | torchvision img/s (wall) | ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"\nload average (1, 5, 15 min) at the start, after each worker count, at the end: {' | '.join(loads)}")
+    print("\nImages per worker CPU-second (images per wall-clock second); ratios to torchvision:")
+    print("| workers | " + " | ".join(runners) + " | " + " | ".join(f"{n} / torchvision" for n in runners
+                                                               if n != "torchvision" and "torchvision" in runners) + " |")
+    print("| --- " * (1 + len(runners) + (len(runners) - 1 if "torchvision" in runners else 0)) + "|")
     for row in results:
-        print(f"| {row['workers']} | {row['jaxclf_worker_cpu']:.0f} | {row['torchvision_worker_cpu']:.0f} "
-              f"| {row['ratio_per_worker_cpu']:.2f}x | {row['jaxclf_wall']:.0f} | {row['torchvision_wall']:.0f} "
-              f"| {row['ratio_wall']:.2f}x |")
-    print("\njaxclf: decode|inception_crop(224)|flip_lr, uint8 out (normalise runs on the device).")
-    print("torchvision: RandomResizedCrop(224), RandomHorizontalFlip, ToTensor, Normalize, float32 out.")
+        cells = [f"{row[f'{n}_worker_cpu']:.0f} ({row[f'{n}_wall']:.0f})" for n in runners]
+        cells += [f"{row[f'{n}_ratio_per_worker_cpu']:.2f}x ({row[f'{n}_ratio_wall']:.2f}x)" for n in runners
+                  if n != "torchvision" and "torchvision" in runners]
+        print(f"| {row['workers']} | " + " | ".join(cells) + " |")
+    print("\njaxclf: uint8 out (normalise runs on the device); torchvision: float32 out.")
     for images, stages in costs.items():
-        print(f"\nOne process, milliseconds per image, {images}:")
+        print(f"\nOne process, CPU milliseconds per image, {images}:")
         for name, ms in stages.items():
             print(f"  {ms:6.2f}  {name}")
 
+    from jaxclf.data.ops import fast
+
     record = {
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform(),
-                    "pillow": Image.__version__},
+                    "pillow": Image.__version__, "load_average": loads,
+                    "simplejpeg": fast.simplejpeg.__version__ if fast.AVAILABLE else None,
+                    "opencv": fast.cv2.__version__ if fast.AVAILABLE else None},
         "images": args.images, "batch": args.batch, "batches": args.batches, "rounds": args.rounds,
-        "results": results, "ms_per_image_one_process": costs,
+        "results": results, "cpu_ms_per_image_one_process": costs,
     }
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

@@ -74,3 +74,22 @@ def test_inference_bench_times_jax_onnx_and_int8(tmp_path):
     assert all(entry["latency_ms"] > 0 and entry["images_per_sec"] > 0 for entry in measured.values())
     assert measured["onnx_int8_static"]["file_mib"] < measured["onnx_fp32"]["file_mib"] / 3
     assert "| resnet18 32px | onnx_fp32 |" in report["table"]
+
+
+def test_input_pipeline_bench_compares_the_loaders_and_times_the_stages(tmp_path):
+    report = _run_bench("input_pipeline.py", tmp_path / "input.json", "--images", "120", "--batch", "8",
+                        "--batches", "3", "--rounds", "1", "--stage_images", "3", "--stage_rounds", "1",
+                        "--only", "jaxclf,torchvision", "--root", str(tmp_path / "images"))
+    (row,) = report["results"]
+    assert row["jaxclf_worker_cpu"] > 0 and row["torchvision_worker_cpu"] > 0 and row["jaxclf_ratio_per_worker_cpu"] > 0
+    stages = report["cpu_ms_per_image_one_process"]["imagenet_like"]
+    assert all(ms > 0 for ms in stages.values()) and any("decode_for_crop" in name for name in stages)
+
+
+def test_train_loop_bench_runs_the_loop_against_the_step(tmp_path):
+    report = _run_bench("train_loop.py", tmp_path / "loop.json", "--models", "tiny_cnn", "--batch", "8",
+                        "--log_every", "2", "--windows", "1", "--images", "40", "--root", str(tmp_path / "images"))
+    result = report["results"]["tiny_cnn"]
+    assert result["step_images_per_sec"] > 0 and 0 < result["fraction"]
+    assert result["loop"]["steps"] == 2 and result["loop"]["parts_ms_per_step"]["input wait"] >= 0
+    assert isinstance(result["workers_needed_for_the_step_rate"], int) and result["workers_needed_for_the_step_rate"] >= 0

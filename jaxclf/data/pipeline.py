@@ -4,7 +4,8 @@ Each JAX process loads only its shard and its share of the global batch; decodin
 augmentation run in `num_workers` grain worker processes (0: in this process). Training batches
 are `{"image": uint8[b, H, W, 3], "label": int32[b], "skipped": int32[b]}` with
 b = global_batch_size // jax.process_count(); "skipped" counts unreadable images passed over
-(see reader.py). A spec starts with `decode`, which runs as part of reading the record.
+(see reader.py). A spec starts with `decode`, which runs as part of reading the record (together
+with the crop, for `decode|inception_crop(...)|...`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import numpy as np
 from absl import flags
 
 from jaxclf.data import imbalance, ops as ops_lib
-from jaxclf.data.reader import DecodedSource
 from jaxclf.data.combine import Concatenated
+from jaxclf.data.reader import DecodedSource, ReadWithCrop, RecordIndices
 from jaxclf.data.sampler import GlobalBatchSampler, ReplaySampler
 
 
@@ -97,6 +98,9 @@ def make_train_loader(
         sampler = GlobalBatchSampler(len(source), global_batch_size, jax.process_count(), seed, weights)
     decode, operations = _split_decode(ops_spec)
     reader = DecodedSource(source, decode, bad_images, mask_replaced=False)
+    if decode.size is None and operations and isinstance(operations[0], ops_lib.InceptionCrop):
+        # The crop's box decides how much of each JPEG to decode: the crop reads the records.
+        reader, operations = RecordIndices(reader), [ReadWithCrop(reader, operations[0]), *operations[1:]]
     operations = [*operations, ToArray(), grain.transforms.Batch(batch_size, drop_remainder=True)]
     return _make_loader(reader, sampler, operations, num_workers=num_workers, shard_options=shard)
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
 
+import grain
 import numpy as np
 
 from jaxclf.config import ConfigError
-from jaxclf.data.ops import BadImage, Decode
+from jaxclf.data.ops import BadImage, Decode, InceptionCrop
 from jaxclf.data.sources import DataError
 
 BAD_IMAGE_MODES = ("error", "skip")
@@ -44,10 +46,15 @@ class DecodedSource:
         return len(self.source)
 
     def __getitem__(self, i: int) -> dict:
+        return self.read(i, self.decode.map)
+
+    def read(self, i: int, decode: Callable[[dict], dict]) -> dict:
+        """Record i passed through `decode` (a record -> example function that raises BadImage), with
+        unreadable records replaced as above."""
         tries = min(len(self.source), MAX_CONSECUTIVE_BAD)
         for k in range(tries):
             try:
-                example = self.decode.map(self.source[(i + k) % len(self.source)])
+                example = decode(self.source[(i + k) % len(self.source)])
             except BadImage as e:
                 if self.bad_images == "error":
                     raise DataError(f"{e}; to skip unreadable images, set config.data.bad_images='skip'") from None
@@ -66,3 +73,34 @@ class DecodedSource:
     def __repr__(self) -> str:
         # Part of grain's iterator state: it must not change between a run and its resumption.
         return f"DecodedSource({self.source!r}, {self.decode!r}, bad_images={self.bad_images!r})"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RecordIndices:
+    """The record indices 0 .. len(reader) - 1, as grain's data source when an op reads the records itself."""
+
+    reader: DecodedSource
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def __repr__(self) -> str:
+        # grain checks it on restoring an iterator state: the records and their order are the
+        # reader's, so a run saved before the crop moved into decoding resumes at the same place.
+        return repr(self.reader)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ReadWithCrop(grain.transforms.RandomMap):
+    """Reads record i of `reader` and decodes it together with `crop` (the op after `decode`), which
+    needs the record's randomness to choose how much of the JPEG to decode: the training loader's
+    first op over `RecordIndices(reader)`; unreadable images are replaced as by `reader`."""
+
+    reader: DecodedSource
+    crop: InceptionCrop
+
+    def random_map(self, i: int, rng: np.random.Generator) -> dict:
+        return self.reader.read(i, lambda record: self.crop.crop_while_decoding(record, rng))

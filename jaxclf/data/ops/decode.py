@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
 import struct
+from collections.abc import Iterator
 
 import grain
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
-from jaxclf.data.ops.base import check_size, register_op
+from jaxclf.data.ops import fast
+from jaxclf.data.ops.base import ImageLike, check_size, register_op
 from jaxclf.data.sources import DataError
 
 # What Pillow raises for a file it cannot read: not an image, truncated, corrupt headers or EXIF,
@@ -43,7 +46,8 @@ class Decode(grain.transforms.Map):
     resize or crop produces. Grayscale, palette, RGBA (alpha dropped, as torchvision), CMYK and
     16-bit images become 8-bit RGB. An example that already holds an "image" array (a TFDS
     source decodes its records itself) is only converted to RGB; `size` does not apply to it.
-    Raises BadImage naming the file when Pillow cannot read it.
+    Raises BadImage naming the file when Pillow cannot read it. Plain JPEGs are decoded by
+    libjpeg-turbo directly where jaxclf[fastjpeg] is installed (the same pixels, see fast.py).
     """
 
     size: int | None = None
@@ -57,25 +61,92 @@ class Decode(grain.transforms.Map):
         if "image" in example:
             example["image"] = array_to_rgb(np.asarray(example["image"]))
             return example
-        path = example.pop("path")
-        data = example.pop("bytes", None)
-        try:
-            with Image.open(path if data is None else io.BytesIO(data)) as img:
-                if self.size is not None and img.format == "JPEG":
-                    self._draft(img)
-                img.load()
-                ImageOps.exif_transpose(img, in_place=True)
-                example["image"] = pil_to_rgb(img)
-        except _UNREADABLE as e:
-            raise BadImage(path, f"{type(e).__name__}: {e}") from None
+        with open_image(example.pop("path"), example.pop("bytes", None)) as image_file:
+            example["image"] = image_file.decode(self._request(image_file))
         return example
 
-    def _draft(self, img: Image.Image) -> None:
-        width, height = img.size
+    def _request(self, image_file: ImageFile) -> tuple[int, int] | None:
+        """The (width, height) a reduced JPEG must keep: the shorter side >= size, if it is at least twice that."""
+        width, height = image_file.stored_size
         short = min(width, height)
-        if short >= 2 * self.size:
-            # PIL picks the largest power-of-two reduction that keeps both sides >= the request.
-            img.draft(img.mode, (math.ceil(width * self.size / short), math.ceil(height * self.size / short)))
+        if self.size is None or short < 2 * self.size:
+            return None
+        return math.ceil(width * self.size / short), math.ceil(height * self.size / short)
+
+
+class ImageFile:
+    """An image file opened for decoding: Pillow's reading of its header, before any pixel is decoded.
+
+    `height` and `width` are the image's as displayed (after its EXIF orientation), so that a crop
+    can be chosen before decoding. Use as a context manager (it holds the file open). Errors
+    raise BadImage naming the file. With `data`, the image is read from those bytes and `path` only names it.
+    """
+
+    def __init__(self, path: str, data: bytes | None = None):
+        self.path = path
+        with _naming_the_file(path):
+            self._image = Image.open(path if data is None else io.BytesIO(data))
+            try:
+                self._orientation = self._image.getexif().get(ExifTags.Base.Orientation, 1)
+            except BaseException:
+                self._image.__exit__()
+                raise
+        self.stored_size = self._image.size  # (width, height) as stored
+        width, height = self.stored_size
+        self.height, self.width = (width, height) if self._orientation in _SWAPS_SIDES else (height, width)
+
+    @property
+    def fast_jpeg(self) -> bool:
+        """Whether libjpeg-turbo decodes this file straight to the RGB the Pillow path gives (no turning, no CMYK)."""
+        return (fast.AVAILABLE and self._image.format == "JPEG" and self._image.mode in ("RGB", "L")
+                and self._orientation not in _TRANSPOSES)
+
+    def reduction(self, request: tuple[int, int] | None) -> int:
+        """1, 2, 4 or 8: the DCT-domain reduction `decode(request)` uses (Pillow's draft rule; 1 for other formats)."""
+        if request is None or self._image.format != "JPEG":
+            return 1
+        return fast.jpeg_reduction(*self.stored_size, *request)
+
+    def decode(self, request: tuple[int, int] | None = None) -> ImageLike:
+        """The RGB image, oriented; a JPEG reduced by `reduction(request)`, keeping it >= request = (width, height) as stored."""
+        with _naming_the_file(self.path):
+            if self.fast_jpeg:
+                self._image.fp.seek(0)
+                data = self._image.fp.read()
+                try:
+                    return fast.decode_jpeg(data, *self.stored_size, self.reduction(request))
+                except ValueError:
+                    pass  # libjpeg-turbo warned (say, stray bytes before a marker): Pillow decides, as it always did
+            img = self._image
+            if request is not None and img.format == "JPEG":
+                img.draft(img.mode, request)
+            img.load()
+            ImageOps.exif_transpose(img, in_place=True)
+            return pil_to_rgb(img)
+
+    def __enter__(self) -> ImageFile:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._image.__exit__(*exc_info)  # closes the file; a decoded Pillow image stays usable
+
+
+def open_image(path: str, data: bytes | None = None) -> ImageFile:
+    """`path` (or `data`, named `path`) opened for decoding (see ImageFile); raises BadImage naming it when Pillow cannot read it."""
+    return ImageFile(path, data)
+
+
+# EXIF orientations Pillow's exif_transpose applies (2..8); 5 to 8 turn the image by 90 degrees.
+_TRANSPOSES = frozenset(range(2, 9))
+_SWAPS_SIDES = frozenset(range(5, 9))
+
+
+@contextlib.contextmanager
+def _naming_the_file(path: str) -> Iterator[None]:
+    try:
+        yield
+    except _UNREADABLE as e:
+        raise BadImage(path, f"{type(e).__name__}: {e}") from None
 
 
 def pil_to_rgb(img: Image.Image) -> Image.Image:
