@@ -155,6 +155,7 @@ def _train_split(digits_root, classes):
     return data_lib.load_splits(_config(digits_root, classes, 1).data)["train"]
 
 
+@pytest.mark.slow  # make test-all; the default run keeps a shorter check of the same guarantee
 def test_a_killed_update_resumes_to_the_uninterrupted_result(digits_root, old_run, tmp_path):
     """An update with replay and LwF, SIGKILLed after step 10 (checkpoints every 3 steps) and run again,
     ends with the uninterrupted run's parameters and losses, bit for bit: the replay stream's position

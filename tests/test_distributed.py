@@ -67,7 +67,7 @@ def _train_single_and_two_processes(tmp_path, *args) -> None:
         assert p.returncode == 0, err
 
 
-@pytest.mark.parametrize("num_workers", [0, 1])
+@pytest.mark.parametrize("num_workers", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_two_processes_match_one_process(digits_root, tmp_path, num_workers):
     _train_single_and_two_processes(tmp_path, digits_root, f"--config.data.num_workers={num_workers}")
 
@@ -85,6 +85,7 @@ def test_two_processes_match_one_process(digits_root, tmp_path, num_workers):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # make test-all; the default run keeps a shorter check of the same guarantee
 def test_skipped_images_are_counted_over_both_processes(digits_root, tmp_path):
     # Break the first records of batch rows that process 0 reads (row 0) and process 1 reads (row 16
     # of the 32): the logged count must be the global one, as one process counts it.

@@ -82,6 +82,7 @@ def uninterrupted(uninterrupted_workdir):
     return _final_state(uninterrupted_workdir)
 
 
+@pytest.mark.slow  # make test-all; the default run keeps a shorter check of the same guarantee
 def test_kills_at_random_steps_resume_to_identical_parameters(digits_root, tmp_path, uninterrupted, uninterrupted_workdir):
     rng = random.Random(0)
     workdir = tmp_path / "run"
@@ -97,6 +98,7 @@ def test_kills_at_random_steps_resume_to_identical_parameters(digits_root, tmp_p
     assert val(workdir) == val(uninterrupted_workdir)
 
 
+@pytest.mark.slow  # make test-all; the default run keeps a shorter check of the same guarantee
 def test_sigterm_to_the_process_group_with_data_workers_still_checkpoints(digits_root, tmp_path):
     workdir = tmp_path / "run"
     command = _command(digits_root, workdir, "--config.data.num_workers=1", f"--config.total_steps={10 * TOTAL_STEPS}")

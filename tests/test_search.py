@@ -271,6 +271,7 @@ def test_two_workers_share_a_journal_and_resume_a_killed_workers_trial(digits_ro
     assert len(_trials(base)) == 3
 
 
+@pytest.mark.slow  # make test-all; the default run keeps a shorter check of the same guarantee
 def test_a_stopped_search_continues_when_run_again(digits_root, tmp_path):
     """SIGTERM to `run` reaches the trial, which checkpoints; the run exits 75 (what SLURM requeues on) and
     releases the trial; the same command again resumes it at once from that checkpoint."""

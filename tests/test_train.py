@@ -116,7 +116,7 @@ def test_batch_not_divisible_by_devices_is_named(digits_root, tmp_path):
         train.train_and_evaluate(_config(digits_root, batch_size=30), str(tmp_path / "run"))
 
 
-@pytest.mark.parametrize("config_file", ["configs/resnet50.py", "configs/vit_b.py"])
+@pytest.mark.parametrize("config_file", [pytest.param("configs/resnet50.py", marks=pytest.mark.slow), "configs/vit_b.py"])
 def test_finetune_configs_without_data_name_the_field(config_file, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty_hf_cache"))
 
