@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxclf import tree_paths
+from jaxclf import models, tree_paths
 
 
 def with_random_values(make_model: Callable[[], nnx.Module], seed: int = 0, spread: float = 0.2) -> nnx.Module:
@@ -34,13 +34,14 @@ def with_random_values(make_model: Callable[[], nnx.Module], seed: int = 0, spre
     return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
 
 
-class CamNet(nnx.Module):
-    """Two convs, global average pool, linear head, with the hooks Grad-CAM needs (forward_features/forward_head)."""
+class CamNet(models.Classifier):
+    """Two convs, global average pool, linear head: the ResNet layout Grad-CAM explains (forward_features/forward_head), tiny."""
 
-    def __init__(self, num_classes: int, rngs: nnx.Rngs):
-        self.conv1 = nnx.Conv(3, 8, (3, 3), strides=2, rngs=rngs)
-        self.conv2 = nnx.Conv(8, 16, (3, 3), rngs=rngs)
-        self.head = nnx.Linear(16, num_classes, rngs=rngs)
+    def __init__(self, num_classes: int, rngs: nnx.Rngs, widths: tuple[int, int] = (8, 16),
+                 strides: tuple[int, int] = (2, 1)):
+        self.conv1 = nnx.Conv(3, widths[0], (3, 3), strides=strides[0], rngs=rngs)
+        self.conv2 = nnx.Conv(widths[0], widths[1], (3, 3), strides=strides[1], rngs=rngs)
+        self.head = nnx.Linear(widths[1], num_classes, rngs=rngs)
 
     def forward_features(self, images):
         return nnx.relu(self.conv2(nnx.relu(self.conv1(images))))

@@ -12,7 +12,7 @@ from PIL import Image
 
 from jaxclf import config as config_lib, explain, inference, models, train
 from jaxclf.models import resnet, vit
-from tests.model_helpers import with_random_values
+from tests.model_helpers import CamNet, with_random_values
 
 SIZE, PATCH = 32, 8
 COLORS = ((230, 40, 40), (40, 40, 230))  # class 0: a red square, class 1: a blue one
@@ -35,31 +35,14 @@ def _quadrant_mass(heatmap: np.ndarray) -> np.ndarray:
     return masses / masses.sum()
 
 
-class QuadrantCNN(models.Classifier):
-    """Two strided convs, global average pool, linear head: the ResNet layout Grad-CAM explains, tiny."""
-
-    def __init__(self, num_classes: int, rngs: nnx.Rngs):
-        self.conv1 = nnx.Conv(3, 16, (3, 3), strides=2, rngs=rngs)
-        self.conv2 = nnx.Conv(16, 32, (3, 3), strides=2, rngs=rngs)
-        self.head = nnx.Linear(32, num_classes, rngs=rngs)
-
-    def forward_features(self, images):
-        return nnx.relu(self.conv2(nnx.relu(self.conv1(images))))
-
-    def forward_head(self, features):
-        return self.head(features.mean(axis=(1, 2)))
-
-    def __call__(self, images):
-        return self.forward_head(self.forward_features(images))
-
-
 if "quadrant_cnn" not in models.list_models():
-    models.register("quadrant_cnn")(lambda num_classes, rngs, dtype: QuadrantCNN(num_classes, rngs))
+    # CamNet with two strided convs, wider: the model the quadrant test trains.
+    models.register("quadrant_cnn")(lambda num_classes, rngs, dtype: CamNet(num_classes, rngs, (16, 32), (2, 2)))
 
 
 @pytest.fixture(scope="module")
 def quadrant_run(tmp_path_factory) -> str:
-    """QuadrantCNN trained for 24 steps on squares placed in random quadrants (the workdir)."""
+    """CamNet ("quadrant_cnn") trained for 24 steps on squares placed in random quadrants (the workdir)."""
     root = tmp_path_factory.mktemp("quadrants")
     rng = np.random.default_rng(0)
     for split, count in (("train", 48), ("val", 8)):
