@@ -14,6 +14,7 @@ import grain
 import numpy as np
 
 from jaxclf.config import ConfigError
+from jaxclf.data import allocator
 from jaxclf.data.ops import BadImage, Decode, InceptionCrop
 from jaxclf.data.sources import DataError
 
@@ -51,6 +52,7 @@ class DecodedSource:
     def read(self, i: int, decode: Callable[[dict], dict]) -> dict:
         """Record i passed through `decode` (a record -> example function that raises BadImage), with
         unreadable records replaced as above."""
+        allocator.reuse_freed_memory()  # once per process: a grain worker's first record
         tries = min(len(self.source), MAX_CONSECUTIVE_BAD)
         for k in range(tries):
             try:

@@ -70,12 +70,10 @@ class GlobalBatchSampler:
             return int(np.searchsorted(self._cumulative_weights, self._draw(position), side="right"))
         per_epoch = self.num_records // self.global_batch_size * self.global_batch_size
         epoch, offset = divmod(position, per_epoch)
-        # grain's shuffle gives a new permutation of the records for every multiple of their count.
-        return int(self._permutations[epoch * self.num_records + offset])
-
-    @functools.cached_property
-    def _permutations(self) -> grain.MapDataset:
-        return grain.MapDataset.range(self.num_records).shuffle(seed=self.seed)
+        # grain's MapDataset.range(num_records).shuffle(seed) at epoch * num_records + offset (its
+        # permutation for each epoch), without its dataset wrappers (~11 us a record in the worker).
+        return int(grain.experimental.index_shuffle(
+            offset, max_index=self.num_records - 1, seed=(self.seed + epoch) % 2**32, rounds=4))
 
     @functools.cached_property
     def _cumulative_weights(self) -> np.ndarray:
