@@ -5,7 +5,8 @@ that size with mmap, or hands them back with the top of its heap once freed, so 
 page-faults its memory in again: 60-80 faults per image, 0.2-0.4 of a worker's 1.5-1.9 CPU
 milliseconds (bench/README.md). Fixed thresholds, as MALLOC_MMAP_THRESHOLD_ and
 MALLOC_TRIM_THRESHOLD_ would set at start-up, make the freed memory serve the next image; a
-process then keeps about its peak heap instead of returning it between images.
+process then keeps about its peak heap instead of returning it between images. Only grain's worker
+processes set them (reader.py): in the training process XLA's large buffers would fragment a kept heap.
 """
 
 from __future__ import annotations

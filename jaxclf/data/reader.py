@@ -7,6 +7,7 @@ example, so a resumed run still sees exactly what an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import sys
 from collections.abc import Callable
 
@@ -52,7 +53,8 @@ class DecodedSource:
     def read(self, i: int, decode: Callable[[dict], dict]) -> dict:
         """Record i passed through `decode` (a record -> example function that raises BadImage), with
         unreadable records replaced as above."""
-        allocator.reuse_freed_memory()  # once per process: a grain worker's first record
+        if multiprocessing.parent_process() is not None:  # a worker's first record (once per process);
+            allocator.reuse_freed_memory()  # not the training process: XLA's buffers would fragment the kept heap
         tries = min(len(self.source), MAX_CONSECUTIVE_BAD)
         for k in range(tries):
             try:
