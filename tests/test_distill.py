@@ -194,6 +194,7 @@ def test_a_teacher_of_other_classes_is_named(trained_workdir):
     assert teacher.teacher_columns.tolist() == list(reversed(range(10)))  # matched by name
 
 
+@pytest.mark.slow  # make test-all; hub names through weights.load: test_hub.py, a workdir teacher: above
 def test_a_teacher_named_on_the_hub_is_converted_once_and_equals_timm(offline_hub, tmp_path):
     """`distill.teacher` as a hub name goes through `weights.load` (the offline cache of tests/hf_cache.py):
     the teacher's logits equal timm's model's on the same raw pixels, with the weights' own mean/std."""

@@ -238,6 +238,7 @@ def test_ema_follows_the_closed_form():
         np.testing.assert_allclose(e, 0.9 * p0 + 0.1 * p1, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow  # make test-all; bf16 forward: test_models.py, bf16 resolution: the next test
 def test_bfloat16_compute_keeps_float32_params_and_tracks_float32_loss():
     f32 = _run(_config(), models.create("resnet18", num_classes=4, rngs=nnx.Rngs(0)), [_batch(0)])
     bf16_model = models.create("resnet18", num_classes=4, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)

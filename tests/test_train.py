@@ -144,6 +144,7 @@ def test_command_line_overrides_reach_the_run(digits_root, tmp_path):
     assert "Did you mean config.optim.lr?" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # make test-all; FSDP steps: test_steps.py, exact resume: test_resume_equals_uninterrupted_run
 def test_fsdp_run_resumes_to_the_same_parameters(digits_root, tmp_path):
     # width 2048 makes the conv kernel and the head large enough to be split over the 8 devices.
     config = _config(digits_root, total_steps=6, param_sharding="fsdp", model={"width": 2048})
