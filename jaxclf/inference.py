@@ -7,6 +7,7 @@ first of `jax.devices()`), whatever devices trained the model.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import dataclasses
 import functools
@@ -39,7 +40,7 @@ class WorkdirError(ValueError):
 USER_ERRORS = (WorkdirError, config_lib.ConfigError, sources.DataError, checkpoint.CheckpointError)
 
 
-class LoadedModel:
+class LoadedModel(abc.ABC):
     """What every tool that only runs a model needs, whatever holds the model (a workdir's checkpoint,
     an exported artefact): class names, logits of preprocessed images, the run's eval preprocessing.
 
@@ -65,9 +66,9 @@ class LoadedModel:
     def std(self) -> tuple[float, ...]:
         return tuple(self.config.data.std)
 
+    @abc.abstractmethod
     def logits(self, images: np.ndarray) -> np.ndarray:
         """uint8[B, H, W, 3] images after the eval preprocessing -> float32[B, C] logits."""
-        raise NotImplementedError
 
     @functools.cached_property
     def eval_ops(self) -> list[ops_lib.Op]:
@@ -105,8 +106,9 @@ class LoadedModel:
         return sizes.pop() if len(sizes) == 1 else None
 
     @property
+    @abc.abstractmethod
     def _config_path(self) -> str:
-        raise NotImplementedError
+        """Where the config was read (named in errors)."""
 
 
 @dataclasses.dataclass
