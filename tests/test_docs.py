@@ -30,6 +30,8 @@ SHELL_LANGUAGES = ("bash", "sh", "shell", "")
 INLINE_COMMAND = re.compile(r"`((?:\S*python3?|make) [^`]+)`")
 INLINE_OVERRIDE = re.compile(r"`(--config\.[^`\s]+)`")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
+# A repository path in backticks: `jaxclf/steps.py`, `tests/test_distill.py::test_x`, `jaxclf/kernels/`.
+SOURCE_PATH = re.compile(r"`((?:jaxclf|launch|configs|tests|bench|docs)/[\w/.-]*?(?:\.(?:py|md|sh|html)|/))(?:::\w+)?[`:]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,6 +280,8 @@ def test_the_docs_show_commands_of_every_kind():
             "jaxclf.convert", "jaxclf.data.check", "launch.slurm", "launch.sweep", "launch.search"} <= modules
     assert any(c.words[0] == "make" for c in ALL_COMMANDS) and PROSE_OVERRIDES
     assert any(_overrides(c.words) for c in PYTHON_COMMANDS if c.complete)
+    with open(os.path.join(ROOT, "docs", "models.md")) as f:
+        assert "tests/test_kernels.py" in SOURCE_PATH.findall(f.read())
 
 
 @pytest.mark.parametrize("command", [c for c in ALL_COMMANDS if c.words[0] == "make"], ids=str)
@@ -341,6 +345,15 @@ def test_links_between_pages_resolve(page):
         if not os.path.exists(resolved) or (anchor and anchor not in _heading_anchors(resolved)):
             broken.append(target)
     assert not broken, f"{os.path.relpath(page, ROOT)}: broken links {broken}"
+
+
+@pytest.mark.parametrize("page", DOC_FILES, ids=lambda p: os.path.relpath(p, ROOT))
+def test_source_paths_exist(page):
+    """Every file or folder of the repository a page names in backticks exists (so a move shows up here)."""
+    with open(page) as f:
+        named = set(SOURCE_PATH.findall(f.read()))
+    missing = sorted(p for p in named if not os.path.exists(os.path.join(ROOT, p)))
+    assert not missing, f"{os.path.relpath(page, ROOT)}: no such paths {missing}"
 
 
 def test_checks_catch_broken_commands():
