@@ -281,7 +281,7 @@ def test_the_docs_show_commands_of_every_kind():
     assert any(c.words[0] == "make" for c in ALL_COMMANDS) and PROSE_OVERRIDES
     assert any(_overrides(c.words) for c in PYTHON_COMMANDS if c.complete)
     with open(os.path.join(ROOT, "docs", "models.md")) as f:
-        assert "tests/test_kernels.py" in SOURCE_PATH.findall(f.read())
+        assert "jaxclf/models/layers.py" in SOURCE_PATH.findall(f.read())
 
 
 @pytest.mark.parametrize("command", [c for c in ALL_COMMANDS if c.words[0] == "make"], ids=str)
