@@ -8,7 +8,6 @@ The parsers are the commands' own: each command's `main(argv)` is called with `p
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import glob
 import importlib
@@ -24,7 +23,7 @@ from jaxclf import config as config_lib, models
 from launch import space as space_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOC_FILES = ["README.md", *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+DOC_FILES = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 SHELL_LANGUAGES = ("bash", "sh", "shell", "")
 INLINE_COMMAND = re.compile(r"`((?:\S*python3?|make) [^`]+)`")
@@ -46,9 +45,13 @@ class Command:
         return f"{self.where}: {shlex.join(self.words)}"
 
 
-def _shell_lines(block: str) -> list[str]:
-    """A code block's logical lines: backslash continuations joined."""
-    return block.replace("\\\n", " ").splitlines()
+def _shell_lines(block: str) -> list[tuple[int, str]]:
+    """A code block's logical lines, backslash continuations joined, each with its first line's offset."""
+    lines, offset = [], 0
+    for line in re.split(r"(?<!\\)\n", block):
+        lines.append((offset, line.replace("\\\n", " ")))
+        offset += line.count("\n") + 1
+    return lines
 
 
 def _words(line: str) -> list[str] | None:
@@ -71,7 +74,7 @@ def extract_commands(relative_path: str) -> list[Command]:
         if match.group(1) not in SHELL_LANGUAGES:
             continue
         first_line = text.count("\n", 0, match.start()) + 2
-        for offset, line in enumerate(_shell_lines(match.group(2))):
+        for offset, line in _shell_lines(match.group(2)):
             words = _words(line)
             if words and _is_checked(words):
                 found.append(Command(f"{relative_path}:{first_line + offset}", tuple(words), complete=True))
@@ -106,41 +109,20 @@ class _Captured(BaseException):
         self.parser, self.known_only = parser, known_only
 
 
-@contextlib.contextmanager
-def _intercepted_parsing():
-    """While active, parse_args/parse_known_args raise _Captured(parser) instead of parsing."""
-    parse_args, parse_known_args = argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args
-
-    def capture_all(self, *args, **kwargs):
-        raise _Captured(self, known_only=False)
-
-    def capture_known(self, *args, **kwargs):
-        raise _Captured(self, known_only=True)
-
-    argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args = capture_all, capture_known
-    try:
-        yield
-    finally:
-        argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args = parse_args, parse_known_args
-
-
 class _ParseError(Exception):
     pass
 
 
-@contextlib.contextmanager
-def _errors_raised():
-    """While active, a parser's error() raises _ParseError instead of printing usage and exiting."""
-    error = argparse.ArgumentParser.error
+def _capture_all(self, *args, **kwargs):
+    raise _Captured(self, known_only=False)
 
-    def raise_error(self, message):
-        raise _ParseError(f"{self.prog}: {message}")
 
-    argparse.ArgumentParser.error = raise_error
-    try:
-        yield
-    finally:
-        argparse.ArgumentParser.error = error
+def _capture_known(self, *args, **kwargs):
+    raise _Captured(self, known_only=True)
+
+
+def _raise_error(self, message):
+    raise _ParseError(f"{self.prog}: {message}")
 
 
 _PARSERS: dict[str, _Captured] = {}
@@ -150,10 +132,11 @@ def command_parser(words: tuple[str, ...]) -> _Captured:
     """The parser `python -m MODULE` or `python bench/SCRIPT.py` builds (once per command)."""
     target = words[2] if words[1] == "-m" else words[1]
     if target not in _PARSERS:
-        argv = sys.argv
-        sys.argv = [target, "--help"]
         try:
-            with _intercepted_parsing():
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(sys, "argv", [target, "--help"])
+                patch.setattr(argparse.ArgumentParser, "parse_args", _capture_all)
+                patch.setattr(argparse.ArgumentParser, "parse_known_args", _capture_known)
                 if words[1] == "-m":
                     module = importlib.import_module(target)
                     if not hasattr(module, "main"):
@@ -163,8 +146,6 @@ def command_parser(words: tuple[str, ...]) -> _Captured:
                     runpy.run_path(os.path.join(ROOT, target), run_name="__main__")
         except _Captured as captured:
             _PARSERS[target] = captured
-        finally:
-            sys.argv = argv
         assert target in _PARSERS, f"{shlex.join(words)}: its main() returned without parsing arguments"
     return _PARSERS[target]
 
@@ -176,6 +157,11 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 def _option_names(parser: argparse.ArgumentParser) -> set[str]:
     return {name for action in parser._actions for name in action.option_strings}
+
+
+def _arguments(words: tuple[str, ...]) -> list[str]:
+    """What follows `python -m MODULE` or `python SCRIPT`."""
+    return list(words[3:] if words[1] == "-m" else words[2:])
 
 
 def _split_at_double_dash(args: list[str]) -> tuple[list[str], list[str]]:
@@ -203,7 +189,7 @@ def check_flags(command: Command) -> None:
     """Every --flag is an option of the command's parser (the subcommand's, where it has subcommands);
     a whole command parses as written, with --config.a.b=VALUE the only items left over."""
     captured = command_parser(command.words)
-    args, after_dash = _split_at_double_dash(list(command.words[3:] if command.words[1] == "-m" else command.words[2:]))
+    args, after_dash = _split_at_double_dash(_arguments(command.words))
     parser, subs = captured.parser, _subparsers(captured.parser)
     chosen = next((w for w in args if w in subs), None)
     options = _option_names(parser) | (_option_names(subs[chosen]) if chosen else set())
@@ -214,9 +200,10 @@ def check_flags(command: Command) -> None:
         return
     for p in (parser, *subs.values()):
         p.allow_abbrev = False  # a documented flag is spelled out in full
-    with _errors_raised():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "error", _raise_error)
         try:
-            _, rest = parser.parse_known_args(list(command.words[3:] if command.words[1] == "-m" else command.words[2:]))
+            _, rest = parser.parse_known_args(_arguments(command.words))
         except _ParseError as e:
             pytest.fail(f"{command}\n  {e}")
     leftover = [w for w in rest if not (captured.known_only and w.startswith("--config."))]
