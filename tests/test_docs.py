@@ -244,7 +244,8 @@ def check_config_keys(command: Command) -> None:
     except config_lib.ConfigError as e:
         pytest.fail(f"{command}\n  {e}")
     options = models.options(config.model_name)
-    unknown = [o.split("=")[0] for o in overrides if o.startswith("model.") and o.split("=")[0].split(".")[1] not in options]
+    keys = [o.split("=")[0] for o in overrides]
+    unknown = [k for k in keys if k.startswith("model.") and k.split(".")[1] not in options]
     assert not unknown, f"{command}\n  {unknown} not options of {config.model_name} ({', '.join(options)})"
     if _space_items(command.words):
         try:
@@ -276,8 +277,6 @@ def test_make_targets_exist(command):
     targets = [w for w in command.words[1:] if not w.startswith("-") and "=" not in w]
     missing = [t for t in targets if t not in _make_targets()]
     assert not missing, f"{command}\n  no Makefile target {missing}"
-
-
 
 
 @pytest.mark.parametrize("command", PYTHON_COMMANDS, ids=str)
