@@ -342,6 +342,15 @@ def test_source_paths_exist(page):
     assert not missing, f"{os.path.relpath(page, ROOT)}: no such paths {missing}"
 
 
+def test_readme_is_a_front_door_to_every_page():
+    """README.md stays short (issue 29: at most 250 lines) and its index links every page under docs/."""
+    with open(DOC_FILES[0]) as f:
+        text = f.read()
+    pages = {os.path.relpath(p, ROOT) for p in DOC_FILES[1:]}
+    assert text.count("\n") <= 250, "README.md is over 250 lines: move the how-to into a page under docs/"
+    assert pages <= set(LINK.findall(text)), f"README.md does not link {sorted(pages - set(LINK.findall(text)))}"
+
+
 def test_checks_catch_broken_commands():
     """The checks fail on a misspelt flag, a missing argument, an unknown config key and a wrong model option."""
     broken = [
