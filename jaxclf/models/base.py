@@ -129,7 +129,8 @@ def family(name: str) -> str:
 
 
 def options(name: str) -> dict[str, Any]:
-    """The options model `name` accepts, with their defaults (inspect.Parameter.empty where required)."""
+    """The options model `name` accepts (`config.model`), with their defaults (inspect.Parameter.empty where
+    required): its constructor's own, and `kernels`, which `create` takes for every model."""
     _check_name(name)
     factory = _REGISTRY[name]
     fixed = factory.keywords if isinstance(factory, functools.partial) else {}
@@ -138,7 +139,7 @@ def options(name: str) -> dict[str, Any]:
     parameters = inspect.signature(base.__init__ if inspect.isclass(base) else base).parameters
     defaults = {p: v.default for p, v in parameters.items()
                 if p not in (*_COMMON_ARGS, "self") and v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)}
-    return {**defaults, **fixed}
+    return {"kernels": "auto", **defaults, **fixed}
 
 
 def create(
