@@ -227,11 +227,14 @@ def _metric_samples(client, name: str) -> dict:
 
 
 def test_model_card_health_and_metrics(client, trained, trained_workdir, val_files):
-    card = client.get("/v1/model").json()
+    response = client.get("/v1/model")
+    card = response.json()
     assert card["classes"] == list(trained.class_names) and card["num_classes"] == 10
     assert card["input_size"] == [16, 16] and card["checkpoint_step"] == trained.step
     assert card["preprocessing"]["pp_eval"] == "decode" and card["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
-    assert card["provenance"]["workdir"] == os.path.abspath(trained_workdir) and card["provenance"]["weights"] == "ema"
+    assert card["provenance"] == {"format": "jax", "run": os.path.basename(trained_workdir), "weights": "ema",
+                                  "checkpoint_step": trained.step, "model_init": None}
+    assert os.path.dirname(os.path.abspath(trained_workdir)) not in response.text  # no path on the server's disk
     assert card["batching"]["batch_sizes"] == [1, 2, 4, 8] and card["explain"] is None
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").status_code == 200
@@ -250,6 +253,20 @@ def test_model_card_health_and_metrics(client, trained, trained_workdir, val_fil
     assert _metric_samples(client, "jaxclf_ready")[""] == 1
     page = client.get("/")
     assert page.status_code == 200 and 'id="file"' in page.text
+
+
+def test_error_messages_name_no_path_on_the_server(trained, val_files, tmp_path):
+    """An exception's text that holds a host path reaches the client with the file's base name only."""
+    secret = str(tmp_path / "private" / "store" / "digit.png")
+
+    def failing_load_image(name, data):
+        raise OSError(f"cannot read {secret}: permission denied")
+
+    served = dataclasses.replace(from_loaded(trained, image_size=16), load_image=failing_load_image)
+    with TestClient(create_app(served, SETTINGS)) as client:
+        _wait_ready(client)
+        message = _error(client.post("/v1/classify", files=_files(val_files[:1])), 400, "bad_image")
+    assert "cannot read digit.png: permission denied" in message and str(tmp_path) not in message
 
 
 def test_not_ready_until_every_batch_shape_is_compiled(trained, val_files):
@@ -301,7 +318,8 @@ def test_an_exported_artefact_serves_the_same_predictions(trained, trained_workd
     with TestClient(create_app(from_loaded(artefact.load_artefact(path)), settings)) as client:
         _wait_ready(client)
         card = client.get("/v1/model").json()
-        assert card["provenance"]["format"] == "stablehlo" and card["provenance"]["artefact"] == os.path.abspath(path)
+        assert card["provenance"]["format"] == "stablehlo" and card["provenance"]["artefact"] == "digits.stablehlo"
+        assert card["provenance"]["run"] == os.path.basename(trained_workdir) and str(tmp_path) not in str(card)
         assert (card["model"], card["input_size"], card["classes"]) == ("tiny_cnn", [16, 16], list(trained.class_names))
         response = client.post("/v1/classify", params={"top_k": 3}, files=_files(val_files[:3]))
         assert response.status_code == 200, response.text

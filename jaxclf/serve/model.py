@@ -9,6 +9,7 @@ logits of a batch, what /v1/model reports, and the explanation where the model's
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -36,6 +37,19 @@ class ServedModel:
     provenance: dict
     explain: Callable[[np.ndarray, str | None], dict] | None = None
     explain_method: str | None = None
+
+
+def client_provenance(fmt: str, provenance: dict, model_init: str) -> dict:
+    """What /v1/model tells any client of where the weights come from: the run's and artefact's names (their
+    base names) and checkpoint step, never a path on the server's disk."""
+    told = {"format": fmt, "run": os.path.basename(os.path.normpath(provenance["workdir"])) if provenance.get("workdir") else None}
+    if "artefact" in provenance:
+        told["artefact"] = os.path.basename(provenance["artefact"])
+    told.update({key: provenance.get(key) for key in ("checkpoint_step", "weights", "quantization") if key in provenance})
+    # A hub name (timm/resnet18.tv_in1k) is public; a file or run on this machine is told by its name only.
+    told["model_init"] = os.path.basename(os.path.normpath(model_init)) if model_init and (
+        os.path.isabs(model_init) or os.path.exists(model_init)) else (model_init or None)
+    return told
 
 
 def from_loaded(loaded: inference.LoadedModel, image_size: int | None = None) -> ServedModel:
@@ -66,7 +80,7 @@ def from_loaded(loaded: inference.LoadedModel, image_size: int | None = None) ->
         logits=loaded.logits,
         preprocessing={"pp_eval": config.data.pp_eval, "mean": list(loaded.mean), "std": list(loaded.std),
                        "normalisation": "inside the model call: (image / 255 - mean) / std"},
-        provenance={"format": loaded.format, **loaded.provenance, "model_init": config.model_init or None},
+        provenance=client_provenance(loaded.format, loaded.provenance, config.model_init),
         explain=(lambda image, class_name=None: explain_lib.explain(loaded, image, class_name)) if method else None,
         explain_method=method,
     )
