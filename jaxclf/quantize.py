@@ -72,7 +72,8 @@ def calibration_images(trained: inference.LoadedModel, count: int, seed: int = 0
     images = []
     for batch in pipeline.eval_batches(_Subset(source, indices), trained.config.data.pp_eval,
                                        global_batch_size=min(count, 32), num_workers=trained.config.data.num_workers,
-                                       bad_images=trained.config.data.bad_images):
+                                       bad_images=trained.config.data.bad_images,
+                                       max_image_pixels=trained.config.data.max_image_pixels):
         images.append(np.asarray(batch["image"])[np.asarray(batch["mask"], bool)])
     return np.concatenate(images)
 

@@ -141,13 +141,15 @@ def build(config: ml_collections.FrozenConfigDict, pretrained: tuple[dict, weigh
         class_groups=class_groups,
     )
     eval_loader = pipeline.EvalLoader(val_set, config.data.pp_eval, global_batch_size=eval_batch_size,
-                                      num_workers=config.data.num_workers, bad_images=config.data.bad_images)
+                                      num_workers=config.data.num_workers, bad_images=config.data.bad_images,
+                                      max_image_pixels=config.data.max_image_pixels)
 
     def make_train_iterator(num_workers: int):
         return iter(pipeline.make_train_loader(
             train_set, config.data.pp_train, global_batch_size=config.batch_size, seed=config.seed,
             num_workers=num_workers, sampling=config.data.sampling, bad_images=config.data.bad_images,
             replay=update.replay if update else None, replay_rows=replay_rows,
+            max_image_pixels=config.data.max_image_pixels,
         ))
 
     def evaluate(state):

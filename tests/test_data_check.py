@@ -16,6 +16,7 @@ from PIL import Image
 from jaxclf import train
 from jaxclf.data import check, findings, headers, load_splits, scan
 from jaxclf.config import base_config
+from tests.big_png import big_png
 
 CROP = 64
 PP_TRAIN = f"--config.data.pp_train=decode|inception_crop({CROP})"
@@ -263,6 +264,7 @@ def _truncated_png() -> bytes:
 @pytest.mark.parametrize("relative, data, reason", [
     ("train/9/zzz_last.png", _truncated_png(), "IEND"),
     ("val/9/zzz_last.png", b"", "empty file"),
+    ("train/9/zzz_last.png", big_png(12000), "12000x12000 = 144,000,000 pixels, over the limit of 89,478,485"),
 ])
 def test_train_fails_at_start_on_an_unreadable_file_placed_last(digits_root, tmp_path, capsys, relative, data, reason):
     root = _digits_with(digits_root, tmp_path, relative, data)

@@ -7,14 +7,12 @@ import concurrent.futures
 import dataclasses
 import io
 import os
-import struct
 import threading
 import time
-import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
@@ -23,6 +21,7 @@ from jaxclf.serve import ServeSettings, create_app, from_loaded
 from jaxclf.serve import __main__ as serve_main
 from jaxclf.serve.batcher import DynamicBatcher, padded_sizes
 from jaxclf.serve.metrics import ServerMetrics
+from tests.big_png import big_png  # 14000: over twice Pillow's limit, refused by Pillow; 12000: only warned about
 from tests.model_helpers import explainable_trained_model
 
 SETTINGS = ServeSettings(max_batch=8, max_wait_ms=20.0, max_upload_mb=0.25, max_images=4)
@@ -157,18 +156,6 @@ def test_the_batcher_fills_padded_batches_in_order(trained, val_files):
     assert padded_sizes(32) == (1, 2, 4, 8, 16, 32) and padded_sizes(12) == (1, 2, 4, 8, 12) and padded_sizes(1) == (1,)
 
 
-def _bomb_png(side: int = 14000) -> bytes:
-    """A 1-bit PNG of side x side pixels (more than twice Pillow's MAX_IMAGE_PIXELS) in ~25 KB."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    compressor = zlib.compressobj(9)
-    row = b"\x00" + bytes(side // 8)
-    pixels = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
-    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
-
-
 def _png(shape) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.full(shape, 128, np.uint8)).save(buffer, "PNG")
@@ -184,7 +171,12 @@ def test_bad_input_is_a_json_error_and_the_server_goes_on(client, trained, val_f
 
     assert "notes.txt" in _error(post_one("notes.txt", b"these are not pixels"), 400, "not_an_image")
     assert "truncated" in _error(post_one("cut.png", good[: len(good) // 2]), 400, "truncated_image")
-    assert "too many pixels" in _error(post_one("bomb.png", _bomb_png()), 400, "decompression_bomb")
+    limit = "over this server's limit of 89,478,485 pixels"
+    assert limit in _error(post_one("bomb.png", big_png(14000)), 413, "too_many_pixels")
+    bomb = big_png(12000)
+    assert f"12000x12000 = 144,000,000 pixels, {limit}" in _error(post_one("bomb.png", bomb), 413, "too_many_pixels")
+    as_json = client.post("/v1/classify", json={"images": [base64.b64encode(bomb).decode()]})
+    assert limit in _error(as_json, 413, "too_many_pixels")
     assert "20x20" in _error(post_one("big.png", _png((20, 20, 3))), 400, "wrong_size")
     # One bad image fails its request, named, whatever the others are.
     mixed = client.post("/v1/classify", files=_files(val_files[:2]) + [("images", ("x.png", b"junk", "image/png"))])
@@ -216,7 +208,7 @@ def test_bad_input_is_a_json_error_and_the_server_goes_on(client, trained, val_f
     _assert_same(after.json()["predictions"], _expected(trained, val_files[:1], top_k=3))
     errors = _metric_samples(client, "jaxclf_errors_total")
     added = {kind: errors.get(kind, 0) - errors_before.get(kind, 0) for kind in errors}
-    assert added["not_an_image"] == 2 and added["too_many_images"] == 3 and added["decompression_bomb"] == 1
+    assert added["not_an_image"] == 2 and added["too_many_images"] == 3 and added["too_many_pixels"] == 3
     assert added["upload_too_large"] == 2 and added["unsupported_media_type"] == 2 and added["not_found"] == 1
 
 
@@ -253,6 +245,20 @@ def test_model_card_health_and_metrics(client, trained, trained_workdir, val_fil
     assert _metric_samples(client, "jaxclf_ready")[""] == 1
     page = client.get("/")
     assert page.status_code == 200 and 'id="file"' in page.text
+
+
+def test_the_pixel_limit_is_the_servers_option_and_refuses_before_decoding(trained, val_files, monkeypatch):
+    """--max_image_pixels (from_loaded's max_image_pixels) replaces the run's limit, in the card and in the
+    refusal; an image over it is refused from its header: Pillow never decodes a pixel of it."""
+    served = from_loaded(trained, image_size=16, max_image_pixels=16 * 16 - 1)
+    assert from_loaded(trained, image_size=16).max_image_pixels == trained.config.data.max_image_pixels == 89_478_485
+    loads = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self))  # decoding: noted, not done
+    with TestClient(create_app(served, SETTINGS)) as client:
+        _wait_ready(client)
+        assert client.get("/v1/model").json()["limits"]["max_image_pixels"] == 255
+        message = _error(client.post("/v1/classify", files=_files(val_files[:1])), 413, "too_many_pixels")
+    assert "16x16 = 256 pixels, over this server's limit of 255 pixels" in message and not loads
 
 
 def test_error_messages_name_no_path_on_the_server(trained, val_files, tmp_path):

@@ -203,7 +203,15 @@ class _Server:
         started = time.perf_counter()
         try:
             image = self.served.load_image(upload.name, upload.data)
+        except ops_lib.TooManyPixels as e:
+            raise ApiError(413, "too_many_pixels",
+                           f"{upload.name}: {e.width}x{e.height} = {e.width * e.height:,} pixels, over this server's limit "
+                           f"of {e.limit:,} pixels (max_image_pixels in /v1/model); refused before decoding") from None
         except ops_lib.BadImage as e:
+            if e.reason.startswith("DecompressionBombError"):  # over twice Pillow's own limit: Pillow refused first
+                raise ApiError(413, "too_many_pixels",
+                               f"{upload.name}: over this server's limit of {self.served.max_image_pixels:,} pixels "
+                               f"(max_image_pixels in /v1/model); refused before decoding ({e.reason})") from None
             raise ApiError(400, *_bad_image(upload.name, without_host_paths(e.reason))) from None
         except (sources.DataError, ValueError, OSError) as e:  # e.g. an image smaller than the eval crop
             raise ApiError(400, "bad_image",
@@ -239,8 +247,6 @@ def without_host_paths(text: str) -> str:
 
 def _bad_image(name: str, reason: str) -> tuple[str, str]:
     """(kind, message) for an image Pillow cannot read, from its reason ("ExceptionType: message")."""
-    if reason.startswith("DecompressionBombError"):
-        return "decompression_bomb", f"{name}: too many pixels to decode safely ({reason.split(': ', 1)[-1]})"
     if reason.startswith("UnidentifiedImageError"):
         return "not_an_image", f"{name}: not an image file Pillow can read (JPEG, PNG, WebP, GIF, BMP, TIFF, ...)"
     if "truncated" in reason.lower():
@@ -323,7 +329,7 @@ def create_app(served: ServedModel, settings: ServeSettings = ServeSettings()) -
             "batching": {"max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms,
                          "batch_sizes": list(server.batcher.batch_sizes)},
             "limits": {"max_upload_mb": settings.max_upload_mb, "max_images": settings.max_images,
-                       "max_image_pixels": Image.MAX_IMAGE_PIXELS},
+                       "max_image_pixels": served.max_image_pixels},
         })
 
     async def healthz(request: Request) -> Response:
