@@ -168,7 +168,8 @@ def check_max_pixels(max_pixels: int) -> None:
     """A pixel limit: a positive whole number. (Pillow still refuses, by itself, more than twice its own
     Image.MAX_IMAGE_PIXELS: a limit above that needs PIL.Image.MAX_IMAGE_PIXELS raised too.)"""
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
-        raise DataError(f"max_image_pixels={max_pixels!r}: give a positive whole number of pixels (width x height)")
+        raise DataError(f"max_image_pixels={max_pixels!r} (config.data.max_image_pixels; serve: --max_image_pixels): "
+                        "give a positive whole number of pixels (width x height)")
 
 
 # EXIF orientations Pillow's exif_transpose applies (2..8); 5 to 8 turn the image by 90 degrees.
