@@ -17,6 +17,7 @@ from jaxclf import train
 from jaxclf.data import check, findings, headers, load_splits, scan
 from jaxclf.config import base_config
 from tests.big_png import big_png
+from limits import SUBPROCESS_S  # tests/ is on sys.path
 
 CROP = 64
 PP_TRAIN = f"--config.data.pp_train=decode|inception_crop({CROP})"
@@ -314,7 +315,7 @@ def test_every_process_of_a_run_fails_alike_and_only_process_0_reports(digits_ro
         )
         for i in range(2)
     ]
-    errors = [p.communicate(timeout=300)[1] for p in processes]
+    errors = [p.communicate(timeout=SUBPROCESS_S)[1] for p in processes]
     failure = f"error: the data check (fast) found 1 unreadable images: {os.path.join(root, relative)}: empty file"
     for p, err in zip(processes, errors):
         assert p.returncode == 2 and failure in err, err

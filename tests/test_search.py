@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from jaxclf import config as config_lib, train
 from launch import search, slurm, space, study as study_lib, worker as worker_lib
 from test_launch import slurm_cluster  # noqa: F401  (the fixture: a real one-node SLURM cluster)
+from limits import SUBPROCESS_S  # tests/ is on sys.path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One device per trial: 8 simulated devices on 2 cores only add overhead.
@@ -283,7 +284,7 @@ def test_a_stopped_search_continues_when_run_again(digits_root, tmp_path):
     try:
         _wait_for(lambda: _checkpoint_steps(study_lib.trial_dir(str(base), 0)), 300, "the first checkpoint")
         process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=120)
+        output, _ = process.communicate(timeout=SUBPROCESS_S)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)

@@ -23,6 +23,7 @@ from jaxclf.serve.batcher import DynamicBatcher, padded_sizes
 from jaxclf.serve.metrics import ServerMetrics
 from tests.big_png import big_png  # 14000: over twice Pillow's limit, refused by Pillow; 12000: only warned about
 from tests.model_helpers import explainable_trained_model
+from limits import SUBPROCESS_S  # tests/ is on sys.path
 
 SETTINGS = ServeSettings(max_batch=8, max_wait_ms=20.0, max_upload_mb=0.25, max_images=4)
 
@@ -40,9 +41,9 @@ def val_files(digits_root) -> list[str]:
 
 
 def _wait_ready(client: TestClient) -> None:
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + SUBPROCESS_S
     while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, "the server did not become ready in 120 s"
+        assert time.monotonic() < deadline, f"the server did not become ready in {SUBPROCESS_S} s"
         time.sleep(0.05)
 
 

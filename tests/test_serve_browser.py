@@ -14,6 +14,7 @@ from jaxclf import inference, predict
 from jaxclf.serve import ServeSettings, create_app, from_loaded
 from jaxclf.serve.process import ServerProcess
 from tests.model_helpers import explainable_trained_model
+from limits import SUBPROCESS_S  # tests/ is on sys.path
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.skipif(
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _wait_ready(url: str, timeout: float = 180) -> None:
+def _wait_ready(url: str, timeout: float = SUBPROCESS_S) -> None:
     deadline = time.monotonic() + timeout
     while True:
         with contextlib.suppress(httpx.TransportError):
@@ -52,7 +53,7 @@ def server_process(trained_workdir):
     """`python -m jaxclf.serve` on the tiny run, as a separate process on a free loopback port."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
     args = ["--workdir", trained_workdir, "--import_file", "tests/tiny_config.py", "--image_size", "16", "--max_batch", "4"]
-    with ServerProcess(args, env=env, cwd=REPO, ready_timeout=180) as server:
+    with ServerProcess(args, env=env, cwd=REPO, ready_timeout=SUBPROCESS_S) as server:
         yield server.url
 
 
