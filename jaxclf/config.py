@@ -68,6 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.split_seed = 0
     c.data.classes = ()  # only these class names of the data (e.g. ("0", "1") of the digits); (): every class
     c.data.bad_images = "error"  # an undecodable image: "error" stops naming it; "skip" replaces it (counted)
+    # The most pixels (width x height) an image may have: a larger one is refused from its header, before
+    # decoding (a 3 kB PNG can declare 144 M pixels, ~0.4 GB decoded), as an unreadable image; the same
+    # limit in training, the data check, evaluate, predict and serve (whose --max_image_pixels overrides it).
+    c.data.max_image_pixels = 89_478_485  # Pillow's default (above twice it, raise PIL.Image.MAX_IMAGE_PIXELS too)
     # Checking the data when a run starts (jaxclf/data/check.py; report in workdir/data_check.json):
     # "fast" reads every file's header and end marker (no decoding; TFDS is skipped), "full" also
     # decodes every image and looks for duplicates, "off". Unreadable files fail the run at once

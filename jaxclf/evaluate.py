@@ -81,6 +81,7 @@ def predict_source(
     batches = pipeline.eval_batches(
         source, trained.config.data.pp_eval, global_batch_size=batch_size,
         num_workers=trained.config.data.num_workers, bad_images=trained.config.data.bad_images,
+        max_image_pixels=trained.config.data.max_image_pixels,
     )
     for batch in batches:
         scores = log_softmax(trained.logits(batch["image"]).astype(np.float64), axis=-1)

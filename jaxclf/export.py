@@ -224,8 +224,9 @@ def _quantized(trained: inference.TrainedModel, model: bytes, height: int, width
         raise ExportError("int8 quantization needs onnxruntime: pip install -e '.[onnx]'") from None
     images = quantize.calibration_images(trained, calibration) if calibration else None
     int8 = quantize.quantize(model, images)
-    record = {"mode": "static" if calibration else "dynamic", "calibration_images": calibration,
-              "quantized_ops": quantize.OP_TYPES, "size_bytes": {"float32": len(model), "int8": len(int8)}}
+    mode = "static" if calibration else "dynamic"
+    record = {"mode": mode, "calibration_images": calibration, "quantized_ops": quantize.OP_TYPES,
+              "settings": quantize.SETTINGS[mode], "size_bytes": {"float32": len(model), "int8": len(int8)}}
     record["top1_val"] = _val_top1(trained, {"float32": model, "int8": int8}, height, width)
     return int8, record
 

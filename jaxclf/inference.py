@@ -72,23 +72,28 @@ class LoadedModel(abc.ABC):
 
     @functools.cached_property
     def eval_ops(self) -> list[ops_lib.Op]:
-        """The ops of `config.data.pp_eval`, checked: `decode` first, nothing random."""
+        """The ops of `config.data.pp_eval`, checked: `decode` first (with config.data.max_image_pixels), nothing random."""
         operations = ops_lib.parse_ops(self.config.data.pp_eval)
         if not isinstance(operations[0], ops_lib.Decode):
             raise WorkdirError(f"data.pp_eval={self.config.data.pp_eval!r} in {self._config_path} must start with decode")
+        operations[0] = dataclasses.replace(operations[0], max_pixels=self.config.data.max_image_pixels)
         random_ops = [type(op).__name__ for op in operations if isinstance(op, grain.transforms.RandomMap)]
         if random_ops:
             raise WorkdirError(f"data.pp_eval in {self._config_path} has random ops {random_ops}")
         return operations
 
-    def load_image(self, path: str, data: bytes | None = None) -> np.ndarray:
+    def load_image(self, path: str, data: bytes | None = None, max_pixels: int | None = None) -> np.ndarray:
         """The image file at `path` (or its encoded bytes `data`, which `path` then names) as the model
         sees it: uint8[H, W, 3] after `config.data.pp_eval`.
 
-        Raises ops.BadImage (a DataError) naming the file when it cannot be decoded.
+        Raises ops.BadImage (a DataError) naming the file when it cannot be decoded, ops.TooManyPixels
+        when its header declares more than `max_pixels` (default: config.data.max_image_pixels).
         """
         example = {"path": path} if data is None else {"path": path, "bytes": data}
-        for op in self.eval_ops:
+        decode, *rest = self.eval_ops
+        if max_pixels is not None:
+            decode = dataclasses.replace(decode, max_pixels=max_pixels)
+        for op in (decode, *rest):
             example = op.map(example)
         return ops_lib.as_array(example["image"])
 

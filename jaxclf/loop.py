@@ -105,12 +105,16 @@ def prefetch_to_mesh(iterator, mesh: Mesh) -> Iterator[tuple[dict, bytes, int]]:
     model consumed, not of the batches already prefetched.
     """
     queue = collections.deque()
-    while True:
-        while len(queue) < PREFETCH_BATCHES:
-            batch = next(iterator)
-            skipped_images = int(batch.pop("skipped").sum())
-            queue.append((sharding.shard_batch(batch, mesh), iterator.get_state(), skipped_images))
-        yield queue.popleft()
+    try:
+        while True:
+            while len(queue) < PREFETCH_BATCHES:
+                batch = next(iterator)
+                skipped_images = int(batch.pop("skipped").sum())
+                queue.append((sharding.shard_batch(batch, mesh), iterator.get_state(), skipped_images))
+            yield queue.popleft()
+    finally:
+        # Batches from data workers live in shared memory until freed: free them now, not at exit (see close).
+        queue.clear()
 
 
 @jax.transfer_guard_device_to_host("allow")
@@ -166,6 +170,11 @@ class TrainingLoop:
         self._signalled = False
         self._eval_metrics: dict | None = None  # this step's evaluation, for its checkpoint
         self.last_eval_metrics: dict[str, float] = {}
+
+    def close(self) -> None:
+        """Drop the prefetched batches. Those from grain's workers are shared memory that the last holder
+        unlinks; still held at interpreter exit, Python's resource_tracker reports them leaked."""
+        self._batches.close()
 
     def next_batch(self, step: int, state: steps.TrainState) -> dict:
         """The batch for `step`. If a stop signal ended the data workers, checkpoints the last step and

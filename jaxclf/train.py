@@ -63,6 +63,7 @@ class Built:
     evaluate: Callable[[steps.TrainState], dict[str, float]]
     schedule: optax.Schedule
     make_train_iterator: Callable[[int], object]
+    eval_loader: pipeline.EvalLoader
     checkpointer: checkpoint.Checkpointer
 
 
@@ -90,6 +91,8 @@ def train_and_evaluate(
     try:
         return _train(built, workdir, stop_at_step, listeners)
     finally:
+        built.eval_loader.close()  # its workers, now: at exit they would leave shared memory behind
+        pipeline.finish_shared_memory_unlinks()
         built.checkpointer.close()
 
 
@@ -141,13 +144,15 @@ def build(config: ml_collections.FrozenConfigDict, pretrained: tuple[dict, weigh
         class_groups=class_groups,
     )
     eval_loader = pipeline.EvalLoader(val_set, config.data.pp_eval, global_batch_size=eval_batch_size,
-                                      num_workers=config.data.num_workers, bad_images=config.data.bad_images)
+                                      num_workers=config.data.num_workers, bad_images=config.data.bad_images,
+                                      max_image_pixels=config.data.max_image_pixels)
 
     def make_train_iterator(num_workers: int):
         return iter(pipeline.make_train_loader(
             train_set, config.data.pp_train, global_batch_size=config.batch_size, seed=config.seed,
             num_workers=num_workers, sampling=config.data.sampling, bad_images=config.data.bad_images,
             replay=update.replay if update else None, replay_rows=replay_rows,
+            max_image_pixels=config.data.max_image_pixels,
         ))
 
     def evaluate(state):
@@ -162,7 +167,7 @@ def build(config: ml_collections.FrozenConfigDict, pretrained: tuple[dict, weigh
         config=config, mesh=mesh, train_set=train_set, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         eval_every=eval_every, state=jax.device_put(state, state_sharding), train_step=train_step,
         evaluate=evaluate, schedule=schedule,
-        make_train_iterator=make_train_iterator, checkpointer=checkpointer,
+        make_train_iterator=make_train_iterator, eval_loader=eval_loader, checkpointer=checkpointer,
     )
 
 
@@ -191,8 +196,9 @@ def _train(built: Built, workdir: str, stop_at_step: int | None, listeners: Sequ
     # On accelerators, any implicit device-to-host copy (a stray float(loss)) in the loop is an
     # error: the only host syncs are at logging, evaluation and checkpoint steps. (CPU arrays
     # already live in host memory, so the guard does not fire there.)
+    # The data workers are stopped when the loop ends, however it ends (done, early stop, pruned, preempted, error).
     with preemption.StopSignals() as signals, jax.transfer_guard_device_to_host("disallow"), \
-            contextlib.closing(progress):
+            contextlib.closing(progress), pipeline.closing_iterator(train_iter):
         loop = loop_lib.TrainingLoop(
             train_iter=train_iter, mesh=built.mesh, evaluate=built.evaluate, checkpointer=built.checkpointer,
             train_log=train_log, listeners=[listeners_lib.WriteMetrics(writer), progress, early_stopping, *listeners],
@@ -200,14 +206,15 @@ def _train(built: Built, workdir: str, stop_at_step: int | None, listeners: Sequ
             log_every=config.log_every_steps, eval_every=built.eval_every,
             checkpoint_every=config.checkpoint_every_steps or built.eval_every, progress=progress,
         )
-        for step in range(start_step + 1, end_step + 1):
-            state, metrics = built.train_step(state, loop.next_batch(step, state))
-            loop.log(step, metrics)
-            stop = loop.evaluate(step, state)
-            loop.save(step, state, stop)
-            if stop:
-                print(stop.message, file=sys.stderr)
-                break
+        with contextlib.closing(loop):
+            for step in range(start_step + 1, end_step + 1):
+                state, metrics = built.train_step(state, loop.next_batch(step, state))
+                loop.log(step, metrics)
+                stop = loop.evaluate(step, state)
+                loop.save(step, state, stop)
+                if stop:
+                    print(stop.message, file=sys.stderr)
+                    break
     val_metrics = loop.last_eval_metrics
     if not val_metrics and end_step == built.total_steps:
         val_metrics = built.evaluate(state)

@@ -16,6 +16,8 @@ from PIL import Image
 from jaxclf import train
 from jaxclf.data import check, findings, headers, load_splits, scan
 from jaxclf.config import base_config
+from tests.big_png import big_png
+from limits import SUBPROCESS_S  # tests/ is on sys.path
 
 CROP = 64
 PP_TRAIN = f"--config.data.pp_train=decode|inception_crop({CROP})"
@@ -263,6 +265,7 @@ def _truncated_png() -> bytes:
 @pytest.mark.parametrize("relative, data, reason", [
     ("train/9/zzz_last.png", _truncated_png(), "IEND"),
     ("val/9/zzz_last.png", b"", "empty file"),
+    ("train/9/zzz_last.png", big_png(12000), "12000x12000 = 144,000,000 pixels, over the limit of 89,478,485"),
 ])
 def test_train_fails_at_start_on_an_unreadable_file_placed_last(digits_root, tmp_path, capsys, relative, data, reason):
     root = _digits_with(digits_root, tmp_path, relative, data)
@@ -312,7 +315,7 @@ def test_every_process_of_a_run_fails_alike_and_only_process_0_reports(digits_ro
         )
         for i in range(2)
     ]
-    errors = [p.communicate(timeout=300)[1] for p in processes]
+    errors = [p.communicate(timeout=SUBPROCESS_S)[1] for p in processes]
     failure = f"error: the data check (fast) found 1 unreadable images: {os.path.join(root, relative)}: empty file"
     for p, err in zip(processes, errors):
         assert p.returncode == 2 and failure in err, err

@@ -3,12 +3,13 @@ unreadable files (an error naming the file, or skipped, replaced and counted).""
 
 import io
 import os
+import pickle
 import shutil
 import warnings
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from jaxclf import config as config_lib, train
 from jaxclf.data import ops, pipeline, reader, sources
@@ -99,20 +100,65 @@ def test_reduced_size_decoding_keeps_the_shorter_side_at_least_size(tmp_path):
     assert np.abs(reduced - np.asarray(full, float)).mean() < 6
 
 
-@pytest.mark.parametrize("kind", ["truncated", "not_an_image", "empty", "too_many_pixels"])
+@pytest.mark.parametrize("kind", ["truncated", "not_an_image", "empty", "pillow_bomb"])
 def test_unreadable_images_raise_bad_image_naming_the_file(tmp_path, monkeypatch, kind):
     path = tmp_path / f"{kind}.jpg"
     buffer = io.BytesIO()
     Image.fromarray(np.full((64, 64, 3), 99, np.uint8)).save(buffer, "JPEG")
     content = {"truncated": buffer.getvalue()[:300], "not_an_image": b"<html>", "empty": b""}
     path.write_bytes(content.get(kind, buffer.getvalue()))
-    if kind == "too_many_pixels":
-        # The decompression-bomb limit is on: an image over twice the limit is refused.
+    if kind == "pillow_bomb":
+        # Pillow's own decompression-bomb limit is on: an image over twice the limit is refused.
         assert Image.MAX_IMAGE_PIXELS is not None
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(ops.BadImage, match=str(path)) as info:
         _decode(path)
     assert info.value.name == str(path)
+
+
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path, monkeypatch):
+    """Over max_pixels (here 64 * 64 - 1) is refused before a pixel is decoded, at the limit it decodes; the
+    refusal survives pickling (grain workers send it back so); the limit stays out of the op's repr (grain's state)."""
+    path = tmp_path / "photo.png"
+    Image.fromarray(np.full((64, 64, 3), 99, np.uint8)).save(path)
+    decoded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self))
+    with pytest.raises(ops.TooManyPixels, match=f"{path}.*64x64 = 4,096 pixels, over the limit of 4,095") as info:
+        ops.Decode(max_pixels=64 * 64 - 1).map({"path": str(path)})
+    assert not decoded and (info.value.width, info.value.height, info.value.limit) == (64, 64, 4095)
+    assert pickle.loads(pickle.dumps(info.value)).reason == info.value.reason
+    monkeypatch.undo()
+    assert _decode(path).shape == (64, 64, 3) and ops.Decode(max_pixels=64 * 64).map({"path": str(path)})
+    assert repr(ops.Decode(16, max_pixels=5)) == "Decode(size=16)"
+    with pytest.raises(sources.DataError, match=r"max_image_pixels=0 \(config.data.max_image_pixels; .*\): give a positive"):
+        ops.Decode(max_pixels=0)
+
+
+@pytest.mark.parametrize("spec", ["decode|flip_lr", "decode|inception_crop(8)"])  # the second crops while decoding
+def test_the_pixel_limit_holds_in_the_training_and_evaluation_loaders(tmp_path, spec):
+    source = _files_with_bad_images(tmp_path, bad=[])  # 12 images of 4x4 pixels
+    over = dict(global_batch_size=4, num_workers=0, max_image_pixels=15)
+    with pytest.raises(sources.DataError, match=r"00\.png.*4x4 = 16 pixels, over the limit of 15"):
+        next(iter(pipeline.make_train_loader(source, spec, seed=0, **over)))
+    with pytest.raises(sources.DataError, match=r"4x4 = 16 pixels, over the limit of 15"):
+        next(pipeline.eval_batches(source, "decode", **over))
+    at_limit = dict(over, max_image_pixels=16)
+    assert next(iter(pipeline.make_train_loader(source, spec, seed=0, **at_limit)))["image"].shape[0] == 4
+    assert next(pipeline.eval_batches(source, "decode", **at_limit))["image"].shape == (4, 4, 4, 3)
+
+
+def test_predict_and_evaluate_read_the_runs_pixel_limit(trained_workdir, digits_root):
+    from jaxclf import inference
+
+    path = os.path.join(digits_root, "val", "0", sorted(os.listdir(os.path.join(digits_root, "val", "0")))[0])
+    trained = inference.load_trained(trained_workdir)
+    assert trained.load_image(path).shape == (16, 16, 3)
+    with pytest.raises(ops.TooManyPixels, match="16x16 = 256 pixels, over the limit of 100"):
+        trained.load_image(path, max_pixels=100)
+    trained = inference.load_trained(trained_workdir)
+    trained.config.data.max_image_pixels = 255  # what the run's config.json would say
+    with pytest.raises(ops.TooManyPixels, match="over the limit of 255"):
+        trained.load_image(path)
 
 
 def _files_with_bad_images(root, bad: list[int]) -> sources.LabelledFiles:

@@ -221,14 +221,21 @@ def test_a_teacher_named_on_the_hub_is_converted_once_and_equals_timm(offline_hu
     assert len(os.listdir(tmp_path / "jaxclf_cache" / "converted")) == 1  # converted once, kept in the cache
 
 
-@pytest.mark.slow
-def test_a_student_taught_by_resnet18_beats_the_student_alone(digits_root, tmp_path):
-    """On 40 training digits (4 per class), the small CNN of tests/small_cnn_config.py taught by a ResNet-18
-    (trained here on the full train split, 16 px: 0.953 val top-1) against the same student trained
-    alone, same steps and seed.
+STUDENT_SEEDS = (0, 1, 2)
 
-    Measured on a 2-core CPU: student alone 0.856, taught (soft, T=4, alpha=0.9) 0.922 val top-1
-    (+0.067); the test asks for +0.03. About 2-4 minutes, half of it the teacher.
+
+@pytest.mark.slow
+def test_a_student_taught_by_resnet18_learns_and_is_not_worse_than_alone(digits_root, tmp_path):
+    """On 40 training digits (4 per class), the small CNN of tests/small_cnn_config.py taught by a ResNet-18
+    (trained here on the full train split, 16 px: about 0.95 val top-1) against the same student trained
+    alone, same steps, for each seed of STUDENT_SEEDS (the student's initialisation and data order).
+
+    The claim as measured (2-core AMD EPYC, 3 seeds): alone 0.903 / 0.861 / 0.864 (mean 0.876), taught
+    0.894 / 0.894 / 0.897 (mean 0.895). The mean gain, +0.019, is smaller than the seed-to-seed spread of
+    the student alone (0.042), so distillation does not reliably beat one run alone (another CPU measured
+    one seed at alone 0.894, taught 0.878); what holds with a margin is that every taught student learns
+    (>= 0.85) and that taught students are not worse on average beyond that noise (0.02).
+    About 10-15 minutes on 2 cores, a fifth of it the teacher.
     """
     teacher_config = config_lib.load_config("configs/quickstart.py")
     teacher_config.data.update(root=digits_root, prepare="", num_workers=1, pp_eval="decode",
@@ -238,16 +245,19 @@ def test_a_student_taught_by_resnet18_beats_the_student_alone(digits_root, tmp_p
     assert teacher_val["val/accuracy"] >= 0.9
     few = _few_digits(digits_root, tmp_path / "few", per_class=4)
 
-    def student(**overrides):
+    def student(seed, **overrides):
         config = config_lib.load_config(f"tests/small_cnn_config.py:{few}", [
-            "total_steps=300", "optim.lr=0.01", *[f"{k}={v}" for k, v in overrides.items()]])
-        name = "taught" if overrides else "alone"
+            "total_steps=300", "optim.lr=0.01", f"seed={seed}", *[f"{k}={v}" for k, v in overrides.items()]])
+        name = f"{'taught' if overrides else 'alone'}_{seed}"
         return train.train_and_evaluate(config, str(tmp_path / name), devices=jax.devices()[:1])["val/accuracy"]
 
-    alone = student()
-    taught = student(**{"distill.teacher": str(tmp_path / "teacher"), "distill.alpha": 0.9})
-    print(f"student alone {alone:.4f}, taught by ResNet-18 {taught:.4f}")
-    assert taught >= alone + 0.03
+    alone = np.array([student(seed) for seed in STUDENT_SEEDS])
+    taught = np.array([student(seed, **{"distill.teacher": str(tmp_path / "teacher"), "distill.alpha": 0.9})
+                       for seed in STUDENT_SEEDS])
+    print(f"student alone {alone.round(4).tolist()} (mean {alone.mean():.4f}, spread {np.ptp(alone):.4f}), taught by "
+          f"ResNet-18 {taught.round(4).tolist()} (mean {taught.mean():.4f}, spread {np.ptp(taught):.4f})")
+    assert taught.min() >= 0.85
+    assert taught.mean() >= alone.mean() - 0.02
 
 
 def _few_digits(root, dest, per_class):

@@ -15,6 +15,7 @@ import pytest
 from jaxclf.data import sources
 from jaxclf.data.sampler import GlobalBatchSampler
 from jaxclf.metrics import read_metrics
+from limits import SUBPROCESS_S  # tests/ is on sys.path
 
 STEPS = 12
 
@@ -51,7 +52,7 @@ def _final_state(workdir):
 def _train_single_and_two_processes(tmp_path, *args) -> None:
     """Train with `args` in one process of 4 devices (workdir "single") and two of 2 ("multi")."""
     single = subprocess.run(_command(*args[:1], tmp_path / "single", *args[1:]), env=_env(4),
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=SUBPROCESS_S)
     assert single.returncode == 0, single.stderr
     port = _free_port()
     processes = [
@@ -62,7 +63,7 @@ def _train_single_and_two_processes(tmp_path, *args) -> None:
         )
         for i in range(2)
     ]
-    outputs = [p.communicate(timeout=300) for p in processes]
+    outputs = [p.communicate(timeout=SUBPROCESS_S) for p in processes]
     for p, (_, err) in zip(processes, outputs):
         assert p.returncode == 0, err
 

@@ -2,8 +2,10 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -155,3 +157,41 @@ def test_vit_b_config_trains_from_an_offline_cache_without_a_convert_step(digits
 
     # Converted once, into the cache a later start reads (that it is read: the test above).
     assert len(os.listdir(tmp_path / "jaxclf_cache" / "converted")) == 1
+
+
+def _closed_port_url() -> str:
+    """An address on this machine where nothing listens: connections are refused, as with no network."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def test_an_unreachable_hub_is_detected_on_the_first_failure(tmp_path, monkeypatch, caplog):
+    """Nothing cached and no hub: one refused request, then the error, not huggingface_hub's retries with
+    back-off sleeps (before: 52 s and ten warnings). The bound is far below those sleeps, far above a refusal."""
+    from huggingface_hub import constants
+
+    endpoint = _closed_port_url()
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    started = time.monotonic()
+    with pytest.raises(weights.WeightsError, match=rf"not in the Hugging Face cache .* the hub \({endpoint}\) cannot be reached"):
+        hub.download("timm/resnet18.tv_in1k")
+    assert time.monotonic() - started < 15
+    assert not [r for r in caplog.records if "Retry" in r.getMessage()]
+
+
+def test_an_unreachable_hub_fails_the_run_with_one_line(digits_root, tmp_path):
+    """`python -m jaxclf.train --config configs/vit_b.py` with no network: exit status 2 and one error line."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(PYTHONPATH=REPO, HF_ENDPOINT=_closed_port_url(), HF_HUB_CACHE=str(tmp_path / "empty_cache"),
+               JAXCLF_CACHE=str(tmp_path / "jaxclf_cache"))
+    result = subprocess.run([sys.executable, "-m", "jaxclf.train", "--config", os.path.join(REPO, "configs/vit_b.py"),
+                             f"--config.data.root={digits_root}"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("workdir:")]
+    assert len(errors) == 1 and errors[0].startswith("error: "), result.stderr
+    assert "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k is not in the Hugging Face cache" in errors[0]
+    assert f"the hub ({env['HF_ENDPOINT']}) cannot be reached" in errors[0]

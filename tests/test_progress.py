@@ -9,6 +9,7 @@ import sys
 import termios
 
 from jaxclf import train
+from limits import SUBPROCESS_S  # tests/ is on sys.path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,7 +45,7 @@ def test_train_without_workdir_shows_progress_and_resumes(digits_root, tmp_path)
         if not chunk:
             break
         output += chunk
-    assert process.wait(timeout=300) == 0, output.decode(errors="replace")[-2000:]
+    assert process.wait(timeout=SUBPROCESS_S) == 0, output.decode(errors="replace")[-2000:]
     text = output.decode(errors="replace")
     workdir = os.path.join("runs", "tiny_config_" + digits_root.strip("/").replace("/", "_"))
     assert f"workdir: {workdir}" in text and os.path.isfile(tmp_path / workdir / "result.json")
@@ -55,7 +56,7 @@ def test_train_without_workdir_shows_progress_and_resumes(digits_root, tmp_path)
 
     # The same command again: the run is found, resumed at its end, and nothing is drawn through a pipe.
     again = subprocess.run(_train_command(digits_root), cwd=tmp_path, env=_environment(), capture_output=True,
-                           text=True, timeout=300)
+                           text=True, timeout=SUBPROCESS_S)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"workdir: {workdir} (resuming)" in again.stderr and "Resumed from" in again.stderr
     assert "\r" not in again.stderr and "step 4/8" not in again.stderr

@@ -19,6 +19,7 @@ import pytest
 
 from jaxclf import checkpoint, config as config_lib, data, optim, preemption, train
 from jaxclf.metrics import read_metrics
+from limits import SUBPROCESS_S  # tests/ is on sys.path
 
 TOTAL_STEPS = 24
 
@@ -51,6 +52,11 @@ def _last_logged_step(workdir) -> int:
         return 0
 
 
+def _assert_ends_clean(stderr: str) -> None:
+    """No shared memory of grain's data workers left at exit (Python's resource_tracker would warn of it)."""
+    assert "resource_tracker" not in stderr and "leaked" not in stderr, stderr
+
+
 def _run_until(command, workdir, step, sig, whole_group=False):
     """Start a training process, send `sig` once it has logged `step`, and return its exit code.
 
@@ -59,21 +65,21 @@ def _run_until(command, workdir, step, sig, whole_group=False):
     process = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=whole_group
     )
-    deadline = time.time() + 120
+    deadline = time.time() + SUBPROCESS_S
     while _last_logged_step(workdir) < step and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     if whole_group:
         os.killpg(process.pid, sig)
     else:
         process.send_signal(sig)
-    _, stderr = process.communicate(timeout=120)
+    _, stderr = process.communicate(timeout=SUBPROCESS_S)
     return process.returncode, stderr
 
 
 @pytest.fixture(scope="module")
 def uninterrupted_workdir(digits_root, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    subprocess.run(_command(digits_root, workdir), check=True, capture_output=True, timeout=300)
+    subprocess.run(_command(digits_root, workdir), check=True, capture_output=True, timeout=SUBPROCESS_S)
     return workdir
 
 
@@ -92,7 +98,7 @@ def test_kills_at_random_steps_resume_to_identical_parameters(digits_root, tmp_p
         if sig == signal.SIGTERM and code != 0:  # 0: it finished before the signal landed
             assert code == preemption.EXIT_PREEMPTED, stderr
             assert "stopped by SIGTERM" in stderr
-    subprocess.run(_command(digits_root, workdir), check=True, capture_output=True, timeout=300)
+    subprocess.run(_command(digits_root, workdir), check=True, capture_output=True, timeout=SUBPROCESS_S)
     _assert_same_state(_final_state(workdir), uninterrupted)
     val = lambda d: [r for r in read_metrics(str(d)) if "val/accuracy" in r][-1]
     assert val(workdir) == val(uninterrupted_workdir)
@@ -104,20 +110,35 @@ def test_sigterm_to_the_process_group_with_data_workers_still_checkpoints(digits
     command = _command(digits_root, workdir, "--config.data.num_workers=1", f"--config.total_steps={10 * TOTAL_STEPS}")
     code, stderr = _run_until(command, workdir, 5, signal.SIGTERM, whole_group=True)
     assert code == preemption.EXIT_PREEMPTED, stderr
+    _assert_ends_clean(stderr)
     stopped_at = int(stderr.split("at step ")[1].split()[0])
     assert checkpoint.Checkpointer(str(workdir), keep=2).latest_step() == stopped_at
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=SUBPROCESS_S)
     assert result.returncode == 0, result.stderr
     assert f"at step {stopped_at}" in result.stderr  # "Resumed from ... at step N"
 
 
 def test_sigterm_checkpoints_the_current_step(digits_root, tmp_path):
+    """With two data workers: the preempted run also stops them and leaves no shared memory behind."""
     workdir = tmp_path / "run"
-    code, stderr = _run_until(_command(digits_root, workdir), workdir, 4, signal.SIGTERM)
+    command = _command(digits_root, workdir, "--config.data.num_workers=2", f"--config.total_steps={10 * TOTAL_STEPS}")
+    code, stderr = _run_until(command, workdir, 4, signal.SIGTERM)
     assert code == preemption.EXIT_PREEMPTED, stderr
+    _assert_ends_clean(stderr)
     stopped_at = int(stderr.split("at step ")[1].split()[0])
     # The signal's step was saved even though checkpoint_every_steps=3 would not have saved it.
     assert checkpoint.Checkpointer(str(workdir), keep=2).latest_step() == stopped_at
+
+
+def test_an_early_stopped_run_with_data_workers_ends_clean(digits_root, tmp_path):
+    """Early stopping leaves the loop with batches prefetched and evaluation workers running; both are
+    stopped and their shared memory unlinked before exit (a finished or pruned run leaves the same way)."""
+    workdir = tmp_path / "run"
+    result = subprocess.run(_command(digits_root, workdir, "--config.data.num_workers=2", "--config.optim.lr=-0.5",
+                                     "--config.eval_every_epochs=0.05", "--config.early_stopping_patience=1"),
+                            capture_output=True, text=True, timeout=SUBPROCESS_S)
+    assert result.returncode == 0 and "Early stopping at step" in result.stderr, result.stderr
+    _assert_ends_clean(result.stderr)
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(digits_root, tmp_path, uninterrupted):
@@ -133,7 +154,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(digits_root, tmp_path,
     # A write killed half-way leaves a temporary folder; it must be ignored.
     shutil.copytree(workdir / "checkpoints" / "6", workdir / "checkpoints" / "12.orbax-checkpoint-tmp-1")
     shutil.rmtree(workdir / "checkpoints" / "12.orbax-checkpoint-tmp-1" / "state")
-    result = subprocess.run(_command(digits_root, workdir), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(_command(digits_root, workdir), capture_output=True, text=True, timeout=SUBPROCESS_S)
     assert result.returncode == 0, result.stderr
     assert "cannot read checkpoint" in result.stderr and "/checkpoints/9" in result.stderr
     assert "resuming from the older checkpoint" in result.stderr and "/checkpoints/6" in result.stderr
@@ -144,7 +165,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(digits_root, tm
     workdir = tmp_path / "run"
     result = subprocess.run(
         _command(digits_root, workdir, "--config.optim.lr=1e30", "--config.optim.name=sgd"),
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=SUBPROCESS_S,
     )
     assert result.returncode == 3, result.stderr
     assert "the training loss became nan at step" in result.stderr
@@ -217,7 +238,7 @@ def test_missing_data_root_names_the_path(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "jaxclf.train", "--config", f"tests/tiny_config.py:{tmp_path}/nope",
          "--workdir", str(tmp_path / "w")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=SUBPROCESS_S,
     )
     assert result.returncode == 2
     assert f"{tmp_path}/nope" in result.stderr and "Traceback" not in result.stderr

@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from jaxclf import config as config_lib, train
 from launch import search, slurm, space, study as study_lib, worker as worker_lib
 from test_launch import slurm_cluster  # noqa: F401  (the fixture: a real one-node SLURM cluster)
+from limits import SUBPROCESS_S  # tests/ is on sys.path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One device per trial: 8 simulated devices on 2 cores only add overhead.
@@ -34,7 +35,7 @@ def _command(digits_root, base, *args, overrides=()) -> list[str]:
             "--base", str(base), *args, "--", *overrides]
 
 
-def _run(command, timeout=600) -> subprocess.CompletedProcess:
+def _run(command, timeout=SUBPROCESS_S) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
@@ -245,10 +246,10 @@ def test_two_workers_share_a_journal_and_resume_a_killed_workers_trial(digits_ro
             done = os.path.exists(os.path.join(workdir, "result.json"))
             return (started[-1], steps[-1]) if steps and not done else None
 
-        killed, checkpointed = _wait_for(running_trial_with_a_checkpoint, 300, "worker 0's trial to checkpoint")
+        killed, checkpointed = _wait_for(running_trial_with_a_checkpoint, SUBPROCESS_S, "worker 0's trial to checkpoint")
         os.killpg(workers[0].pid, signal.SIGKILL)  # the worker, its worker process and its trial
         workers[0].wait()
-        assert workers[1].wait(timeout=600) == 0
+        assert workers[1].wait(timeout=SUBPROCESS_S) == 0
     finally:
         for w in workers:
             if w.poll() is None:
@@ -281,9 +282,9 @@ def test_a_stopped_search_continues_when_run_again(digits_root, tmp_path):
     process = subprocess.Popen(command, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
     try:
-        _wait_for(lambda: _checkpoint_steps(study_lib.trial_dir(str(base), 0)), 300, "the first checkpoint")
+        _wait_for(lambda: _checkpoint_steps(study_lib.trial_dir(str(base), 0)), SUBPROCESS_S, "the first checkpoint")
         process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=120)
+        output, _ = process.communicate(timeout=SUBPROCESS_S)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)

@@ -11,6 +11,7 @@ import pytest
 
 from jaxclf import checkpoint, config as config_lib, train
 from jaxclf.metrics import read_metrics
+from limits import SUBPROCESS_S  # tests/ is on sys.path
 
 
 def _config(digits_root, **overrides):
@@ -123,7 +124,7 @@ def test_finetune_configs_without_data_name_the_field(config_file, tmp_path):
     def run(*overrides):
         return subprocess.run(
             [sys.executable, "-m", "jaxclf.train", "--config", config_file, "--workdir", str(tmp_path / "w"),
-             *overrides], capture_output=True, text=True, timeout=120, env=env,
+             *overrides], capture_output=True, text=True, timeout=SUBPROCESS_S, env=env,
         )
 
     result = run()  # the config's hub weights are not in this (empty, offline) cache
@@ -138,7 +139,7 @@ def test_command_line_overrides_reach_the_run(digits_root, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "jaxclf.train", "--config", "configs/quickstart.py", "--workdir", str(tmp_path / "w"),
          f"--config.data.root={digits_root}", "--config.optim.lrr=0.1"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=SUBPROCESS_S,
     )
     assert result.returncode == 2
     assert "Did you mean config.optim.lr?" in result.stderr and "Traceback" not in result.stderr

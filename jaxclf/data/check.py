@@ -46,7 +46,7 @@ def decode_ops(data: ml_collections.ConfigDict, split_names: Sequence[str]) -> d
 
 def _split_ops(data: ml_collections.ConfigDict, field: str) -> tuple[ops_lib.Decode, list]:
     try:
-        return pipeline._split_decode(data[field])
+        return pipeline._split_decode(data[field], data.max_image_pixels)
     except ValueError as e:
         raise config_lib.ConfigError(f"config.data.{field}: {e}") from None
 

@@ -10,6 +10,7 @@ with the crop, for `decode|inception_crop(...)|...`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -55,6 +56,42 @@ def _make_loader(source, sampler, operations: list, *, num_workers: int, shard_o
     )
 
 
+def close_iterator(iterator) -> None:
+    """Stop a grain DataLoader iterator's worker processes now and unlink the batches they had ready in shared
+    memory. Left to garbage collection at exit they stay linked, and Python's resource_tracker warns of
+    "leaked shared_memory objects" (google/grain#1031). Safe to call twice; a no-op without workers."""
+    # grain 0.2's DataLoaderIterator has no close(); the dataset iterator it wraps closes the whole chain.
+    dataset_iterator = getattr(iterator, "_iterator", None)
+    if dataset_iterator is not None:
+        dataset_iterator.close()
+
+
+def finish_shared_memory_unlinks() -> None:
+    """Wait until every batch already freed in this process has been unlinked from shared memory.
+
+    grain frees a worker's batch in a thread pool (SharedMemoryArray.enable_async_del); a program that
+    exits right after freeing its last batches (a preempted or early-stopped run) would leave them to
+    the resource_tracker's "leaked shared_memory" warning. Later frees unlink at once; the next loader
+    that starts workers brings the pool back.
+    """
+    from grain._src.python.ipc.shared_memory_array import SharedMemoryArray  # no public handle on the pool
+
+    pool = SharedMemoryArray._del_thread_pool
+    if pool is not None:
+        SharedMemoryArray._disable_async_del()
+        pool.close()
+        pool.join()
+
+
+@contextlib.contextmanager
+def closing_iterator(iterator) -> Iterator:
+    """`iterator`, closed (close_iterator) when the block ends."""
+    try:
+        yield iterator
+    finally:
+        close_iterator(iterator)
+
+
 def _local_batch_size(global_batch_size: int) -> int:
     """This process's share of `global_batch_size`; it must divide evenly over the JAX processes."""
     processes = jax.process_count()
@@ -76,13 +113,15 @@ def make_train_loader(
     bad_images: str = "error",
     replay=None,
     replay_rows: int = 0,
+    max_image_pixels: int = ops_lib.DEFAULT_MAX_IMAGE_PIXELS,
 ) -> grain.DataLoader:
     """An endless stream of this process's rows of each global batch, reshuffled each epoch from `seed`.
 
     The global batches are the same for any number of processes (see data/sampler.py).
     `sampling="balanced"` draws every class equally often (imbalance.py); `bad_images` is
     "error" or "skip" (reader.py). With a `replay` source (sharing `source`'s classes), the last
-    `replay_rows` rows of every global batch are drawn from it (`sampler.ReplaySampler`).
+    `replay_rows` rows of every global batch are drawn from it (`sampler.ReplaySampler`). An image
+    whose header declares more than `max_image_pixels` is unreadable (ops.TooManyPixels), never decoded.
 
     `iter(loader)` supports get_state()/set_state(); a restored iterator continues with the
     exact batches (and random crops) the original would have produced.
@@ -96,7 +135,7 @@ def make_train_loader(
         source = Concatenated((source, replay))
     else:
         sampler = GlobalBatchSampler(len(source), global_batch_size, jax.process_count(), seed, weights)
-    decode, operations = _split_decode(ops_spec)
+    decode, operations = _split_decode(ops_spec, max_image_pixels)
     reader = DecodedSource(source, decode, bad_images, mask_replaced=False)
     if decode.size is None and operations and isinstance(operations[0], ops_lib.InceptionCrop):
         # The crop's box decides how much of each JPEG to decode: the crop reads the records.
@@ -105,12 +144,13 @@ def make_train_loader(
     return _make_loader(reader, sampler, operations, num_workers=num_workers, shard_options=shard)
 
 
-def _split_decode(ops_spec: str) -> tuple[ops_lib.Decode, list[ops_lib.Op]]:
-    """The spec's leading `decode` op (run by the reader) and the ops after it."""
+def _split_decode(ops_spec: str, max_image_pixels: int = ops_lib.DEFAULT_MAX_IMAGE_PIXELS,
+                  ) -> tuple[ops_lib.Decode, list[ops_lib.Op]]:
+    """The spec's leading `decode` op (run by the reader), refusing images over `max_image_pixels`, and the ops after it."""
     operations = ops_lib.parse_ops(ops_spec)
     if not isinstance(operations[0], ops_lib.Decode):
         raise ValueError(f"the op spec {ops_spec!r} must start with decode (e.g. 'decode|...')")
-    return operations[0], operations[1:]
+    return dataclasses.replace(operations[0], max_pixels=max_image_pixels), operations[1:]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,9 +174,10 @@ class EvalLoader:
     The workers start once and serve every pass (starting them took ~1.5-2 s per evaluation).
     """
 
-    def __init__(self, source, ops_spec: str, *, global_batch_size: int, num_workers: int, bad_images: str = "error"):
+    def __init__(self, source, ops_spec: str, *, global_batch_size: int, num_workers: int, bad_images: str = "error",
+                 max_image_pixels: int = ops_lib.DEFAULT_MAX_IMAGE_PIXELS):
         batch_size = _local_batch_size(global_batch_size)
-        decode, operations = _split_decode(ops_spec)
+        decode, operations = _split_decode(ops_spec, max_image_pixels)
         random_ops = [type(op).__name__ for op in operations if isinstance(op, grain.transforms.RandomMap)]
         if random_ops:
             raise ValueError(f"evaluation ops {ops_spec!r} include random ops {random_ops}; use deterministic ones")
@@ -170,16 +211,31 @@ class EvalLoader:
                 yield next(self._iterator)
         finally:
             if done < self.num_batches:  # left part-way: the stream is out of step, start afresh
-                self._iterator = None
+                self.close()
+
+    def close(self) -> None:
+        """Stop the workers (see close_iterator); a later pass starts new ones."""
+        if self._iterator is not None:
+            close_iterator(self._iterator)
+            self._iterator = None
 
 
 def eval_batches(
-    source, ops_spec: str, *, global_batch_size: int, num_workers: int, bad_images: str = "error"
+    source, ops_spec: str, *, global_batch_size: int, num_workers: int, bad_images: str = "error",
+    max_image_pixels: int = ops_lib.DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Iterator[dict]:
     """One evaluation pass (see EvalLoader), for a single evaluation."""
     loader = EvalLoader(source, ops_spec, global_batch_size=global_batch_size, num_workers=num_workers,
-                        bad_images=bad_images)
-    return loader.one_pass()
+                        bad_images=bad_images, max_image_pixels=max_image_pixels)
+    return _one_pass_then_close(loader)
+
+
+def _one_pass_then_close(loader: EvalLoader) -> Iterator[dict]:
+    try:
+        yield from loader.one_pass()
+    finally:
+        loader.close()  # the workers end with the pass (a command such as evaluate exits right after)
+        finish_shared_memory_unlinks()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -107,4 +107,4 @@ class ReadWithCrop(grain.transforms.RandomMap):
     crop: InceptionCrop
 
     def random_map(self, i: int, rng: np.random.Generator) -> dict:
-        return self.reader.read(i, lambda record: self.crop.crop_while_decoding(record, rng))
+        return self.reader.read(i, lambda record: self.crop.crop_while_decoding(record, rng, self.reader.decode.max_pixels))

@@ -23,7 +23,7 @@ from PIL import Image
 
 from jaxclf import progress
 from jaxclf.data import headers
-from jaxclf.data.ops import BadImage, Decode, as_pil
+from jaxclf.data.ops import BadImage, Decode, TooManyPixels, as_pil
 from jaxclf.data.sources import LabelledFiles
 
 # Mode and format names are stored as codes into these fixed lists, the same in every process. (Not
@@ -169,6 +169,8 @@ def _read_file(path: str, decode: Decode, full: bool, record) -> tuple[str | Non
     record["mode"], record["format"] = _code(MODES, header.mode), _code(FORMATS, header.format)
     if header.problem and not full:
         return header.problem, None
+    if header.width * header.height > decode.max_pixels:  # what decoding would refuse, told from the header
+        return TooManyPixels(path, header.width, header.height, decode.max_pixels).reason, None
     if not (full or header.suspect):
         return None, None
     try:

@@ -42,6 +42,9 @@ def _run(argv: Sequence[str]) -> int:
     parser.add_argument("--max_upload_mb", type=float, default=defaults.max_upload_mb, help="largest request body (413 over it)")
     parser.add_argument("--max_images", type=int, default=defaults.max_images, help="images in one request (413 over it)")
     parser.add_argument("--decode_workers", type=int, default=defaults.decode_workers, help="threads decoding uploads")
+    parser.add_argument("--max_image_pixels", type=int, default=0,
+                        help="most pixels (width x height) an upload may declare in its header (413 over it, before "
+                             "decoding); default: the run's config.data.max_image_pixels")
     args = parser.parse_args(argv)
     for flag in ("max_batch", "max_images", "decode_workers"):
         if getattr(args, flag) < 1:
@@ -50,7 +53,9 @@ def _run(argv: Sequence[str]) -> int:
         parser.error("--max_wait_ms must be >= 0 and --max_upload_mb > 0")
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb,
                              max_images=args.max_images, decode_workers=args.decode_workers)
-    served = from_loaded(artefact.load_from_args(args), args.image_size or None)
+    if args.max_image_pixels < 0:
+        parser.error(f"--max_image_pixels {args.max_image_pixels}: give a positive number (0: the run's)")
+    served = from_loaded(artefact.load_from_args(args), args.image_size or None, args.max_image_pixels or None)
     _log_to_stderr(logging.getLogger("jaxclf.serve"))
     print(f"serving {served.name} ({served.provenance['format']}, checkpoint step {served.step}, {len(served.class_names)} classes, input "
           f"{served.input_size[0]}x{served.input_size[1]}) on {f'http://{args.host}:{args.port}' if args.port else args.host}; "

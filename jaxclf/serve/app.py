@@ -19,6 +19,7 @@ import importlib.resources
 import io
 import json
 import logging
+import re
 import time
 
 import numpy as np
@@ -202,10 +203,19 @@ class _Server:
         started = time.perf_counter()
         try:
             image = self.served.load_image(upload.name, upload.data)
+        except ops_lib.TooManyPixels as e:
+            raise ApiError(413, "too_many_pixels",
+                           f"{upload.name}: {e.width}x{e.height} = {e.width * e.height:,} pixels, over this server's limit "
+                           f"of {e.limit:,} pixels (max_image_pixels in /v1/model); refused before decoding") from None
         except ops_lib.BadImage as e:
-            raise ApiError(400, *_bad_image(upload.name, e.reason)) from None
+            if e.reason.startswith("DecompressionBombError"):  # over twice Pillow's own limit: Pillow refused first
+                raise ApiError(413, "too_many_pixels",
+                               f"{upload.name}: over this server's limit of {self.served.max_image_pixels:,} pixels "
+                               f"(max_image_pixels in /v1/model); refused before decoding ({e.reason})") from None
+            raise ApiError(400, *_bad_image(upload.name, without_host_paths(e.reason))) from None
         except (sources.DataError, ValueError, OSError) as e:  # e.g. an image smaller than the eval crop
-            raise ApiError(400, "bad_image", f"{upload.name}: cannot preprocess the image ({e})") from None
+            raise ApiError(400, "bad_image",
+                           f"{upload.name}: cannot preprocess the image ({without_host_paths(str(e))})") from None
         if image.shape != self.image_shape:
             raise ApiError(400, "wrong_size",
                            f"{upload.name} is {image.shape[0]}x{image.shape[1]} after the run's preprocessing "
@@ -226,10 +236,17 @@ class _Server:
         return [image for image, _ in decoded]
 
 
+# An absolute path inside a message: what a client is not told (the server's disk layout).
+_HOST_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s'\"/:,()]+/)+([^\s'\"/:,()]*)")
+
+
+def without_host_paths(text: str) -> str:
+    """`text` with every absolute path replaced by its base name: error text from exceptions, fit for a client."""
+    return _HOST_PATH.sub(lambda match: match.group(1) or "<folder>", text)
+
+
 def _bad_image(name: str, reason: str) -> tuple[str, str]:
     """(kind, message) for an image Pillow cannot read, from its reason ("ExceptionType: message")."""
-    if reason.startswith("DecompressionBombError"):
-        return "decompression_bomb", f"{name}: too many pixels to decode safely ({reason.split(': ', 1)[-1]})"
     if reason.startswith("UnidentifiedImageError"):
         return "not_an_image", f"{name}: not an image file Pillow can read (JPEG, PNG, WebP, GIF, BMP, TIFF, ...)"
     if "truncated" in reason.lower():
@@ -312,17 +329,17 @@ def create_app(served: ServedModel, settings: ServeSettings = ServeSettings()) -
             "batching": {"max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms,
                          "batch_sizes": list(server.batcher.batch_sizes)},
             "limits": {"max_upload_mb": settings.max_upload_mb, "max_images": settings.max_images,
-                       "max_image_pixels": Image.MAX_IMAGE_PIXELS},
+                       "max_image_pixels": served.max_image_pixels},
         })
 
     async def healthz(request: Request) -> Response:
         if server.warm_up_error:
-            raise ApiError(500, "warm_up_failed", f"compiling the model failed: {server.warm_up_error}")
+            raise ApiError(500, "warm_up_failed", f"compiling the model failed: {without_host_paths(server.warm_up_error)}")
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
         if server.warm_up_error:
-            raise ApiError(503, "warm_up_failed", f"compiling the model failed: {server.warm_up_error}")
+            raise ApiError(503, "warm_up_failed", f"compiling the model failed: {without_host_paths(server.warm_up_error)}")
         server.check_ready()
         return JSONResponse({"status": "ready", "batch_sizes": list(server.batcher.batch_sizes)})
 
@@ -346,7 +363,7 @@ def create_app(served: ServedModel, settings: ServeSettings = ServeSettings()) -
 
     async def internal_error(request: Request, e: Exception) -> Response:
         log.exception("error answering %s %s", request.method, request.url.path)
-        return await api_error(request, ApiError(500, "internal", f"{type(e).__name__}: {e}"))
+        return await api_error(request, ApiError(500, "internal", without_host_paths(f"{type(e).__name__}: {e}")))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):

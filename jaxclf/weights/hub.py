@@ -75,10 +75,13 @@ def download(repo: str) -> str:
     except ImportError:
         raise WeightsError(f"{repo} is a hub name, but huggingface_hub is not installed "
                            "(`pip install huggingface_hub`)") from None
+    # One request tells whether the hub answers; if not, read the cache only. Otherwise every file would
+    # go through huggingface_hub's retries and back-off (measured: 52 s of warnings before the same error).
+    cache_only = constants.HF_HUB_OFFLINE or not _hub_answers(huggingface_hub, errors, repo)
     folder, not_cached = None, False
     for name in _WEIGHTS_FILES:
         try:
-            folder = os.path.dirname(huggingface_hub.hf_hub_download(repo, name))
+            folder = os.path.dirname(huggingface_hub.hf_hub_download(repo, name, local_files_only=cache_only))
             break
         except errors.LocalEntryNotFoundError:  # offline or unreachable, and not in the cache
             not_cached = True
@@ -89,19 +92,31 @@ def download(repo: str) -> str:
                                f"({type(e).__name__})") from None
     if folder is None:
         if not_cached:
-            raise WeightsError(_not_cached_message(repo, constants))
+            raise WeightsError(_not_cached_message(repo, constants, cache_only))
         raise WeightsError(f"{repo} has neither {' nor '.join(_WEIGHTS_FILES)} on the hub: jaxclf reads those files")
     for name in _SIDECAR_FILES:
         try:
-            huggingface_hub.hf_hub_download(repo, name)
+            huggingface_hub.hf_hub_download(repo, name, local_files_only=cache_only)
         except errors.EntryNotFoundError:  # optional files (a LocalEntryNotFoundError too)
             pass
     return folder
 
 
-def _not_cached_message(repo: str, constants) -> str:
+def _hub_answers(huggingface_hub, errors, repo: str) -> bool:
+    """Whether the hub (HF_ENDPOINT) answers one request, without retries: any HTTP answer counts (even 404)."""
+    try:
+        huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(repo, _SIDECAR_FILES[0]))
+    except errors.HfHubHTTPError:
+        return True
+    except Exception:  # noqa: BLE001 - refused, reset, DNS, proxy or timeout (httpx's errors): no answer
+        return False
+    return True
+
+
+def _not_cached_message(repo: str, constants, cache_only: bool) -> str:
     url = f"https://huggingface.co/{repo}/resolve/main"
-    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+    why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else
+           f"the hub ({constants.ENDPOINT}) cannot be reached" if cache_only else "the hub did not serve it")
     return (f"{repo} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}. Download it once "
             f"where there is network (`hf download {repo}`) and copy the cache here (or point HF_HUB_CACHE at "
             f"it), or download {url}/model.safetensors and {url}/config.json into one folder and pass that folder")

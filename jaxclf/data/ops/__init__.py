@@ -22,7 +22,7 @@ processes. Arguments in a spec are Python literals (`ast.literal_eval`: numbers,
 from jaxclf.data.ops.autoaugment import RandAugment, TrivialAugment
 from jaxclf.data.ops.base import Op, as_array, as_pil, parse_ops, register_op
 from jaxclf.data.ops.color import ColorJitter, RandomErasing
-from jaxclf.data.ops.decode import BadImage, Decode
+from jaxclf.data.ops.decode import DEFAULT_MAX_IMAGE_PIXELS, BadImage, Decode, TooManyPixels
 from jaxclf.data.ops.geometry import (
     CentralCrop,
     FlipLr,
@@ -35,9 +35,11 @@ from jaxclf.data.ops.geometry import (
 
 __all__ = [
     "BadImage",
+    "DEFAULT_MAX_IMAGE_PIXELS",
     "CentralCrop",
     "ColorJitter",
     "Decode",
+    "TooManyPixels",
     "FlipLr",
     "InceptionCrop",
     "Op",

@@ -7,6 +7,7 @@ import dataclasses
 import io
 import math
 import struct
+import warnings
 from collections.abc import Iterator
 
 import grain
@@ -18,8 +19,15 @@ from jaxclf.data.ops.base import ImageLike, check_size, register_op
 from jaxclf.data.sources import DataError
 
 # What Pillow raises for a file it cannot read: not an image, truncated, corrupt headers or EXIF,
-# or more pixels than Image.MAX_IMAGE_PIXELS (the decompression-bomb limit, left on).
+# or more than twice Image.MAX_IMAGE_PIXELS (Pillow's own decompression-bomb limit, left on).
 _UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+
+# The most pixels an image may have (width x height, from its header, before decoding): config.data.max_image_pixels'
+# default, Pillow's (about 0.27 GB decoded as RGB). Pillow itself only warns up to twice its limit; jaxclf refuses.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# Pillow warns about images between one and two times its limit while reading the header; the limit
+# above is what decides, so its warning (printed before jaxclf's refusal, or for an image a raised limit allows) is noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class BadImage(DataError):
@@ -31,6 +39,18 @@ class BadImage(DataError):
 
     def __reduce__(self):  # grain workers send exceptions back pickled
         return BadImage, (self.name, self.reason)
+
+
+class TooManyPixels(BadImage):
+    """An image whose header declares more than `limit` pixels: refused before any pixel is decoded."""
+
+    def __init__(self, name: str, width: int, height: int, limit: int):
+        super().__init__(name, f"TooManyPixels: {width}x{height} = {width * height:,} pixels, over the limit of "
+                               f"{limit:,} (max_image_pixels); refused before decoding")
+        self.width, self.height, self.limit = width, height, limit
+
+    def __reduce__(self):
+        return TooManyPixels, (self.name, self.width, self.height, self.limit)
 
 
 @register_op("decode")
@@ -46,22 +66,26 @@ class Decode(grain.transforms.Map):
     resize or crop produces. Grayscale, palette, RGBA (alpha dropped, as torchvision), CMYK and
     16-bit images become 8-bit RGB. An example that already holds an "image" array (a TFDS
     source decodes its records itself) is only converted to RGB; `size` does not apply to it.
-    Raises BadImage naming the file when Pillow cannot read it. Plain JPEGs are decoded by
-    libjpeg-turbo directly where jaxclf[fastjpeg] is installed (the same pixels, see fast.py).
+    Raises BadImage naming the file when Pillow cannot read it, TooManyPixels when its header
+    declares more than `max_pixels` (set from config.data.max_image_pixels by the loaders, not in
+    the spec; out of the repr, which grain's saved iterator state compares on resume). Plain JPEGs
+    are decoded by libjpeg-turbo directly where jaxclf[fastjpeg] is installed (the same pixels, see fast.py).
     """
 
     size: int | None = None
+    max_pixels: int = dataclasses.field(default=DEFAULT_MAX_IMAGE_PIXELS, repr=False)
 
     def __post_init__(self):
         if self.size is not None:
             check_size(self.size)
+        check_max_pixels(self.max_pixels)
 
     def map(self, example: dict) -> dict:
         example = dict(example)
         if "image" in example:
             example["image"] = array_to_rgb(np.asarray(example["image"]))
             return example
-        with open_image(example.pop("path"), example.pop("bytes", None)) as image_file:
+        with open_image(example.pop("path"), example.pop("bytes", None), self.max_pixels) as image_file:
             example["image"] = image_file.decode(self._request(image_file))
         return example
 
@@ -79,20 +103,23 @@ class ImageFile:
 
     `height` and `width` are the image's as displayed (after its EXIF orientation), so that a crop
     can be chosen before decoding. Use as a context manager (it holds the file open). Errors
-    raise BadImage naming the file. With `data`, the image is read from those bytes and `path` only names it.
+    raise BadImage naming the file, TooManyPixels for more than `max_pixels`. With `data`, the image
+    is read from those bytes and `path` only names it.
     """
 
-    def __init__(self, path: str, data: bytes | None = None):
+    def __init__(self, path: str, data: bytes | None = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self.path = path
         with _naming_the_file(path):
             self._image = Image.open(path if data is None else io.BytesIO(data))
             try:
+                width, height = self._image.size
+                if width * height > max_pixels:
+                    raise TooManyPixels(path, width, height, max_pixels)
                 self._orientation = self._image.getexif().get(ExifTags.Base.Orientation, 1)
             except BaseException:
                 self._image.__exit__()
                 raise
         self.stored_size = self._image.size  # (width, height) as stored
-        width, height = self.stored_size
         self.height, self.width = (width, height) if self._orientation in _SWAPS_SIDES else (height, width)
 
     @property
@@ -131,9 +158,18 @@ class ImageFile:
         self._image.__exit__(*exc_info)  # closes the file; a decoded Pillow image stays usable
 
 
-def open_image(path: str, data: bytes | None = None) -> ImageFile:
-    """`path` (or `data`, named `path`) opened for decoding (see ImageFile); raises BadImage naming it when Pillow cannot read it."""
-    return ImageFile(path, data)
+def open_image(path: str, data: bytes | None = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageFile:
+    """`path` (or `data`, named `path`) opened for decoding (see ImageFile); raises BadImage naming it when Pillow
+    cannot read it, TooManyPixels when its header declares more than `max_pixels`."""
+    return ImageFile(path, data, max_pixels)
+
+
+def check_max_pixels(max_pixels: int) -> None:
+    """A pixel limit: a positive whole number. (Pillow still refuses, by itself, more than twice its own
+    Image.MAX_IMAGE_PIXELS: a limit above that needs PIL.Image.MAX_IMAGE_PIXELS raised too.)"""
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise DataError(f"max_image_pixels={max_pixels!r} (config.data.max_image_pixels; serve: --max_image_pixels): "
+                        "give a positive whole number of pixels (width x height)")
 
 
 # EXIF orientations Pillow's exif_transpose applies (2..8); 5 to 8 turn the image by 90 degrees.
@@ -145,6 +181,8 @@ _SWAPS_SIDES = frozenset(range(5, 9))
 def _naming_the_file(path: str) -> Iterator[None]:
     try:
         yield
+    except BadImage:
+        raise  # already named (a DataError, hence a ValueError)
     except _UNREADABLE as e:
         raise BadImage(path, f"{type(e).__name__}: {e}") from None
 

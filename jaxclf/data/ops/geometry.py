@@ -24,7 +24,7 @@ from jaxclf.data.ops.base import (
     pil_fill,
     register_op,
 )
-from jaxclf.data.ops.decode import Decode, open_image
+from jaxclf.data.ops.decode import DEFAULT_MAX_IMAGE_PIXELS, Decode, open_image
 
 
 @register_op("inception_crop")
@@ -80,12 +80,14 @@ class InceptionCrop(grain.transforms.RandomMap):
         box = self.crop_box(*image_size(image), rng)
         return {**example, "image": self.resize_box(image, box)}
 
-    def crop_while_decoding(self, example: dict, rng: np.random.Generator) -> dict:
-        """`random_map(Decode().map(example), rng)`, decoding only as much of a JPEG as the crop needs."""
-        example, box = self.decode_for_crop(example, rng)
+    def crop_while_decoding(self, example: dict, rng: np.random.Generator,
+                            max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict:
+        """`random_map(Decode(max_pixels=max_pixels).map(example), rng)`, decoding only as much of a JPEG as the crop needs."""
+        example, box = self.decode_for_crop(example, rng, max_pixels)
         return {**example, "image": self.resize_box(example["image"], box)}
 
-    def decode_for_crop(self, example: dict, rng: np.random.Generator) -> tuple[dict, tuple[float, ...]]:
+    def decode_for_crop(self, example: dict, rng: np.random.Generator,
+                        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[dict, tuple[float, ...]]:
         """The example with its image decoded, and the crop's box (top, left, height, width) in that image.
 
         The box is drawn from the file's header (the same draws as on the decoded image), then the
@@ -97,7 +99,7 @@ class InceptionCrop(grain.transforms.RandomMap):
             example = Decode().map(example)
             return example, self.crop_box(*image_size(example["image"]), rng)
         example = dict(example)
-        with open_image(example.pop("path"), example.pop("bytes", None)) as image_file:
+        with open_image(example.pop("path"), example.pop("bytes", None), max_pixels) as image_file:
             if not (image_file.fast_jpeg and self._fast):
                 example["image"] = image_file.decode()
                 return example, self.crop_box(*image_size(example["image"]), rng)
