@@ -1,0 +1,160 @@
+"""EfficientNet, MobileNetV3 and ConvNeXt: timm's parameter counts, logits equal timm's and torchvision's
+after conversion, and the metadata training asks of a model (stages, layer ids, head, stochastic depth)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxclf import models, tree_paths, weights
+from jaxclf.explain import cam_stage
+from model_helpers import with_random_values
+from test_models import CONVNEXTS, EFFICIENTNETS, MOBILENETV3S
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+from torch_reference import randomize_norms, torch_logits  # noqa: E402
+
+# One small size per family, for the tests that build and run models.
+SMALL = ["efficientnet_b0", "mobilenetv3_small_100", "convnext_atto"]
+
+
+def _jitted(model: nnx.Module, fn, *args):
+    """fn(model, *args) under jit (one compile instead of one per op)."""
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda s, *a: fn(nnx.merge(graphdef, s), *a))(state, *args)
+
+
+def _logits(model: nnx.Module, images: np.ndarray) -> np.ndarray:
+    return np.asarray(_jitted(model, lambda m, x: m(x), images))
+
+
+def _images(size: int, batch: int = 2) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((batch, size, size, 3), dtype=np.float32)
+
+
+def _assert_close(ours, theirs, tol=1e-4):
+    relative = np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs))
+    assert relative < tol, relative
+
+
+def _convert(reference: "torch.nn.Module", name: str, path) -> tuple[nnx.Module, weights.Pretrained]:
+    """`reference`'s state dict written to `path`, converted, and loaded into jaxclf's `name` in eval mode
+    (built without running its initialisers: their per-shape compiles take a minute on two cores)."""
+    state = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save(state, str(path))
+    params, info = weights.convert(str(path), name)
+    model = with_random_values(lambda: models.create(name, num_classes=info.num_classes, **info.model_options))
+    weights.apply(model, params)
+    model.eval()
+    return model, info
+
+
+# The larger sizes take seconds each to trace (b7: 55 blocks): they run with `make test-all`.
+FAST_COUNTS = ("efficientnet_b0", "efficientnet_b2", "tf_efficientnet_b0", *MOBILENETV3S, "convnext_atto",
+               "convnext_tiny")
+
+
+@pytest.mark.parametrize("name", [n if n in FAST_COUNTS else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in EFFICIENTNETS + MOBILENETV3S + CONVNEXTS])
+def test_param_count_equals_timm(name):
+    with torch.device("meta"):  # shapes only, nothing allocated
+        expected = sum(p.numel() for p in timm.create_model(name, num_classes=1000).parameters())
+    model = nnx.eval_shape(lambda: models.create(name, num_classes=1000))
+    assert sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))) == expected
+
+
+@pytest.mark.parametrize("name,size", [
+    ("efficientnet_b0", 67),
+    ("tf_efficientnet_b0", 64),  # even: TF "same" pads stride-2 convs at the bottom/right only
+    ("mobilenetv3_small_100", 67),
+    pytest.param("mobilenetv3_large_100", 64, marks=pytest.mark.slow),
+    ("convnext_atto", 64),  # conv_mlp: 1x1 convs
+    pytest.param("convnext_tiny", 64, marks=pytest.mark.slow),  # Linears (also checked from torchvision's file)
+])
+def test_timm_logits_match(name, size, tmp_path):
+    torch.manual_seed(0)
+    reference = randomize_norms(timm.create_model(name, pretrained=False, num_classes=7))
+    model, info = _convert(reference, name, tmp_path / "w.safetensors")
+    assert info.num_classes == 7 and info.source_format.startswith("timm_")
+    images = _images(size)
+    _assert_close(_logits(model, images), torch_logits(reference, images))
+
+
+@pytest.mark.parametrize("torchvision_name,name,source_format", [
+    ("efficientnet_b0", "efficientnet_b0", "torchvision_efficientnet"),
+    ("mobilenet_v3_large", "mobilenetv3_large_100", "torchvision_mobilenetv3"),
+    ("convnext_tiny", "convnext_tiny", "torchvision_convnext"),
+])
+def test_torchvision_logits_match(torchvision_name, name, source_format, tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    reference = randomize_norms(getattr(torchvision.models, torchvision_name)(num_classes=5))
+    model, info = _convert(reference, name, tmp_path / "w.pth")
+    assert info.source_format == source_format
+    images = _images(64)
+    _assert_close(_logits(model, images), torch_logits(reference, images))
+
+
+def test_torchvision_mobilenetv3_needs_its_batchnorm_eps(tmp_path):
+    import torchvision
+
+    reference = randomize_norms(torchvision.models.mobilenet_v3_small(num_classes=5))
+    model, info = _convert(reference, "mobilenetv3_small_100", tmp_path / "w.pth")
+    assert info.model_options == {"bn_eps": 1e-3}  # torchvision's; timm's is 1e-5
+    _assert_close(_logits(model, _images(64)), torch_logits(reference, _images(64)))
+
+
+def test_efficientnet_weights_carry_their_input_size(tmp_path):
+    reference = timm.create_model("efficientnet_b3", pretrained=False, num_classes=3)
+    params, info = weights.convert(_save(reference, tmp_path / "b3.safetensors"), "efficientnet_b3")
+    assert info.preprocessing["input_size"] == 300 and info.preprocessing["interpolation"] == "bicubic"
+
+
+def _save(reference, path) -> str:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_stages_split_the_forward_pass_for_grad_cam(name):
+    model = with_random_values(lambda: models.create(name, num_classes=4), spread=0.5)
+    model.eval()
+    images = jnp.asarray(_images(64))
+    for stage in (1, 2, 3, 4):  # strides 4, 8, 16, 32
+        shape = nnx.eval_shape(lambda m, x, s=stage: m.forward_features(x, s), model, images).shape
+        assert shape[1:3] == (64 // 2 ** (stage + 1),) * 2
+    whole, split = _jitted(model, lambda m, x: (m(x), m.forward_head(m.forward_features(x, 3), 3)), images)
+    np.testing.assert_allclose(split, whole, rtol=1e-5, atol=1e-5)
+    assert cam_stage(model, (1, 96, 96, 3)) == 3  # the deepest map of at least 4x4: 6x6 at 96 px
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_layer_ids_run_from_stem_to_head_one_per_block(name):
+    model = nnx.eval_shape(lambda: models.create(name, num_classes=4))
+    paths = list(tree_paths.flatten(nnx.state(model, nnx.Param)))
+    ids = {path: model.layer_id(path) for path in paths}
+    head = [p for p in paths if models.matches(p, model.head_paths())]
+    assert head and all(ids[p] == max(ids.values()) for p in head)
+    assert min(ids.values()) == 0 and sorted(set(ids.values())) == list(range(max(ids.values()) + 1))
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "convnext_atto"])  # MobileNetV3 has EfficientNet's blocks
+def test_stochastic_depth_drops_whole_branches_per_example_in_training_only(name):
+    model = with_random_values(lambda: models.create(name, num_classes=4, drop_path_rate=0.5))
+    images = jnp.asarray(np.repeat(_images(32, 1), 8, axis=0))  # 8 copies of one image
+    model.eval()
+    evaluated = _logits(model, images)
+    np.testing.assert_allclose(evaluated, np.repeat(evaluated[:1], 8, axis=0), rtol=1e-6)
+    model.train()
+    trained = _logits(model, images)
+    assert len({row.tobytes() for row in trained}) > 1  # each copy drew its own branches
