@@ -143,9 +143,6 @@ class ConvNeXt(Classifier):
             self.head.fc.kernel[...] *= head_init_scale
             self.head.fc.bias[...] *= head_init_scale
 
-    def __call__(self, images: jax.Array) -> jax.Array:
-        return self.forward_head(self.forward_features(images))
-
     def forward_features(self, images: jax.Array, stages: int = NUM_STAGES) -> jax.Array:
         """The feature map after the first `stages` stages, [B, h, w, C]."""
         conv, norm = self.stem

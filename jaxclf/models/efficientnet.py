@@ -267,9 +267,6 @@ class EfficientNet(Classifier):
         self.bn2 = _bn(features, variant, rngs=rngs, dtype=dtype)
         self.classifier = _classifier(features, num_classes, rngs=rngs)
 
-    def __call__(self, images: jax.Array) -> jax.Array:
-        return self.forward_head(self.forward_features(images))
-
     def forward_features(self, images: jax.Array, stages: int = NUM_STAGES) -> jax.Array:
         """The feature map after the first `stages` stages, [B, h, w, C]; with all of them, what timm's
         forward_features returns (for EfficientNet after conv_head/bn2)."""
