@@ -229,7 +229,7 @@ class EfficientNet(Classifier):
             raise ValueError(f"act={act!r}: use one of {', '.join(ACTIVATIONS)}")
         variant = dataclasses.replace(self.variant, bn_eps=bn_eps, padding=padding)
         conv = dict(rngs=rngs, dtype=dtype)
-        self.act = act
+        self.act, self.bn_eps, self.padding = act, bn_eps, padding
 
         def round_channels(channels: int) -> int:
             return make_divisible(channels * channel_multiplier)
