@@ -158,3 +158,52 @@ def test_stochastic_depth_drops_whole_branches_per_example_in_training_only(name
     model.train()
     trained = _logits(model, images)
     assert len({row.tobytes() for row in trained}) > 1  # each copy drew its own branches
+
+
+# Each family's small form (a few narrow blocks), for the steps that compile a train step; each has a
+# param of >= 2**14 values for FSDP to split (the head conv, the last MLP).
+SMALL_FORMS = {
+    "efficientnet_b0": dict(arch=(("ds_r1_k3_s1_e1_c16_se0.25",), ("ir_r1_k5_s2_e6_c24_se0.25",)), num_features=1024),
+    "mobilenetv3_small_100": dict(arch=(("ds_r1_k3_s2_e1_c16_se0.25_nre",), ("ir_r1_k5_s2_e4_c24_se0.25",),
+                                        ("cn_r1_k1_s1_c48",)), num_features=512),
+    "convnext_atto": dict(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64)),
+}
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_a_train_step_with_fsdp_ema_bf16_layer_decay_and_frozen_stem_and_bn(name):
+    """One bfloat16 step at 40 px (not the pretrained size) on 8 devices, params FSDP-split: the frozen stem
+    and the BatchNorm statistics stay, the rest moves, the EMA trails the params."""
+    from jaxclf import optim, sharding, steps
+    from jaxclf.config import base_config
+
+    model = with_random_values(lambda: models.create(name, num_classes=4, dtype=jnp.bfloat16, drop_path_rate=0.1,
+                                                      **SMALL_FORMS[name]))
+    config = base_config()
+    config.update(dict(dtype="bfloat16", ema_decay=0.5, freeze_bn_stats=True, param_sharding="fsdp"))
+    config.data.mean, config.data.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    config.optim.update(dict(name="adamw", lr=1e-2, layer_decay=0.5, freeze="^(conv_stem|bn1|stem)/"))
+    mesh = sharding.make_mesh(jax.devices())
+    tx, _ = optim.make_optimizer(config.optim, model, 10, 10)
+    graphdef, _, state = steps.create_train_state(model, tx, ema=True, freeze_bn_stats=True)
+    state_sharding = sharding.state_sharding(state, mesh, "fsdp")
+    before = jax.device_get(state)
+    state = jax.device_put(state, state_sharding)
+    step = steps.make_train_step(graphdef, tx, mesh, config, 4, state_sharding, steps.make_loss(config))
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (16, 40, 40, 3), dtype=np.uint8), "label": rng.integers(0, 4, 16).astype(np.int32)}
+    state, metrics = step(state, sharding.shard_batch(batch, mesh))
+    after = jax.device_get(state)
+    assert np.isfinite(float(metrics["loss"]))
+    params, old = tree_paths.flatten(after.params), tree_paths.flatten(before.params)
+    frozen = [p for p in params if p.split("/")[0] in ("conv_stem", "bn1", "stem")]
+    assert frozen and all(np.array_equal(params[p], old[p]) for p in frozen)
+    head = [p for p in params if models.matches(p, model.head_paths())]
+    assert all(not np.array_equal(params[p], old[p]) for p in head)
+    stats, old_stats = tree_paths.flatten(after.model_state), tree_paths.flatten(before.model_state)
+    assert all(np.array_equal(stats[p], old_stats[p]) for p in stats if p.endswith(("/mean", "/var")))
+    ema = tree_paths.flatten(after.ema_params)
+    moved = [p for p in head if not np.allclose(params[p], old[p])]
+    assert moved and all(not np.allclose(ema[p], params[p]) for p in moved)
+    assert any(len(leaf.sharding.device_set) == 8 and not leaf.sharding.is_fully_replicated
+               for leaf in jax.tree.leaves(state.params))  # FSDP split something
