@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxclf import models, tree_paths, weights
+from jaxclf import config as config_lib, models, resolve, tree_paths, weights
 from jaxclf.explain import cam_stage
+from hf_cache import add_repo, offline_hub  # noqa: F401 - offline_hub is a fixture
 from model_helpers import with_random_values
 from test_models import CONVNEXTS, EFFICIENTNETS, MOBILENETV3S
 
@@ -207,3 +208,23 @@ def test_a_train_step_with_fsdp_ema_bf16_layer_decay_and_frozen_stem_and_bn(name
     assert moved and all(not np.allclose(ema[p], params[p]) for p in moved)
     assert any(len(leaf.sharding.device_set) == 8 and not leaf.sharding.is_fully_replicated
                for leaf in jax.tree.leaves(state.params))  # FSDP split something
+
+
+@pytest.mark.parametrize("config_file, repo, architecture, mean", [
+    ("configs/edge.py", "timm/mobilenetv3_large_100.ra_in1k", "mobilenetv3_large_100", (0.485, 0.456, 0.406)),
+    ("configs/convnext.py", "timm/convnext_tiny.in12k_ft_in1k", "convnext_tiny", (0.485, 0.456, 0.406)),
+])
+def test_family_configs_resolve_with_their_hub_weights(config_file, repo, architecture, mean, offline_hub, tmp_path):
+    """The config's hub name, from an offline cache holding timm's files for it: the weights fit the model the
+    config names, and their preprocessing fills the config."""
+    timm.models._hub.save_for_hf(timm.create_model(architecture, num_classes=1000), str(tmp_path / "files"),
+                                 safe_serialization=True)
+    add_repo(offline_hub, repo, str(tmp_path / "files"))
+    config = config_lib.load_config(config_file)
+    resolved = resolve.resolve(config, "cpu")
+    params, info = resolved.pretrained
+    assert info.model_name == config.model_name == architecture and info.num_classes == 1000
+    assert tuple(resolved.config.data.mean) == mean and resolved.config.dtype == "float32"
+    model = nnx.eval_shape(lambda: models.create_model(resolved.config, 1000))
+    shapes = {k: v.shape for k, v in tree_paths.flatten(nnx.state(model, nnx.Not(nnx.RngState))).items()}
+    assert {k: v.shape for k, v in params.items()} == shapes  # every weight has its place, and no more
