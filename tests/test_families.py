@@ -228,3 +228,48 @@ def test_family_configs_resolve_with_their_hub_weights(config_file, repo, archit
     model = nnx.eval_shape(lambda: models.create_model(resolved.config, 1000))
     shapes = {k: v.shape for k, v in tree_paths.flatten(nnx.state(model, nnx.Not(nnx.RngState))).items()}
     assert {k: v.shape for k, v in params.items()} == shapes  # every weight has its place, and no more
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("teacher_name, student_name", [("convnext_atto", "mobilenetv3_small_100"),
+                                                        ("mobilenetv3_small_100", "convnext_atto")])
+def test_distillation_step_between_families_equals_numpy(teacher_name, student_name):
+    """A train step's loss, (1 - alpha) * cross-entropy + alpha * T^2 KL(teacher || student), against the two
+    models run directly: the teacher in eval mode on its own mean/std, the student in train mode."""
+    from jaxclf import distill, optim, sharding, steps
+    from jaxclf.config import base_config
+
+    alpha, temperature = 0.5, 2.0
+    student_norm, teacher_norm = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    teacher_model = with_random_values(lambda: models.create(teacher_name, num_classes=4, **SMALL_FORMS[teacher_name]),
+                                       seed=1, spread=0.5)
+    teacher = distill.Teacher.from_model("distill", teacher_model, mean=teacher_norm[0], std=teacher_norm[1])
+    student = with_random_values(lambda: models.create(student_name, num_classes=4, **SMALL_FORMS[student_name]),
+                                 spread=0.5)
+    config = base_config()
+    config.data.mean, config.data.std = student_norm
+    config.optim.update(dict(name="sgd", lr=0.1))
+    config.distill.update(dict(teacher="in-memory", alpha=alpha, temperature=temperature, mode="soft"))
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    tx, _ = optim.make_optimizer(config.optim, student, 1, 1)
+    graphdef, _, state = steps.create_train_state(student, tx)
+    state_sharding = sharding.state_sharding(state, mesh, config.param_sharding)
+    step = steps.make_train_step(graphdef, tx, mesh, config, 4, state_sharding, steps.make_loss(config, teacher=teacher))
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), "label": rng.integers(0, 4, 8).astype(np.int32)}
+    student_logits = np.asarray(_jitted(nnx.merge(graphdef, state.params, state.model_state), lambda m, x: m(x),
+                                        (batch["image"] / 255.0 - student_norm[0]) / np.asarray(student_norm[1])),
+                                np.float64)
+    teacher_logits = np.asarray(_jitted(teacher_model, lambda m, x: m(x),
+                                        (batch["image"] / 255.0 - teacher_norm[0]) / np.asarray(teacher_norm[1])),
+                                np.float64)
+    _, metrics = step(jax.device_put(state, state_sharding), sharding.shard_batch(batch, mesh))
+    cross_entropy = -_log_softmax(student_logits)[np.arange(8), batch["label"]].mean()
+    p_teacher = np.exp(_log_softmax(teacher_logits / temperature))
+    kl = (p_teacher * (_log_softmax(teacher_logits / temperature) - _log_softmax(student_logits / temperature))).sum(-1)
+    expected = (1 - alpha) * cross_entropy + alpha * temperature**2 * kl.mean()
+    assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-4)
