@@ -40,9 +40,8 @@ def _assert_close(ours, theirs, tol=1e-4):
     assert relative < tol, relative
 
 
-def _convert(reference: "torch.nn.Module", name: str, path) -> tuple[nnx.Module, weights.Pretrained]:
-    """`reference`'s state dict written to `path`, converted, and loaded into jaxclf's `name` in eval mode
-    (built without running its initialisers: their per-shape compiles take a minute on two cores)."""
+def _save(reference: "torch.nn.Module", path) -> str:
+    """`reference`'s state dict as `.safetensors` or a torch file, by `path`'s suffix."""
     state = {k: v.contiguous() for k, v in reference.state_dict().items()}
     if str(path).endswith(".safetensors"):
         from safetensors.torch import save_file
@@ -50,7 +49,13 @@ def _convert(reference: "torch.nn.Module", name: str, path) -> tuple[nnx.Module,
         save_file(state, str(path))
     else:
         torch.save(state, str(path))
-    params, info = weights.convert(str(path), name)
+    return str(path)
+
+
+def _convert(reference: "torch.nn.Module", name: str, path) -> tuple[nnx.Module, weights.Pretrained]:
+    """`reference`'s state dict written to `path`, converted, and loaded into jaxclf's `name` in eval mode
+    (built without running its initialisers: their per-shape compiles take a minute on two cores)."""
+    params, info = weights.convert(_save(reference, path), name)
     model = with_random_values(lambda: models.create(name, num_classes=info.num_classes, **info.model_options))
     weights.apply(model, params)
     model.eval()
@@ -119,11 +124,6 @@ def test_efficientnet_weights_carry_their_input_size(tmp_path):
     assert info.preprocessing["input_size"] == 300 and info.preprocessing["interpolation"] == "bicubic"
 
 
-def _save(reference, path) -> str:
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
-    return str(path)
 
 
 @pytest.mark.parametrize("name", SMALL)
