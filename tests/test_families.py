@@ -235,8 +235,10 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-@pytest.mark.parametrize("teacher_name, student_name", [("convnext_atto", "mobilenetv3_small_100"),
-                                                        ("mobilenetv3_small_100", "convnext_atto")])
+@pytest.mark.parametrize("teacher_name, student_name", [
+    ("convnext_atto", "mobilenetv3_small_100"),
+    pytest.param("mobilenetv3_small_100", "convnext_atto", marks=pytest.mark.slow),  # the other way: make test-all
+])
 def test_distillation_step_between_families_equals_numpy(teacher_name, student_name):
     """A train step's loss, (1 - alpha) * cross-entropy + alpha * T^2 KL(teacher || student), against the two
     models run directly: the teacher in eval mode on its own mean/std, the student in train mode."""
