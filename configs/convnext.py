@@ -3,7 +3,7 @@
 
     python -m jaxclf.train --config configs/convnext.py --config.data.root=/path/to/images   # -> runs/convnext
 
-The weights are timm's `timm/convnext_tiny.in12k_ft_in1k` (84.2% top-1 on ImageNet-1k at 224 px), from the
+The weights are timm's `timm/convnext_tiny.in12k_ft_in1k` (timm publishes 84.2% ImageNet-1k top-1), from the
 Hugging Face hub on first use, converted once; any ConvNeXt size takes the same recipe
 (--config.model_name=convnext_small --config.model_init=timm/convnext_small.in12k_ft_in1k).
 The recipe is ConvNeXt's fine-tuning one (Liu et al., 2022, and timm's): AdamW, layer-wise lr decay 0.8

@@ -4,9 +4,10 @@ image folder (train/<class>/*, val/<class>/*), then export it to int8 ONNX.
     python -m jaxclf.train --config configs/edge.py --config.data.root=/path/to/images   # -> runs/edge
     python -m jaxclf.export --workdir runs/edge --format onnx --quantize int8 --calibration 256 --out edge_int8.onnx
 
-The weights are timm's MobileNetV3-Large 1.0 (`timm/mobilenetv3_large_100.ra_in1k`, ImageNet-1k, 75.8% top-1),
-from the Hugging Face hub on first use, converted once (mean/std and crop come with them); 5.5 M parameters,
-0.22 GFLOPs at 224 px, a ~21 MB float32 ONNX file and about a quarter of that in int8. The recipe: AdamW
+The weights are timm's MobileNetV3-Large 1.0 (`timm/mobilenetv3_large_100.ra_in1k`, ImageNet-1k; timm
+publishes 75.8% top-1), from the Hugging Face hub on first use, converted once (mean/std and crop come with
+them); 5.48 M parameters (22 MB as float32, so the int8 file is roughly a quarter of that), 219 M
+multiply-adds at 224 px (the paper's count). The recipe: AdamW
 with warmup and cosine decay, label smoothing, dropout 0.2 before the classifier as timm trains it, and an
 EMA of the weights (small nets gain from it; the best checkpoint is chosen by val_ema/accuracy).
 Expected result: not measured on this repository's machines (they reach no hub); a fine-tune of these
