@@ -111,7 +111,8 @@ def table(results: dict, size: int, batch: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="resnet18,resnet50,vit_small_patch16_224")
+    parser.add_argument("--models", default="resnet18,resnet50,vit_small_patch16_224,efficientnet_b0,"
+                                            "mobilenetv3_large_100,convnext_tiny")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=32, help="images per call for throughput")
     parser.add_argument("--rounds", type=int, default=3)

@@ -195,7 +195,8 @@ def spawn(framework: str, model: str, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="resnet18,resnet50,vit_small_patch16_224,vit_base_patch16_224")
+    parser.add_argument("--models", default="resnet18,resnet50,vit_small_patch16_224,vit_base_patch16_224,"
+                                            "efficientnet_b0,mobilenetv3_large_100,convnext_tiny")
     parser.add_argument("--frameworks", default=",".join(FRAMEWORKS))
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=224)

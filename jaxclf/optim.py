@@ -118,6 +118,12 @@ def _update_rule(optim: ml_collections.ConfigDict, schedule: optax.Schedule, wei
     raise OptimConfigError(f"config.optim.name={optim.name!r}: use 'sgd', 'adamw', 'lamb' or 'lion'")
 
 
+def _scale(updates, multipliers):
+    """`updates` times `multipliers`, leaf by leaf; under `optim.freeze` (optax.partition) frozen leaves
+    arrive as `optax.MaskedNode` and stay so."""
+    return jax.tree.map(lambda m, u: u if isinstance(u, optax.MaskedNode) else u * m, multipliers, updates)
+
+
 def make_optimizer(
     optim: ml_collections.ConfigDict, model: models.Classifier, total_steps: int, steps_per_epoch: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -133,7 +139,7 @@ def make_optimizer(
     chain.append(_update_rule(optim, schedule, weight_decay_mask(model)))
     if optim.layer_decay or optim.head_lr_mult != 1.0:
         multipliers = lr_multipliers(optim, model)
-        chain.append(optax.stateless(lambda updates, _: jax.tree.map(jnp.multiply, updates, multipliers)))
+        chain.append(optax.stateless(lambda updates, _: _scale(updates, multipliers)))
     tx = optax.chain(*chain)
     if optim.freeze:
         frozen = frozen_mask(optim, nnx.state(model, nnx.Param))

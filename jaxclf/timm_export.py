@@ -1,4 +1,4 @@
-"""A fine-tuned ResNet, ViT or BiT back to PyTorch: a timm-named `.safetensors` state dict and the
+"""A fine-tuned ResNet, ViT, BiT, EfficientNet, MobileNetV3 or ConvNeXt back to PyTorch: a timm-named `.safetensors` state dict and the
 `timm.create_model(...)` call that loads it (`python -m jaxclf.export --format timm`).
 
 The names come from each family's `NameTable` in jaxclf/weights (the one the converters read
@@ -17,8 +17,9 @@ import numpy as np
 from flax import nnx
 
 from jaxclf import inference, tree_paths
-from jaxclf.models import resnet, resnetv2, vit
-from jaxclf.weights import bit as bit_weights, resnet as resnet_weights, torch_names, vit as vit_weights
+from jaxclf.models import convnext, efficientnet, resnet, resnetv2, vit
+from jaxclf.weights import bit as bit_weights, convnext as convnext_weights, efficientnet as efficientnet_weights
+from jaxclf.weights import resnet as resnet_weights, torch_names, vit as vit_weights
 
 
 class TimmExportError(ValueError):
@@ -55,11 +56,20 @@ def _vit_kwargs(model: vit.VisionTransformer) -> dict:
             "reg_tokens": model.num_reg_tokens, "no_embed_class": model.no_embed_class}
 
 
+def _efficientnet_kwargs(model: efficientnet.EfficientNet) -> dict:
+    """The port's numerics, where they are not timm's defaults (timm's builders take both)."""
+    kwargs = {"pad_type": "same"} if model.padding == "same" else {}
+    return {**kwargs, "bn_eps": model.bn_eps} if model.bn_eps != 1e-5 else kwargs
+
+
 # model class -> (name table, the timm keyword arguments its options imply)
 _FAMILIES: dict[type, tuple[torch_names.NameTable, Callable[[nnx.Module], dict]]] = {
     resnet.ResNet: (resnet_weights.TABLE, _no_options),
     vit.VisionTransformer: (vit_weights.TABLE, _vit_kwargs),
     resnetv2.ResNetV2: (bit_weights.TABLE, _no_options),
+    efficientnet.EfficientNet: (efficientnet_weights.TABLE, _efficientnet_kwargs),
+    efficientnet.MobileNetV3: (efficientnet_weights.TABLE, _efficientnet_kwargs),
+    convnext.ConvNeXt: (convnext_weights.TABLE, _no_options),
 }
 
 

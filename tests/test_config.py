@@ -7,7 +7,8 @@ from jaxclf import config as config_lib
 QUICKSTART = "configs/quickstart.py"
 
 
-CONFIGS = ["configs/quickstart.py", "configs/resnet50.py", "configs/vit_b.py", "configs/small_folder.py"] + [
+CONFIGS = ["configs/quickstart.py", "configs/resnet50.py", "configs/vit_b.py", "configs/small_folder.py",
+           "configs/edge.py", "configs/convnext.py"] + [
     f"configs/vit_transfer.py:{m},{d}" for m in ("b32", "b16") for d in ("cifar10", "cifar100", "pets", "flowers")
 ] + [f"configs/bit_hyperrule.py:{d}" for d in ("cifar10", "cifar100", "pets", "flowers", "folder", "folder:60000")]
 

@@ -86,8 +86,21 @@ ONNX_MODELS = {
     "resnet50": _registered("resnet50"),
     "vit_small_patch16_224": _registered("vit_small_patch16_224", img_size=32),
     "resnetv2_50x1_bit": _registered("resnetv2_50x1_bit"),
+    # Depthwise (grouped) convs, SiLU, squeeze-excitation; TF "same" padding; hard-swish and hard-sigmoid;
+    # LayerNorm over channels, 1x1-conv MLP, layer scale.
+    "efficientnet": _registered("efficientnet_b0", arch=(("ds_r1_k3_s1_e1_c16_se0.25",), ("ir_r1_k5_s2_e6_c24_se0.25",)),
+                                num_features=64),
+    "tf_efficientnet": _registered("tf_efficientnet_b0", arch=(("ir_r1_k3_s2_e6_c24_se0.25",),), num_features=64),
+    "mobilenetv3": _registered("mobilenetv3_small_100", arch=(("ds_r1_k3_s2_e1_c16_se0.25_nre",),
+                                                                ("ir_r1_k5_s2_e4_c24_se0.25",), ("cn_r1_k1_s1_c48",)),
+                               num_features=64),
+    "convnext": _registered("convnext_atto", depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)),
+    "efficientnet_b0": _registered("efficientnet_b0"),
+    "mobilenetv3_large_100": _registered("mobilenetv3_large_100"),
+    "convnext_tiny": _registered("convnext_tiny"),
 }
-SLOW_ONNX_MODELS = ("resnet50", "vit_small_patch16_224", "resnetv2_50x1_bit")
+SLOW_ONNX_MODELS = ("resnet50", "vit_small_patch16_224", "resnetv2_50x1_bit", "efficientnet_b0",
+                    "mobilenetv3_large_100", "convnext_tiny")
 
 
 # (cpu kernels in the default run: test_a_runs_cpu_kernels_are_exported_in_their_plain_form; every family: make test-all)

@@ -86,10 +86,15 @@ HUB_MODELS = {
                                                        "vit_tiny_patch16_224", [0.5, 0.5, 0.5]),
     "timm/resnet18.a1_in1k": (lambda d: _timm_repo(d, "resnet18"), "resnet18", [0.485, 0.456, 0.406]),
     "google/vit-tiny-test": (_transformers_repo, "vit_tiny_patch16_224", [0.5, 0.5, 0.5]),
+    "timm/mobilenetv3_small_100.lamb_in1k": (lambda d: _timm_repo(d, "mobilenetv3_small_100"), "mobilenetv3_small_100",
+                                             [0.485, 0.456, 0.406]),
 }
+# Longer variants (the same path as timm's ViT and ResNet above), for make test-all.
+SLOW_HUB_MODELS = ("timm/mobilenetv3_small_100.lamb_in1k",)
 
 
-@pytest.mark.parametrize("name", list(HUB_MODELS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_HUB_MODELS else n
+                                  for n in HUB_MODELS])
 def test_hub_weights_from_an_offline_cache_match_the_reference(name, offline_hub, tmp_path, monkeypatch):
     make_files, model_name, mean = HUB_MODELS[name]
     reference = make_files(tmp_path / "files")

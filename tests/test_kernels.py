@@ -2,8 +2,9 @@
 
 Each family is built once with random values, then run with kernels="plain" and with each fast
 set on the same params (kernels change formulations, never params). float32 on CPU: losses agree
-to 1e-5 relative, each gradient leaf to 1e-4 of its norm (summation order differs between the
-formulations; a wrong formula is off by far more).
+to 1e-5 relative, each gradient leaf to 1e-4 of its norm, or of 1e-3 of the whole gradient's norm
+where the leaf's is smaller (summation order differs between the formulations; a wrong formula is
+off by far more).
 """
 
 import jax
@@ -26,6 +27,12 @@ FAMILIES = {
     "resnet50": dict(depths=(1, 1, 1, 1)),
     "resnetv2_50x1_bit": dict(depths=(1, 1, 1, 1)),
     "vit_tiny_patch16_224": dict(img_size=32, patch_size=8, depth=2, reg_tokens=2),
+    # One block per stage, narrow: depthwise (grouped) convs, SE, and 1x1 maps at 32 px.
+    "efficientnet_b0": dict(arch=(("ds_r1_k3_s1_e1_c16_se0.25",), ("ir_r1_k3_s2_e6_c24_se0.25",),
+                                  ("ir_r1_k5_s2_e6_c40_se0.25",)), channel_multiplier=0.5, num_features=64),
+    "mobilenetv3_small_100": dict(arch=(("ds_r1_k3_s2_e1_c16_se0.25_nre",), ("ir_r1_k5_s2_e4_c24_se0.25",),
+                                        ("cn_r1_k1_s1_c48",)), num_features=64),
+    "convnext_atto": dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)),
 }
 
 
@@ -62,6 +69,9 @@ def test_fast_kernels_compute_the_plain_loss_and_gradients(name):
     labels = jnp.asarray(rng.integers(0, 5, 4))
     reference_loss, reference_grads = _loss_and_grads(plain, images, labels)
     reference = {k: np.asarray(v) for k, v in nnx.to_flat_state(reference_grads)}
+    # A leaf whose gradient is zero in exact arithmetic (a bias before a conv and a batch-normalising
+    # BatchNorm, as in EfficientNet's blocks) holds rounding noise: compare it to the whole gradient.
+    floor = 1e-3 * np.sqrt(sum(np.sum(g**2) for g in reference.values()))
     for kernel_set in FAST_SETS:
         fast = nnx.eval_shape(lambda: models.create(name, num_classes=5, kernels=kernel_set, **options))
         fast.train()
@@ -70,7 +80,7 @@ def test_fast_kernels_compute_the_plain_loss_and_gradients(name):
         np.testing.assert_allclose(loss, reference_loss, rtol=1e-5, err_msg=f"{name} kernels={kernel_set}")
         for path, grad in nnx.to_flat_state(grads):
             expected = reference[path]
-            error = np.linalg.norm(np.asarray(grad) - expected) / max(np.linalg.norm(expected), 1e-12)
+            error = np.linalg.norm(np.asarray(grad) - expected) / max(np.linalg.norm(expected), floor)
             assert error < 1e-4, f"{name} kernels={kernel_set}: gradient of {'/'.join(map(str, path))} off by {error:.2g}"
 
 

@@ -74,9 +74,11 @@ def test_weight_decay_shrinks_only_masked_params(name):
 
 @pytest.mark.parametrize("name, num_layer_ids", [
     ("resnet18", 6), ("resnet50", 6), ("resnetv2_50x1_bit", 6), ("vit_tiny_patch16_224", 14),
+    # One id per block, as timm's fine-grained groups: 16 + stem + head; 12 + 2; 12 + 2.
+    ("efficientnet_b0", 18), ("mobilenetv3_small_100", 14), ("convnext_atto", 14),
 ])
 def test_layer_decay_gives_every_stage_its_own_rate(name, num_layer_ids):
-    """Stem 0, one id per stage (ResNets, BiT's `stages/i`) or block (ViTs), the head on top."""
+    """Stem 0, one id per stage (ResNets, BiT's `stages/i`) or block (ViTs, EfficientNets, ConvNeXts), the head on top."""
     model = nnx.eval_shape(lambda: models.create(name, num_classes=4))
     multipliers = _names(optim.lr_multipliers(_optim(layer_decay=0.5), model))
     assert sorted(set(multipliers.values())) == [0.5**i for i in reversed(range(num_layer_ids))]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxclf import config as config_lib, export, inference, models
-from jaxclf.weights import bit, resnet, torch_names, vit
+from jaxclf.weights import bit, convnext, efficientnet, resnet, torch_names, vit
 from tests.model_helpers import with_random_values
 
 torch = pytest.importorskip("torch")
@@ -27,6 +27,9 @@ def _in_memory(name: str, size: int, **options) -> inference.TrainedModel:
     pytest.param("resnet50", {}, marks=pytest.mark.slow),
     ("vit_small_patch16_224", {"img_size": 32}),
     pytest.param("resnetv2_50x1_bit", {}, marks=pytest.mark.slow),  # 55 s under load: make test-all
+    ("tf_efficientnet_b0", {}),  # TF padding and BN eps: timm kwargs in the printed call
+    ("mobilenetv3_small_100", {}),
+    ("convnext_atto", {}),
 ])
 def test_the_printed_create_model_call_reproduces_the_logits(name, options, tmp_path):
     trained = _in_memory(name, 32, **options)
@@ -40,7 +43,7 @@ def test_the_printed_create_model_call_reproduces_the_logits(name, options, tmp_
     with torch.no_grad():
         theirs = model(torch.from_numpy(normalised.transpose(0, 3, 1, 2).astype(np.float32))).numpy()
     ours = trained.logits(images)
-    assert np.abs(ours).max() > 0.5
+    assert np.abs(ours).max() > 0.2  # random weights that reach the logits (deep SE nets at 32 px: ~0.3)
     np.testing.assert_allclose(theirs, ours, atol=1e-4 * np.abs(ours).max())
 
 
@@ -48,6 +51,8 @@ def test_the_printed_create_model_call_reproduces_the_logits(name, options, tmp_
     (resnet.TABLE, lambda: timm.create_model("resnet18", num_classes=3)),
     (vit.TABLE, lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=3, reg_tokens=2)),
     (bit.TABLE, lambda: timm.create_model("resnetv2_50x1_bit", num_classes=3)),
+    (efficientnet.TABLE, lambda: timm.create_model("mobilenetv3_large_100", num_classes=3)),
+    (convnext.TABLE, lambda: timm.create_model("convnext_atto", num_classes=3)),
 ])
 def test_a_name_table_read_then_written_gives_timms_state_dict_back(table, make):
     state = {k: v.numpy() for k, v in make().state_dict().items()}

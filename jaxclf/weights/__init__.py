@@ -22,7 +22,8 @@ import numpy as np
 from flax import nnx
 
 from jaxclf import models, progress, tree_paths
-from jaxclf.weights import bit, cache, files, hub, resnet, surgery, vit, workdir
+from jaxclf.models import efficientnet as efficientnet_models
+from jaxclf.weights import bit, cache, convnext, efficientnet, files, hub, resnet, surgery, vit, workdir
 from jaxclf.weights.files import WeightsError
 
 INFO_FILE = "pretrained.json"
@@ -40,6 +41,7 @@ class SourceFormat:
     detect: Callable[[dict], bool]
     convert: Callable[[dict], dict]
     preprocessing: dict
+    model_options: dict = dataclasses.field(default_factory=dict)  # what the file's model needs beyond its name
 
 
 FORMATS = (
@@ -51,6 +53,18 @@ FORMATS = (
     SourceFormat("vit_npz", vit.is_npz, vit.from_npz, {**INCEPTION, "interpolation": "bilinear", "crop_pct": 1.0}),
     SourceFormat("timm_bit", bit.is_timm, bit.from_timm, {**INCEPTION, "interpolation": "bilinear", "crop_pct": 1.0}),
     SourceFormat("bit_npz", bit.is_npz, bit.from_npz, {**INCEPTION, "interpolation": "bilinear", "crop_pct": 1.0}),
+    SourceFormat("timm_efficientnet", efficientnet.is_timm, efficientnet.from_timm,
+                 {**IMAGENET, "interpolation": "bicubic", "crop_pct": 0.875}),
+    SourceFormat("torchvision_efficientnet", efficientnet.is_torchvision_efficientnet,
+                 efficientnet.from_torchvision_efficientnet, {**IMAGENET, "interpolation": "bicubic", "crop_pct": 0.875}),
+    # torchvision's MobileNetV3 BatchNorm has eps 1e-3 (timm's 1e-5).
+    SourceFormat("torchvision_mobilenetv3", efficientnet.is_torchvision_mobilenetv3,
+                 efficientnet.from_torchvision_mobilenetv3, {**IMAGENET, "interpolation": "bilinear", "crop_pct": 0.875},
+                 model_options={"bn_eps": 1e-3}),
+    SourceFormat("timm_convnext", convnext.is_timm, convnext.from_timm,
+                 {**IMAGENET, "interpolation": "bicubic", "crop_pct": 0.875}),
+    SourceFormat("torchvision_convnext", convnext.is_torchvision, convnext.from_torchvision,
+                 {**IMAGENET, "interpolation": "bilinear", "crop_pct": 0.875}),
 )
 
 
@@ -97,7 +111,7 @@ def convert(source: str, model_name: str = "", format_name: str = "") -> tuple[d
         raise WeightsError(f"{path}: name the model it holds with --model (one of jaxclf.models.list_models())")
     if model_name not in models.list_models():
         raise WeightsError(f"--model {model_name!r} is not a jaxclf model; see jaxclf.models.list_models()")
-    options = {**hub.model_options_from_config(sidecar), **_options_from_params(params)}
+    options = {**fmt.model_options, **hub.model_options_from_config(sidecar), **_options_from_params(params)}
     if fmt.name == "vit_npz":
         options.update(vit.npz_model_options(tensors))
     preprocessing = {**fmt.preprocessing, "input_size": _input_size(model_name, options),
@@ -146,6 +160,8 @@ def _is_square(n: int) -> bool:
 def _input_size(model_name: str, options: dict) -> int:
     if "img_size" in options:
         return int(options["img_size"])
+    if model_name in efficientnet_models.INPUT_SIZES:
+        return efficientnet_models.INPUT_SIZES[model_name]
     return 384 if model_name.endswith("_384") else 224
 
 

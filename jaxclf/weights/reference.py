@@ -8,6 +8,10 @@ import numpy as np
 from jaxclf.weights import files
 
 
+# jaxclf (timm) model names whose torchvision counterpart is named otherwise.
+_TORCHVISION_NAMES = {"mobilenetv3_large_100": "mobilenet_v3_large", "mobilenetv3_small_100": "mobilenet_v3_small"}
+
+
 def reference_logits(path: str, source_format: str, model_name: str, model_options: dict, num_classes: int,
                      images: np.ndarray) -> np.ndarray:
     """Logits of the original model on `images` (normalised float32 [B, H, W, 3])."""
@@ -28,10 +32,11 @@ def _build(path, source_format, model_name, model_options, num_classes):
         return transformers.AutoModelForImageClassification.from_pretrained(path)
     import timm
 
-    if source_format == "torchvision":
+    if source_format.startswith("torchvision"):
         import torchvision
 
-        model = getattr(torchvision.models, model_name)(num_classes=num_classes)
+        name = _TORCHVISION_NAMES.get(model_name, model_name)
+        model = getattr(torchvision.models, name)(num_classes=num_classes)
     else:
         kwargs = {"img_size": model_options["img_size"]} if "img_size" in model_options else {}
         model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kwargs)

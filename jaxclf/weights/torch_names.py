@@ -20,8 +20,10 @@ from jaxclf.weights.files import WeightsError
 
 # Buffers PyTorch keeps that have no counterpart in jaxclf.
 _SKIPPED = ("num_batches_tracked",)
-_LEAVES = {"bias": "bias", "running_mean": "mean", "running_var": "var"}
-_TORCH_LEAVES = {"bias": "bias", "mean": "running_mean", "var": "running_var", "scale": "weight", "kernel": "weight"}
+# `gamma`: timm's layer scale (ConvNeXt), the same name on both sides.
+_LEAVES = {"bias": "bias", "running_mean": "mean", "running_var": "var", "gamma": "gamma"}
+_TORCH_LEAVES = {"bias": "bias", "mean": "running_mean", "var": "running_var", "scale": "weight", "kernel": "weight",
+                 "gamma": "gamma"}
 
 
 @dataclasses.dataclass(frozen=True)
