@@ -139,4 +139,4 @@ def _check_name(name: str) -> None:
 
 
 # Imported last because the model files call `register` while being imported.
-from jaxclf.models import resnet, resnetv2, vit  # noqa: E402,F401
+from jaxclf.models import eva, resnet, resnetv2, vit  # noqa: E402,F401
