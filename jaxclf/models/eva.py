@@ -123,6 +123,7 @@ class EvaBlock(nnx.Module):
 class Eva(VisionTransformer):
     """EVA-02 classifier. images: float32[B, img_size, img_size, 3] -> logits: float32[B, num_classes].
 
+    `global_pool` is 'avg' (EVA-02's, with `fc_norm`), 'token' or 'map' as in `VisionTransformer`.
     `qkv_fused` (tiny, small) holds q, k, v in one `qkv` with `q_bias`/`v_bias`; `sub_ln` (base) adds the
     LayerNorm inside the MLP. The rotary angles follow the image size (stretched onto the 16 x 16 grid of
     pretraining, as timm's `ref_feat_shape`), so only the learned `pos_embed` needs resampling at load.
@@ -144,13 +145,14 @@ class Eva(VisionTransformer):
         mlp_ratio: float = 4 * 2 / 3,
         qkv_fused: bool = True,
         sub_ln: bool = False,
+        global_pool: str = "avg",
         norm_eps: float = 1e-6,
     ):
         self.qkv_fused = qkv_fused
         self.sub_ln = sub_ln
         super().__init__(num_classes=num_classes, patch_size=patch_size, width=width, depth=depth, num_heads=num_heads,
                          rngs=rngs, dtype=dtype, img_size=img_size, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-                         global_pool="avg", norm_eps=norm_eps, mlp_ratio=mlp_ratio)
+                         global_pool=global_pool, norm_eps=norm_eps, mlp_ratio=mlp_ratio)
 
     def _block(self, width: int, num_heads: int, mlp_hidden: int, drop_path: float, norm_eps: float, *,
                init_values: float, act: str, rngs: nnx.Rngs, dtype: Any, kernels: str) -> nnx.Module:
