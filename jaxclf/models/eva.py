@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxclf.models import layers, register
+from jaxclf.models import layers
+from jaxclf.models.base import register
 from jaxclf.models.vit import VisionTransformer, _dropout, _layer_norm, _linear
 
 # EVA-02's rotary grid is the 224 px pretraining grid (16 x 16 patches of 14): other resolutions
@@ -155,7 +156,7 @@ class Eva(VisionTransformer):
                          global_pool=global_pool, norm_eps=norm_eps, mlp_ratio=mlp_ratio)
 
     def _block(self, width: int, num_heads: int, mlp_hidden: int, drop_path: float, norm_eps: float, *,
-               init_values: float, act: str, rngs: nnx.Rngs, dtype: Any, kernels: str) -> nnx.Module:
+               init_values: float, act: str, rngs: nnx.Rngs, dtype: Any) -> nnx.Module:
         return EvaBlock(width, num_heads, mlp_hidden, drop_path, norm_eps, qkv_fused=self.qkv_fused,
                         sub_ln=self.sub_ln, rngs=rngs, dtype=dtype)
 

@@ -20,19 +20,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxclf import kernels as kernels_lib
 from jaxclf.kernels import xla_cpu
-from jaxclf.models import Classifier, layers, register
+from jaxclf.models import layers
+from jaxclf.models.base import Classifier, register
 
 _init = nnx.initializers.truncated_normal(0.02)
 # torch nn.Conv2d's default weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as in timm.
 _patch_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def _linear(din: int, dout: int, *, rngs: nnx.Rngs, dtype: Any, kernels: str = "plain") -> layers.Linear:
+def _linear(din: int, dout: int, *, rngs: nnx.Rngs, dtype: Any) -> layers.Linear:
     """Linear with trunc-normal(0.02) kernel, zero bias, float32 params."""
     return layers.Linear(din, dout, kernel_init=_init, bias_init=nnx.initializers.zeros, dtype=dtype,
-                         param_dtype=jnp.float32, kernels=kernels, rngs=rngs)
+                         param_dtype=jnp.float32, rngs=rngs)
 
 
 def _layer_norm(dim: int, eps: float, *, rngs: nnx.Rngs, dtype: Any) -> nnx.LayerNorm:
@@ -67,12 +67,11 @@ class Attention(nnx.Module):
     [B, heads, N, N] as `nnx.Intermediate` "weights" for `nnx.capture`.
     """
 
-    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any, kernels: str = "plain"):
+    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any):
         self.num_heads = num_heads
-        self.kernels = kernels
         self.sow_weights = False
-        self.qkv = _linear(dim, 3 * dim, rngs=rngs, dtype=dtype, kernels=kernels)
-        self.proj = _linear(dim, dim, rngs=rngs, dtype=dtype, kernels=kernels)
+        self.qkv = _linear(dim, 3 * dim, rngs=rngs, dtype=dtype)
+        self.proj = _linear(dim, dim, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, d = x.shape
@@ -80,17 +79,16 @@ class Attention(nnx.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
         if self.sow_weights:
             self.sow(nnx.Intermediate, "weights", layers.attention_weights(qkv).astype(jnp.float32))
-        return self.proj(layers.attention(qkv, kernels=self.kernels).reshape(b, n, d))
+        return self.proj(layers.attention(qkv).reshape(b, n, d))
 
 
 class Mlp(nnx.Module):
     """fc1 -> activation (`ACTIVATIONS[act]`) -> fc2. x: [B, N, D] -> [B, N, D]."""
 
-    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype: Any, act: str = "gelu",
-                 kernels: str = "plain"):
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype: Any, act: str = "gelu"):
         self.act = act
-        self.fc1 = _linear(dim, hidden, rngs=rngs, dtype=dtype, kernels=kernels)
-        self.fc2 = _linear(hidden, dim, rngs=rngs, dtype=dtype, kernels=kernels)
+        self.fc1 = _linear(dim, hidden, rngs=rngs, dtype=dtype)
+        self.fc2 = _linear(hidden, dim, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(ACTIVATIONS[self.act](self.fc1(x)))
@@ -115,12 +113,12 @@ class Block(nnx.Module):
     (`ls1`, `ls2`). x: [B, N, D] -> [B, N, D]."""
 
     def __init__(self, dim: int, num_heads: int, drop_path: float, norm_eps: float, *, rngs: nnx.Rngs, dtype: Any,
-                 mlp_hidden: int | None = None, init_values: float = 0.0, act: str = "gelu", kernels: str = "plain"):
+                 mlp_hidden: int | None = None, init_values: float = 0.0, act: str = "gelu"):
         self.norm1 = _layer_norm(dim, norm_eps, rngs=rngs, dtype=dtype)
-        self.attn = Attention(dim, num_heads, rngs=rngs, dtype=dtype, kernels=kernels)
+        self.attn = Attention(dim, num_heads, rngs=rngs, dtype=dtype)
         self.ls1 = nnx.data(_residual_scale(dim, init_values))
         self.norm2 = _layer_norm(dim, norm_eps, rngs=rngs, dtype=dtype)
-        self.mlp = Mlp(dim, mlp_hidden or 4 * dim, rngs=rngs, dtype=dtype, act=act, kernels=kernels)
+        self.mlp = Mlp(dim, mlp_hidden or 4 * dim, rngs=rngs, dtype=dtype, act=act)
         self.ls2 = nnx.data(_residual_scale(dim, init_values))
         # Stochastic depth = dropout of a whole residual branch per example: one mask value per
         # example, broadcast over tokens and features, kept branches scaled by 1/(1-rate) as timm.
@@ -177,8 +175,7 @@ class VisionTransformer(Classifier):
     scale starting at that value (DINOv2); `pre_norm` adds `norm_pre` before the blocks and drops the
     patch embedding's bias (CLIP); `act` picks the MLPs' activation (`ACTIVATIONS`); `pre_logits_size`
     > 0 adds the original ViT's representation layer (Dense + tanh, `pre_logits`) before the head, as
-    in some vit_jax ImageNet-21k checkpoints; `kernels` names the kernel set ("auto": the one for this
-    platform).
+    in some vit_jax ImageNet-21k checkpoints.
     """
 
     def __init__(
@@ -204,7 +201,6 @@ class VisionTransformer(Classifier):
         pre_norm: bool = False,
         act: str = "gelu",
         pre_logits_size: int = 0,
-        kernels: str = "auto",
     ):
         if global_pool not in ("token", "avg", "map"):
             raise ValueError(f"global_pool={global_pool!r}: use 'token', 'avg' or 'map'")
@@ -214,7 +210,6 @@ class VisionTransformer(Classifier):
             raise ValueError(f"img_size={img_size} is not a multiple of the patch size {patch_size}")
         if act not in ACTIVATIONS:
             raise ValueError(f"act={act!r}: use one of {', '.join(ACTIVATIONS)}")
-        self.kernels = kernels = kernels_lib.resolve(kernels)
         self.img_size = img_size
         self.global_pool = global_pool
         self.has_class_token = class_token
@@ -228,7 +223,7 @@ class VisionTransformer(Classifier):
 
         self.patch_embed = layers.Conv(
             3, width, (patch_size, patch_size), strides=(patch_size, patch_size), padding="VALID", use_bias=not pre_norm,
-            kernel_init=_patch_init, dtype=dtype, param_dtype=jnp.float32, kernels=kernels, rngs=rngs,
+            kernel_init=_patch_init, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
         )
         if class_token:
             self.cls_token = nnx.Param(_init(rngs.params(), (1, 1, width), jnp.float32))
@@ -240,7 +235,7 @@ class VisionTransformer(Classifier):
             self.norm_pre = _layer_norm(width, norm_eps, rngs=rngs, dtype=dtype)
         self.blocks = nnx.List([
             self._block(width, num_heads, mlp_hidden, float(rate), norm_eps, init_values=init_values, act=act,
-                        rngs=rngs, dtype=dtype, kernels=kernels)
+                        rngs=rngs, dtype=dtype)
             for rate in np.linspace(0.0, drop_path_rate, depth)
         ])
         if global_pool == "avg":
@@ -257,13 +252,10 @@ class VisionTransformer(Classifier):
         self.head = _linear(pre_logits_size or width, num_classes, rngs=rngs, dtype=jnp.float32)
 
     def _block(self, width: int, num_heads: int, mlp_hidden: int, drop_path: float, norm_eps: float, *,
-               init_values: float, act: str, rngs: nnx.Rngs, dtype: Any, kernels: str) -> nnx.Module:
+               init_values: float, act: str, rngs: nnx.Rngs, dtype: Any) -> nnx.Module:
         """One transformer block (a subclass with another block overrides this and `_run_blocks`)."""
         return Block(width, num_heads, drop_path, norm_eps, mlp_hidden=mlp_hidden, init_values=init_values, act=act,
-                     rngs=rngs, dtype=dtype, kernels=kernels)
-
-    def __call__(self, images: jax.Array) -> jax.Array:
-        return self.forward_head(self.forward_features(images))
+                     rngs=rngs, dtype=dtype)
 
     def forward_features(self, images: jax.Array) -> jax.Array:
         """images [B, img_size, img_size, 3] -> tokens [B, prefix + patches, width] after the final norm
