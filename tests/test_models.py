@@ -107,6 +107,8 @@ def _apply(graphdef, params, rest, x):
 @pytest.mark.parametrize("name,kwargs", [
     ("resnet18", {}),
     ("vit_tiny_patch16_224", {"img_size": 32, "drop_rate": 0.1, "drop_path_rate": 0.1}),
+    ("vit_base_patch16_siglip_224", {"img_size": 32, "depth": 2, "drop_path_rate": 0.1}),
+    ("eva02_tiny_patch14_224", {"img_size": 32, "patch_size": 8, "drop_rate": 0.1, "drop_path_rate": 0.1}),
 ])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_forward_shape_and_dtype_in_both_modes(name, kwargs, dtype):
@@ -124,6 +126,8 @@ def test_forward_shape_and_dtype_in_both_modes(name, kwargs, dtype):
     # values per channel at layer4; with fewer, BatchNorm amplifies rounding chaotically.
     ("resnet18", {}, nnx.Module.train, 8, 64),
     ("vit_tiny_patch16_224", {"img_size": 32}, nnx.Module.eval, 2, 32),
+    ("vit_small_patch14_reg4_dinov2", {"img_size": 28, "depth": 4}, nnx.Module.eval, 2, 28),
+    ("eva02_tiny_patch14_224", {"img_size": 28, "depth": 4}, nnx.Module.eval, 2, 28),
 ])
 def test_bfloat16_logits_track_float32(name, kwargs, set_mode, batch, size):
     images = _images(8, size, batch)
