@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from jaxclf import config as config_lib, load_pretrained, train, tree_paths, weights
+from jaxclf import models as jaxclf_models
 from jaxclf.weights import files, surgery
 from torch_reference import randomize_norms, randomize_vectors, torch_logits
 
@@ -266,6 +267,27 @@ def test_timm_backbone_features_and_logits_match(name, img_size, depth, tmp_path
         features = reference.forward_features(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
     _assert_close(model.forward_features(images), features)
     _assert_close(model(images), torch_logits(reference, images))
+
+
+@pytest.mark.parametrize("method", ["bilinear", "bicubic"])
+def test_dinov2_at_a_smaller_resolution_equals_timms_resampling(method, tmp_path):
+    """DINOv2's weights are 518 px and fine-tuned smaller: a 4x4 grid of positions shrunk to 2x2 at load equals
+    timm's antialiased `resample_abs_pos_embed` (registers: only the patch grid has positions)."""
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(0)
+    reference = randomize_vectors(timm.create_model("vit_small_patch14_reg4_dinov2", num_classes=6, img_size=56))
+    converted = _convert(_save_state(reference, tmp_path / "d.safetensors"), "vit_small_patch14_reg4_dinov2", tmp_path)
+    smaller = timm.create_model("vit_small_patch14_reg4_dinov2", num_classes=6, img_size=28).eval()
+    state = reference.state_dict()
+    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=(2, 2), num_prefix_tokens=0,
+                                                interpolation=method, antialias=True)
+    smaller.load_state_dict(state)
+    params, _ = weights.load(converted)
+    model = jaxclf_models.create("vit_small_patch14_reg4_dinov2", num_classes=6, img_size=28)
+    weights.apply(model, params, pos_interpolation=method)
+    model.eval()
+    _assert_close(model(_images(28)), torch_logits(smaller, _images(28)))
 
 
 def test_timm_backbone_without_classifier_gets_a_zero_head(tmp_path, capsys):

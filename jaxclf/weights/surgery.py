@@ -24,7 +24,9 @@ POS_EMBED = "pos_embed"
 
 def resample_pos_embed(pos: np.ndarray, num_prefix_tokens: int, new_tokens: int, method: str = "bilinear") -> np.ndarray:
     """[1, prefix + g*g, D] -> [1, prefix + G*G, D], resizing the square grid of patch positions
-    (half-pixel centres, as in PyTorch's align_corners=False; no antialiasing)."""
+    (half-pixel centres, as in PyTorch's align_corners=False). A smaller grid is antialiased, as timm's
+    `resample_abs_pos_embed` does (DINOv2's 518 px grid to 224 px equals timm's); a larger one is plain
+    interpolation either way."""
     if method not in ("bilinear", "bicubic"):
         raise WeightsError(f"position embedding interpolation {method!r}: use 'bilinear' or 'bicubic'")
     prefix, grid = pos[:, :num_prefix_tokens], pos[:, num_prefix_tokens:]
@@ -33,7 +35,7 @@ def resample_pos_embed(pos: np.ndarray, num_prefix_tokens: int, new_tokens: int,
         raise WeightsError(f"pos_embed: cannot resample {pos.shape[1]} positions to {new_tokens} (not square grids)")
     grid = grid.reshape(1, old, old, -1)
     resized = jax.image.resize(grid, (1, new, new, grid.shape[-1]), "linear" if method == "bilinear" else "cubic",
-                               antialias=False)
+                               antialias=True)
     return np.concatenate([prefix, np.asarray(resized).reshape(1, new * new, -1)], axis=1)
 
 
