@@ -13,6 +13,8 @@ bf16 (timm under autocast, channels-last, TF32). `bench/gpu.sh` holds the GPU se
 
 `--base-tree DIR` adds `jaxclf_base`: the same measurement with the jaxclf of another checkout
 (e.g. `git worktree add /tmp/base main`), alternated with this one: does an edit change speed?
+`--linear-probe` trains the classifier only (jaxclf: config.optim.freeze="^(?!head/)"; timm:
+requires_grad on `get_classifier()` alone), to compare a probe's step with full fine-tuning's.
 """
 
 from __future__ import annotations
@@ -30,12 +32,23 @@ import time
 FRAMEWORKS = ("jaxclf", "timm_eager", "timm_compiled")
 
 
-def measure_jaxclf(model_name: str, batch: int, size: int, steps: int, kernels: str = "auto") -> dict:
+# Head-only training for --linear-probe: jaxclf's freeze regex (every parameter but the head).
+PROBE_FREEZE = "^(?!head/)"
+
+
+def _size_option(model_name: str, size: int) -> dict:
+    """The image-size keyword of the transformers (their position embeddings fix it); convnets take none."""
+    return {"img_size": size} if "patch" in model_name else {}
+
+
+def measure_jaxclf(model_name: str, batch: int, size: int, steps: int, kernels: str = "auto",
+                   linear_probe: bool = False) -> dict:
     import jax
 
     on_gpu = jax.default_backend() == "gpu"
     dtype = "bfloat16" if on_gpu else "float32"
-    train_step, state, batch_data = _jaxclf_step(model_name, batch, size, dtype, jax.devices()[:1], kernels)
+    train_step, state, batch_data = _jaxclf_step(model_name, batch, size, dtype, jax.devices()[:1], kernels,
+                                                 linear_probe)
     start = time.perf_counter()
     lowered = train_step.lower(state, batch_data)
     compiled = lowered.compile()
@@ -55,7 +68,8 @@ def measure_jaxclf(model_name: str, batch: int, size: int, steps: int, kernels: 
     if flops is None and jax.default_backend() != "cpu":
         # The GPU client counts nothing; the same step lowered for a CPU device has the same FLOPs
         # (with plain attention: the model's FLOPs, not those of cuDNN's padded tokens).
-        cpu_step, cpu_state, cpu_batch = _jaxclf_step(model_name, batch, size, dtype, jax.devices("cpu")[:1], "plain")
+        cpu_step, cpu_state, cpu_batch = _jaxclf_step(model_name, batch, size, dtype, jax.devices("cpu")[:1], "plain",
+                                                      linear_probe)
         flops = _flops(cpu_step.lower(cpu_state, cpu_batch))
     if flops:
         record["gflops_per_image"] = flops / batch / 1e9
@@ -66,7 +80,8 @@ def measure_jaxclf(model_name: str, batch: int, size: int, steps: int, kernels: 
     return record
 
 
-def _jaxclf_step(model_name: str, batch: int, size: int, dtype: str, devices: list, kernels: str):
+def _jaxclf_step(model_name: str, batch: int, size: int, dtype: str, devices: list, kernels: str,
+                 linear_probe: bool = False):
     """(jitted train step, state, batch) for `model_name` on `devices`, SGD-momentum like the timm side."""
     import jax
     import jax.numpy as jnp
@@ -77,13 +92,14 @@ def _jaxclf_step(model_name: str, batch: int, size: int, dtype: str, devices: li
     from jaxclf.config import base_config
 
     config = base_config()
-    config.optim.update(dict(name="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, schedule="constant"))
+    config.optim.update(dict(name="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, schedule="constant",
+                             freeze=PROBE_FREEZE if linear_probe else ""))
     config.dtype = dtype
     config.model_name = model_name
     config.data.mean, config.data.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     from jaxclf import kernels as kernels_lib
 
-    kwargs = {"img_size": size} if model_name.startswith("vit") else {}
+    kwargs = _size_option(model_name, size)
     kernels = kernels_lib.resolve(kernels, devices[0].platform)
     with jax.default_device(devices[0]):
         model = models.create(model_name, num_classes=1000, dtype=jnp.dtype(dtype), kernels=kernels, **kwargs)
@@ -120,7 +136,7 @@ def _flops(lowered) -> float | None:
     return float(analysis["flops"]) if analysis and analysis.get("flops") else None
 
 
-def measure_timm(model_name: str, batch: int, size: int, steps: int, compiled: bool) -> dict:
+def measure_timm(model_name: str, batch: int, size: int, steps: int, compiled: bool, linear_probe: bool = False) -> dict:
     import timm
     import torch
 
@@ -129,10 +145,12 @@ def measure_timm(model_name: str, batch: int, size: int, steps: int, compiled: b
     # TF32 matmuls outside autocast, so the comparison is against PyTorch at its best.
     memory_format = torch.channels_last if device == "cuda" else torch.contiguous_format
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    kwargs = {"img_size": size} if model_name.startswith("vit") else {}
-    model = timm.create_model(model_name, pretrained=False, num_classes=1000, **kwargs)
+    model = timm.create_model(model_name, pretrained=False, num_classes=1000, **_size_option(model_name, size))
     model = model.to(device, memory_format=memory_format).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    if linear_probe:
+        model.requires_grad_(False)
+        model.get_classifier().requires_grad_(True)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(0, 1000, (batch,), device=device)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -162,18 +180,21 @@ def measure_timm(model_name: str, batch: int, size: int, steps: int, compiled: b
     return record
 
 
-def run_one(framework: str, model: str, batch: int, size: int, steps: int, kernels: str) -> dict:
+def run_one(framework: str, model: str, batch: int, size: int, steps: int, kernels: str,
+            linear_probe: bool = False) -> dict:
     """Run in this process (the child): measure, add peak RSS, return the record."""
     if framework == "jaxclf":
-        record = measure_jaxclf(model, batch, size, steps, kernels)
+        record = measure_jaxclf(model, batch, size, steps, kernels, linear_probe)
     else:
-        record = measure_timm(model, batch, size, steps, compiled=framework == "timm_compiled")
+        record = measure_timm(model, batch, size, steps, compiled=framework == "timm_compiled",
+                              linear_probe=linear_probe)
     record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return record
 
 
 def child(args) -> None:
-    print(json.dumps(run_one(args.framework, args.model, args.batch, args.size, args.steps, args.kernels)))
+    print(json.dumps(run_one(args.framework, args.model, args.batch, args.size, args.steps, args.kernels,
+                             args.linear_probe)))
 
 
 def spawn(framework: str, model: str, args) -> dict:
@@ -186,6 +207,7 @@ def spawn(framework: str, model: str, args) -> dict:
         sys.executable, script, "--child", "--framework", framework, "--model", model,
         "--batch", str(args.batch), "--size", str(args.size), "--steps", str(args.steps),
         *(["--kernels", args.kernels] if args.kernels != "auto" else []),
+        *(["--linear-probe"] if args.linear_probe else []),
     ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
     if result.returncode != 0:
@@ -206,6 +228,7 @@ def main() -> None:
     parser.add_argument("--kernels", default="auto", choices=("auto", "plain", "cpu", "gpu"),
                         help="jaxclf's kernel set (jaxclf/kernels; auto: the one for this platform)")
     parser.add_argument("--base-tree", help="another checkout of jaxclf, measured as framework jaxclf_base")
+    parser.add_argument("--linear-probe", action="store_true", help="train the classifier only (frozen backbone)")
     parser.add_argument("--out", default="bench/results/train_step.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--framework", help=argparse.SUPPRESS)

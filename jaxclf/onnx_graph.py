@@ -352,6 +352,11 @@ class _Graph:
     def _op_concatenate(self, ins, shapes, dtypes, *, dimension, **_):
         return self.node("Concat", [self.full(v) for v in ins], axis=int(dimension))
 
+    def _op_stack(self, ins, shapes, dtypes, *, axis, **_):
+        """jnp.stack (rotary embeddings' channel pairs, EVA's q/k/v): each input given the new axis, then Concat."""
+        axis = int(axis) % len(shapes[0])
+        return self.node("Concat", [self.node("Unsqueeze", [self.full(v), self.ints([axis])]) for v in ins], axis=axis)
+
     def _op_slice(self, ins, shapes, dtypes, *, start_indices, limit_indices, strides, **_):
         (x,) = ins
         strides = strides or (1,) * len(start_indices)

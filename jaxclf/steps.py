@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxclf import augment, distill, sharding
+from jaxclf import augment, distill, optim, sharding
 from jaxclf.kernels import xla_cpu
 
 
@@ -192,7 +192,13 @@ def make_train_step(
     def grads_and_metrics(params, model_state, images, targets, labels, weights, weight_sum, frozen):
         """Gradients of `loss`, whose terms divide by `weight_sum`: the whole batch's, so
         micro-batches' losses and gradients add up to the batch's."""
+        # Params config.optim.freeze names are constants to differentiation: their gradients are
+        # symbolic zeros, so no backward pass runs through a frozen backbone (a linear probe's
+        # step costs its forward and the head's backward).
+        frozen_params = optim.frozen_mask(config.optim, params)
+
         def loss_fn(params):
+            params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen_params)
             # copy=True makes fresh variables in this (grad) trace, so BatchNorm may update them.
             model = nnx.merge(graphdef, params, model_state, copy=True)
             logits = model(images).astype(jnp.float32)

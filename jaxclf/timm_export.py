@@ -1,4 +1,4 @@
-"""A fine-tuned ResNet, ViT, BiT, EfficientNet, MobileNetV3 or ConvNeXt back to PyTorch: a timm-named `.safetensors` state dict and the
+"""A fine-tuned ResNet, ViT (DINOv2, SigLIP, CLIP included), EVA-02, BiT, EfficientNet, MobileNetV3 or ConvNeXt back to PyTorch: a timm-named `.safetensors` state dict and the
 `timm.create_model(...)` call that loads it (`python -m jaxclf.export --format timm`).
 
 The names come from each family's `NameTable` in jaxclf/weights (the one the converters read
@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxclf import inference, tree_paths
-from jaxclf.models import convnext, efficientnet, resnet, resnetv2, vit
+from jaxclf.models import convnext, efficientnet, eva, resnet, resnetv2, vit
 from jaxclf.weights import bit as bit_weights, convnext as convnext_weights, efficientnet as efficientnet_weights
 from jaxclf.weights import resnet as resnet_weights, torch_names, vit as vit_weights
 
@@ -50,10 +50,17 @@ def _vit_kwargs(model: vit.VisionTransformer) -> dict:
     norm = model.fc_norm if model.global_pool == "avg" else model.norm
     if model.has_pre_logits:
         raise TimmExportError("timm's VisionTransformer has no pre-logits (representation) layer; this ViT has one")
-    if norm.epsilon != 1e-6:
-        raise TimmExportError(f"timm's ViTs use LayerNorm eps 1e-6; this one uses {norm.epsilon:g} (model.norm_eps)")
-    return {"img_size": model.img_size, "global_pool": model.global_pool, "class_token": model.has_class_token,
-            "reg_tokens": model.num_reg_tokens, "no_embed_class": model.no_embed_class}
+    timm_eps = 1e-5 if model.pre_norm else 1e-6  # timm's CLIP towers (pre_norm) use 1e-5, its other ViTs 1e-6
+    if norm.epsilon != timm_eps:
+        raise TimmExportError(f"timm's ViTs use LayerNorm eps {timm_eps:g}; this one uses {norm.epsilon:g} (model.norm_eps)")
+    act = model.blocks[0].mlp.act
+    return {"img_size": model.img_size, "depth": len(model.blocks), "global_pool": model.global_pool,
+            "class_token": model.has_class_token, "reg_tokens": model.num_reg_tokens,
+            "no_embed_class": model.no_embed_class, **({"act_layer": act} if act != "gelu" else {})}
+
+
+def _eva_kwargs(model: eva.Eva) -> dict:
+    return {"img_size": model.img_size, "depth": len(model.blocks), "global_pool": model.global_pool}
 
 
 def _efficientnet_kwargs(model: efficientnet.EfficientNet) -> dict:
@@ -66,6 +73,7 @@ def _efficientnet_kwargs(model: efficientnet.EfficientNet) -> dict:
 _FAMILIES: dict[type, tuple[torch_names.NameTable, Callable[[nnx.Module], dict]]] = {
     resnet.ResNet: (resnet_weights.TABLE, _no_options),
     vit.VisionTransformer: (vit_weights.TABLE, _vit_kwargs),
+    eva.Eva: (vit_weights.TABLE, _eva_kwargs),
     resnetv2.ResNetV2: (bit_weights.TABLE, _no_options),
     efficientnet.EfficientNet: (efficientnet_weights.TABLE, _efficientnet_kwargs),
     efficientnet.MobileNetV3: (efficientnet_weights.TABLE, _efficientnet_kwargs),

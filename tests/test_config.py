@@ -10,7 +10,8 @@ QUICKSTART = "configs/quickstart.py"
 CONFIGS = ["configs/quickstart.py", "configs/resnet50.py", "configs/vit_b.py", "configs/small_folder.py",
            "configs/edge.py", "configs/convnext.py"] + [
     f"configs/vit_transfer.py:{m},{d}" for m in ("b32", "b16") for d in ("cifar10", "cifar100", "pets", "flowers")
-] + [f"configs/bit_hyperrule.py:{d}" for d in ("cifar10", "cifar100", "pets", "flowers", "folder", "folder:60000")]
+] + [f"configs/bit_hyperrule.py:{d}" for d in ("cifar10", "cifar100", "pets", "flowers", "folder", "folder:60000")] + [
+    f"configs/dinov2_{recipe}.py:{size}" for recipe in ("ft", "linear_probe") for size in ("s", "b", "l", "b_reg4")]
 
 
 @pytest.mark.parametrize("path", CONFIGS)
@@ -33,6 +34,25 @@ def test_recipe_configs_follow_their_sources():
     assert pets.mixup_alpha == 0.0 and "resize(512)|random_crop(480)" in pets.data.pp_train
     cifar = config_lib.load_config("configs/bit_hyperrule.py:cifar10")
     assert (cifar.total_steps, cifar.mixup_alpha) == (10_000, 0.1) and "resize(160)|random_crop(128)" in cifar.data.pp_train
+
+
+@pytest.mark.parametrize("path", ["configs/dinov2_ft.py:s", "configs/dinov2_linear_probe.py:s_reg4"])
+def test_dinov2_configs_resolve_with_the_weights_preprocessing(path, tmp_path):
+    """Each DINOv2 recipe resolved against timm's files for its model (random values, 518 px, no head, as
+    on the hub): 224 px kept from the config, ImageNet mean/std and the register layout from the weights."""
+    timm = pytest.importorskip("timm")
+    from jaxclf import resolve
+
+    config = config_lib.load_config(path)
+    timm.models._hub.save_for_hf(timm.create_model(config.model_name, num_classes=0), str(tmp_path / "hub"),
+                                 safe_serialization=True)
+    config.model_init = str(tmp_path / "hub")
+    resolved = resolve.resolve(config, "cpu").config
+    assert resolved.model.img_size == 224 and resolved.model_init_pos_interpolation == "bicubic"
+    assert tuple(resolved.data.mean) == (0.485, 0.456, 0.406)
+    assert resolved.model.get("no_embed_class", False) == ("reg4" in path)
+    assert resolved.optim.freeze == ("^(?!head/)" if "probe" in path else "")
+    assert resolved.optim.layer_decay == (0.75 if "ft" in path else 0.0)
 
 
 def test_override_parses_to_field_type():

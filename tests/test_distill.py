@@ -194,23 +194,30 @@ def test_a_teacher_of_other_classes_is_named(trained_workdir):
     assert teacher.teacher_columns.tolist() == list(reversed(range(10)))  # matched by name
 
 
-@pytest.mark.slow  # make test-all; hub names through weights.load: test_hub.py, a workdir teacher: above
-def test_a_teacher_named_on_the_hub_is_converted_once_and_equals_timm(offline_hub, tmp_path):
+# (timm model, its hub name, image size): a ResNet-18 (make test-all; hub names through weights.load:
+# test_hub.py, a workdir teacher: above) and a DINOv2 ViT-S/14, a backbone fine-tuned for 4 classes, at 28 px.
+HUB_TEACHERS = [pytest.param("resnet18", "timm/resnet18.a1_in1k", 32, {}, marks=pytest.mark.slow),
+                ("vit_small_patch14_dinov2", "timm/vit_small_patch14_dinov2.lvd142m", 28, {"img_size": 28})]
+
+
+@pytest.mark.parametrize("model_name,hub_name,pixels,options", HUB_TEACHERS)
+def test_a_teacher_named_on_the_hub_is_converted_once_and_equals_timm(model_name, hub_name, pixels, options,
+                                                                      offline_hub, tmp_path):
     """`distill.teacher` as a hub name goes through `weights.load` (the offline cache of tests/hf_cache.py):
     the teacher's logits equal timm's model's on the same raw pixels, with the weights' own mean/std."""
     torch, timm = pytest.importorskip("torch"), pytest.importorskip("timm")
     from hf_cache import add_repo
 
     torch.manual_seed(0)
-    reference = timm.create_model("resnet18", pretrained=False, num_classes=4).eval()
+    reference = timm.create_model(model_name, pretrained=False, num_classes=4, **options).eval()
     timm.models._hub.save_for_hf(reference, str(tmp_path / "files"), safe_serialization=True)
-    add_repo(offline_hub, "timm/resnet18.a1_in1k", str(tmp_path / "files"))
+    add_repo(offline_hub, hub_name, str(tmp_path / "files"))
 
-    config = _config(**{"distill.teacher": "timm/resnet18.a1_in1k", "distill.image_size": 32, "dtype": "float32"})
+    config = _config(**{"distill.teacher": hub_name, "distill.image_size": pixels, "dtype": "float32"})
     teacher = distill.load_teacher(config, list("abcd"))
     assert teacher.mean == TEACHER_NORM["mean"] and teacher.std == TEACHER_NORM["std"]  # the weights' own
-    assert teacher.image_size == (32, 32)  # distill.image_size over the weights' 224: no resize here
-    images = _batch(size=2, pixels=32)["image"]
+    assert teacher.image_size == (pixels, pixels)  # distill.image_size over the weights' own: no resize here
+    images = _batch(size=2, pixels=pixels)["image"]
     student_input = (images / 255.0 - np.asarray(STUDENT_NORM["mean"])) / np.asarray(STUDENT_NORM["std"])
     ours = np.asarray(teacher.logits(teacher.state, jnp.asarray(student_input, jnp.float32),
                                      STUDENT_NORM["mean"], STUDENT_NORM["std"]))

@@ -11,7 +11,7 @@ from flax import nnx
 from PIL import Image
 
 from jaxclf import config as config_lib, explain, inference, models, train
-from jaxclf.models import resnet, vit
+from jaxclf.models import eva, resnet, vit
 from tests.model_helpers import CamNet, with_random_values
 
 SIZE, PATCH = 32, 8
@@ -147,17 +147,42 @@ def test_vit_sown_attention_weights_reproduce_each_attention_layer(reg_tokens):
     assert not attn.sow_weights  # capturing worked on a copy
 
 
-def _attention_only(attention: vit.Attention) -> nnx.Module:
-    """A module that is just `attention`, to capture its weights on given tokens."""
+def _attention_only(attention: nnx.Module, *args) -> nnx.Module:
+    """A module that is just `attention` (called with tokens, then `args`), to capture its weights on given tokens."""
 
     class Wrapper(nnx.Module):
         def __init__(self):
             self.attn = attention
 
         def __call__(self, x):
-            return self.attn(x)
+            return self.attn(x, *args)
 
     return Wrapper()
+
+
+def test_eva_sown_attention_weights_reproduce_its_rotary_attention_layer():
+    """EVA-02 sows the weights of its rotated queries and keys: times v (the unrotated values) they give its output."""
+    model = with_random_values(lambda: eva.Eva(num_classes=2, img_size=SIZE, patch_size=PATCH, width=32, depth=2,
+                                               num_heads=2, rngs=nnx.Rngs(0), dtype=jnp.float32))
+    tokens = 1 + (SIZE // PATCH) ** 2
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(1, SIZE, SIZE, 3)), jnp.float32)
+    assert explain.attention_maps(model, images).shape == (2, 1, 2, tokens, tokens)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(1, tokens, 32)), jnp.float32)
+    attn = model.blocks[0].attn
+    sin, cos = map(jnp.asarray, eva.rotary_sin_cos(SIZE // PATCH, 16))
+    weights = explain.attention_maps(_attention_only(attn, sin, cos, 1), x)[0]
+    v = (attn.qkv(x)[..., 64:] + attn.v_bias[...]).reshape(1, tokens, 2, 16)
+    by_weights = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(1, tokens, 32)
+    np.testing.assert_allclose(attn.proj(by_weights), attn(x, sin, cos, 1), rtol=1e-4, atol=1e-5)
+
+
+def test_attention_rollout_of_a_model_without_class_token_covers_the_patch_grid():
+    """SigLIP's towers pool by attention and have no class token: the map is the patches' mean row."""
+    model = _small_vit(class_token=False, global_pool="map")
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(1, SIZE, SIZE, 3)), jnp.float32)
+    heatmap = explain.attention_rollout(model, images)
+    assert heatmap.shape == (SIZE // PATCH, SIZE // PATCH) and (heatmap > 0).all()
+    np.testing.assert_allclose(heatmap.sum(), 1.0, rtol=1e-5)  # rollout rows are distributions over tokens
 
 
 def _red_seeking_vit() -> vit.VisionTransformer:

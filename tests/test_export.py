@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from jaxclf import config as config_lib, export, inference, models
-from jaxclf.models import resnet, resnetv2, vit
+from jaxclf.models import eva, resnet, resnetv2, vit
 from tests.model_helpers import with_random_values
 
 
@@ -83,6 +83,17 @@ ONNX_MODELS = {
     "vit_token_pre_logits": _small(vit.VisionTransformer, img_size=32, patch_size=8, width=32, depth=2, num_heads=2,
                                    pre_logits_size=16),
     "bit": _small(resnetv2.ResNetV2, depths=(1, 1, 1, 1), width_factor=1),
+    # Today's backbones: DINOv2's layer scale, SigLIP's attention pooling (tanh GELU), CLIP's norm_pre
+    # (QuickGELU), EVA-02's rotary attention and SwiGLU, fused and with sub-LayerNorm.
+    "dinov2_layer_scale": _small(vit.VisionTransformer, img_size=32, patch_size=8, width=32, depth=2, num_heads=2,
+                                 init_values=0.5, reg_tokens=4, no_embed_class=True),
+    "siglip_map": _small(vit.VisionTransformer, img_size=32, patch_size=8, width=32, depth=2, num_heads=2,
+                         class_token=False, global_pool="map", act="gelu_tanh"),
+    "clip_quickgelu": _small(vit.VisionTransformer, img_size=32, patch_size=8, width=32, depth=2, num_heads=2,
+                             pre_norm=True, act="quick_gelu"),
+    "eva02": _small(eva.Eva, img_size=32, patch_size=8, width=32, depth=2, num_heads=2),
+    "eva02_sub_ln": _small(eva.Eva, img_size=32, patch_size=8, width=32, depth=2, num_heads=2, qkv_fused=False,
+                           sub_ln=True),
     "resnet50": _registered("resnet50"),
     "vit_small_patch16_224": _registered("vit_small_patch16_224", img_size=32),
     "resnetv2_50x1_bit": _registered("resnetv2_50x1_bit"),

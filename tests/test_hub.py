@@ -62,9 +62,9 @@ def test_a_name_missing_from_the_offline_cache_says_what_to_do(offline_hub):
     assert "https://huggingface.co/timm/vit_base_patch16_224.augreg2_in21k_ft_in1k/resolve/main/model.safetensors" in message
 
 
-def _timm_repo(folder, architecture: str):
+def _timm_repo(folder, architecture: str, **kwargs):
     torch.manual_seed(0)
-    reference = randomize_norms(timm.create_model(architecture, pretrained=False, num_classes=7))
+    reference = randomize_norms(timm.create_model(architecture, pretrained=False, num_classes=7, **kwargs))
     timm.models._hub.save_for_hf(reference, str(folder), safe_serialization=True)
     return reference
 
@@ -88,6 +88,11 @@ HUB_MODELS = {
     "google/vit-tiny-test": (_transformers_repo, "vit_tiny_patch16_224", [0.5, 0.5, 0.5]),
     "timm/mobilenetv3_small_100.lamb_in1k": (lambda d: _timm_repo(d, "mobilenetv3_small_100"), "mobilenetv3_small_100",
                                              [0.485, 0.456, 0.406]),
+    # DINOv2's files are 518 px; at 224 here for the test's time (the position embedding says the size).
+    "timm/vit_small_patch14_dinov2.lvd142m": (lambda d: _timm_repo(d, "vit_small_patch14_dinov2", img_size=224),
+                                              "vit_small_patch14_dinov2", [0.485, 0.456, 0.406]),
+    "timm/eva02_tiny_patch14_224.mim_in22k": (lambda d: _timm_repo(d, "eva02_tiny_patch14_224"),
+                                              "eva02_tiny_patch14_224", [0.48145466, 0.4578275, 0.40821073]),
 }
 # Longer variants (the same path as timm's ViT and ResNet above), for make test-all.
 SLOW_HUB_MODELS = ("timm/mobilenetv3_small_100.lamb_in1k",)

@@ -21,7 +21,8 @@ from model_helpers import with_random_values
 
 # Small variants of each family (depth and size are options), with what makes each path run:
 # ResNets at 32 px reach 1x1 maps (im2col convs), bottlenecks have 1x1 convs (matmuls), the ViT
-# has register tokens and an odd token count.
+# has register tokens and an odd token count; DINOv2 adds layer scale, SigLIP attention pooling and
+# EVA-02 rotary attention with a SwiGLU MLP.
 FAMILIES = {
     "resnet18": dict(depths=(1, 1, 1, 1)),
     "resnet50": dict(depths=(1, 1, 1, 1)),
@@ -33,6 +34,9 @@ FAMILIES = {
     "mobilenetv3_small_100": dict(arch=(("ds_r1_k3_s2_e1_c16_se0.25_nre",), ("ir_r1_k5_s2_e4_c24_se0.25",),
                                         ("cn_r1_k1_s1_c48",)), num_features=64),
     "convnext_atto": dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)),
+    "vit_small_patch14_reg4_dinov2": dict(img_size=32, patch_size=8, depth=2),
+    "vit_base_patch16_siglip_224": dict(img_size=32, patch_size=8, depth=2, width=192, num_heads=3),
+    "eva02_tiny_patch14_224": dict(img_size=32, patch_size=8, depth=2),
 }
 
 
@@ -85,8 +89,9 @@ def test_fast_kernels_compute_the_plain_loss_and_gradients(name):
 
 
 def test_every_registered_family_is_compared():
-    checked = {models.family(name) for name in FAMILIES}
-    assert {models.family(name) for name in models.list_models()} == checked, "add the family's smallest form to FAMILIES"
+    shipped = {models.family(name) for name in models.list_models()}
+    shipped = {family for family in shipped if family.startswith("jaxclf.models.")}  # not the tests' own models
+    assert shipped == {models.family(name) for name in FAMILIES}, "add the family's smallest form to FAMILIES"
 
 
 def test_a_block_written_without_plumbing_computes_with_the_models_kernel_set():

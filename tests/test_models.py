@@ -23,6 +23,10 @@ VITS = [
 EFFICIENTNETS = [f"{prefix}efficientnet_b{i}" for prefix in ("", "tf_") for i in range(8)]
 MOBILENETV3S = ["mobilenetv3_large_100", "mobilenetv3_small_100"]
 CONVNEXTS = [f"convnext_{size}" for size in ("atto", "femto", "pico", "nano", "tiny", "small", "base", "large")]
+DINOV2S = [f"vit_{size}_patch14_{reg}dinov2" for size in ("small", "base", "large") for reg in ("", "reg4_")]
+SIGLIPS = [f"vit_base_patch16_siglip_{img}" for img in (224, 256, 384)] + ["vit_so400m_patch14_siglip_224"]
+CLIPS = [f"vit_{size}_{act}_224" for size in ("base_patch16", "large_patch14") for act in ("clip", "clip_quickgelu")]
+EVA02S = [f"eva02_{size}_patch14_224" for size in ("tiny", "small", "base")]
 
 
 def _params(model: nnx.Module) -> list[jax.Array]:
@@ -46,7 +50,8 @@ def test_list_models_names_every_family():
     # In a fresh interpreter: other tests register their own small models in this one.
     listed = subprocess.run([sys.executable, "-c", "from jaxclf import models; print(*models.list_models())"],
                             capture_output=True, text=True, check=True).stdout.split()
-    assert listed == sorted(RESNETS + BIT_RESNETV2S + VITS + EFFICIENTNETS + MOBILENETV3S + CONVNEXTS)
+    assert listed == sorted(RESNETS + BIT_RESNETV2S + VITS + EFFICIENTNETS + MOBILENETV3S + CONVNEXTS + DINOV2S + SIGLIPS
+                            + CLIPS + EVA02S)
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -63,6 +68,25 @@ def test_list_models_names_every_family():
     ("vit_large_patch16_224", 304_326_632),
     ("resnetv2_50x1_bit", 25_549_352),
     ("resnetv2_101x3_bit", 387_934_888),
+    # timm 1.0.31, counted by `sum(p.numel() for p in timm.create_model(name, num_classes=1000).parameters())`
+    # on torch's meta device.
+    ("vit_small_patch14_dinov2", 22_441_192),
+    ("vit_base_patch14_dinov2", 87_348_712),
+    ("vit_large_patch14_dinov2", 305_392_616),
+    ("vit_small_patch14_reg4_dinov2", 22_442_344),
+    ("vit_base_patch14_reg4_dinov2", 87_351_016),
+    ("vit_large_patch14_reg4_dinov2", 305_395_688),
+    ("vit_base_patch16_siglip_224", 93_653_224),
+    ("vit_base_patch16_siglip_256", 93_699_304),
+    ("vit_base_patch16_siglip_384", 93_945_064),
+    ("vit_so400m_patch14_siglip_224", 428_833_704),
+    ("vit_base_patch16_clip_224", 86_568_424),
+    ("vit_large_patch14_clip_224", 304_204_776),
+    ("vit_base_patch16_clip_quickgelu_224", 86_568_424),
+    ("vit_large_patch14_clip_quickgelu_224", 304_204_776),
+    ("eva02_tiny_patch14_224", 5_695_144),
+    ("eva02_small_patch14_224", 22_006_120),
+    ("eva02_base_patch14_224", 86_527_720),
 ])
 def test_param_count_equals_timm(name, expected):
     model = nnx.eval_shape(lambda: models.create(name, num_classes=1000))
@@ -87,6 +111,8 @@ def _apply(graphdef, params, rest, x):
 @pytest.mark.parametrize("name,kwargs", [
     ("resnet18", {}),
     ("vit_tiny_patch16_224", {"img_size": 32, "drop_rate": 0.1, "drop_path_rate": 0.1}),
+    ("vit_base_patch16_siglip_224", {"img_size": 32, "depth": 2, "drop_path_rate": 0.1}),
+    ("eva02_tiny_patch14_224", {"img_size": 32, "patch_size": 8, "drop_rate": 0.1, "drop_path_rate": 0.1}),
 ])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_forward_shape_and_dtype_in_both_modes(name, kwargs, dtype):
@@ -104,6 +130,8 @@ def test_forward_shape_and_dtype_in_both_modes(name, kwargs, dtype):
     # values per channel at layer4; with fewer, BatchNorm amplifies rounding chaotically.
     ("resnet18", {}, nnx.Module.train, 8, 64),
     ("vit_tiny_patch16_224", {"img_size": 32}, nnx.Module.eval, 2, 32),
+    ("vit_small_patch14_reg4_dinov2", {"img_size": 28, "depth": 4}, nnx.Module.eval, 2, 28),
+    ("eva02_tiny_patch14_224", {"img_size": 28, "depth": 4}, nnx.Module.eval, 2, 28),
 ])
 def test_bfloat16_logits_track_float32(name, kwargs, set_mode, batch, size):
     images = _images(8, size, batch)
@@ -312,7 +340,8 @@ def test_unknown_kwarg_names_kwarg_and_model():
 @pytest.mark.parametrize("kwargs,match", [
     ({"img_size": 40}, "multiple of the patch size"),
     ({"class_token": False}, "needs class_token=True"),
-    ({"global_pool": "max"}, "use 'token' or 'avg'"),
+    ({"global_pool": "max"}, "use 'token', 'avg' or 'map'"),
+    ({"act": "relu"}, "act='relu': use one of gelu, gelu_tanh, quick_gelu"),
 ])
 def test_vit_rejects_inconsistent_options(kwargs, match):
     with pytest.raises(ValueError, match=match):

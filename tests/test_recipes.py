@@ -53,19 +53,24 @@ def _batch(seed: int, size: int = 16):
 
 def _run(config, model, batches, mesh=None, class_weights=None):
     mesh = mesh or sharding.make_mesh(jax.devices()[:1])
-    tx, _ = optim.make_optimizer(config.optim, model, 100, 10)
-    graphdef, _, state = steps.create_train_state(
-        model, tx, ema=config.ema_decay > 0, freeze_bn_stats=config.freeze_bn_stats
-    )
-    state_sharding = sharding.state_sharding(state, mesh, config.param_sharding)
-    state = jax.device_put(state, state_sharding)
-    step = steps.make_train_step(graphdef, tx, mesh, config, 4, state_sharding, steps.make_loss(config, class_weights))
+    step, state = _make_step(config, model, mesh, class_weights)
     initial = jax.device_get(state)
     metrics = []
     for batch in batches:
         state, m = step(state, sharding.shard_batch(batch, mesh))
         metrics.append(m)
     return initial, jax.device_get(state), jax.device_get(metrics)
+
+
+def _make_step(config, model, mesh, class_weights=None):
+    """(jitted train step, state on `mesh`) for `model` under `config`."""
+    tx, _ = optim.make_optimizer(config.optim, model, 100, 10)
+    graphdef, _, state = steps.create_train_state(
+        model, tx, ema=config.ema_decay > 0, freeze_bn_stats=config.freeze_bn_stats
+    )
+    state_sharding = sharding.state_sharding(state, mesh, config.param_sharding)
+    state = jax.device_put(state, state_sharding)
+    return steps.make_train_step(graphdef, tx, mesh, config, 4, state_sharding, steps.make_loss(config, class_weights)), state
 
 
 def _leaves_by_name(tree):
@@ -177,6 +182,18 @@ def test_linear_probe_freezes_the_backbone_without_optimizer_state():
     # Momentum buffers exist for the head only.
     state_sizes = sum(leaf.size for leaf in jax.tree.leaves(final.opt_state) if np.ndim(leaf) > 0)
     assert state_sizes == start["head/kernel"].size + start["head/bias"].size
+
+
+def test_linear_probe_runs_no_backward_pass_through_the_frozen_backbone():
+    """The frozen conv's kernel gradient is never computed: the probe's step holds the forward conv only,
+    full fine-tuning's one more (the kernel gradient)."""
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    batch = sharding.shard_batch(_batch(0), mesh)
+    convolutions = {}
+    for freeze in ("", "^(?!head/)"):
+        step, state = _make_step(_config(optim__freeze=freeze), ConvNet(nnx.Rngs(0)), mesh)
+        convolutions[freeze] = step.lower(state, batch).as_text().count("stablehlo.convolution")
+    assert convolutions == {"": 2, "^(?!head/)": 1}
 
 
 def test_frozen_batchnorm_statistics_do_not_move():

@@ -30,15 +30,22 @@ def _in_memory(name: str, size: int, **options) -> inference.TrainedModel:
     ("tf_efficientnet_b0", {}),  # TF padding and BN eps: timm kwargs in the printed call
     ("mobilenetv3_small_100", {}),
     ("convnext_atto", {}),
+    # Today's backbones, two blocks deep: layer scale and registers, attention pooling with the tanh GELU
+    # (what a transformers SigLIP converts to), norm_pre with QuickGELU, rotary attention with SwiGLU.
+    ("vit_small_patch14_reg4_dinov2", {"img_size": 28, "depth": 2}),
+    ("vit_base_patch16_siglip_224", {"img_size": 32, "depth": 2, "act": "gelu_tanh"}),
+    ("vit_base_patch16_clip_quickgelu_224", {"img_size": 32, "depth": 2}),
+    ("eva02_tiny_patch14_224", {"img_size": 28, "depth": 2}),
 ])
 def test_the_printed_create_model_call_reproduces_the_logits(name, options, tmp_path):
-    trained = _in_memory(name, 32, **options)
+    size = options.get("img_size", 32)
+    trained = _in_memory(name, size, **options)
     out = str(tmp_path / f"{name}.safetensors")
     record = export.export(trained, "timm", out)
-    assert record["checked_max_logit_difference"] < 1e-4 and record["input"]["shape"] == ["B", 3, 32, 32]
+    assert record["checked_max_logit_difference"] < 1e-4 and record["input"]["shape"] == ["B", 3, size, size]
     model = eval(record["timm"]["create_model"], {"timm": timm}).eval()  # the call the user is told to run
     assert timm.data.resolve_data_config(model=model)["mean"] == (0.5, 0.4, 0.3)
-    images = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    images = np.random.default_rng(1).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
     normalised = (images / 255.0 - np.array(trained.mean)) / np.array(trained.std)
     with torch.no_grad():
         theirs = model(torch.from_numpy(normalised.transpose(0, 3, 1, 2).astype(np.float32))).numpy()
@@ -53,6 +60,11 @@ def test_the_printed_create_model_call_reproduces_the_logits(name, options, tmp_
     (bit.TABLE, lambda: timm.create_model("resnetv2_50x1_bit", num_classes=3)),
     (efficientnet.TABLE, lambda: timm.create_model("mobilenetv3_large_100", num_classes=3)),
     (convnext.TABLE, lambda: timm.create_model("convnext_atto", num_classes=3)),
+    # Bare parameters (layer scale, attention-pool latent, EVA's q/v biases) keep their names both ways.
+    (vit.TABLE, lambda: timm.create_model("vit_small_patch14_reg4_dinov2", img_size=28, depth=1, num_classes=3)),
+    (vit.TABLE, lambda: timm.create_model("vit_base_patch16_siglip_224", img_size=32, depth=1, num_classes=3)),
+    (vit.TABLE, lambda: timm.create_model("eva02_tiny_patch14_224", img_size=28, depth=1, num_classes=3)),
+    (vit.TABLE, lambda: timm.create_model("eva02_base_patch14_224", img_size=28, depth=1, num_classes=3)),
 ])
 def test_a_name_table_read_then_written_gives_timms_state_dict_back(table, make):
     state = {k: v.numpy() for k, v in make().state_dict().items()}

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from jaxclf import config as config_lib, load_pretrained, train, tree_paths, weights
+from jaxclf import models as jaxclf_models
 from jaxclf.weights import files, surgery
-from torch_reference import randomize_norms, torch_logits
+from torch_reference import randomize_norms, randomize_vectors, torch_logits
 
 timm = pytest.importorskip("timm")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -222,6 +223,149 @@ def test_vit_npz_pre_logits(tmp_path):
             torch.from_numpy(images.transpose(0, 3, 1, 2))), pre_logits=True).numpy()
     expected = np.tanh(features @ data["pre_logits/kernel"] + data["pre_logits/bias"]) @ data["head/kernel"] + data["head/bias"]
     _assert_close(model(images), expected)
+
+
+# --- Today's ViT backbones: DINOv2, SigLIP, CLIP, EVA-02 -------------------------------------------
+
+# (timm name, image size, depth override): every variant the issue lists. In `make test` one of each
+# block kind (the base towers at depth 2: the mapping is per block, the time per layer); the rest in
+# `make test-all`, at full depth.
+BACKBONES = [
+    ("vit_small_patch14_dinov2", 56, None),
+    ("vit_small_patch14_reg4_dinov2", 56, None),
+    ("vit_base_patch16_siglip_224", 48, 2),
+    ("vit_base_patch16_clip_224", 48, 2),
+    ("vit_base_patch16_clip_quickgelu_224", 48, 2),
+    ("eva02_tiny_patch14_224", 56, None),
+    ("eva02_base_patch14_224", 56, 2),
+]
+SLOW_BACKBONES = [
+    (f"vit_{size}_patch14_{reg}dinov2", 56, None) for size in ("base", "large") for reg in ("", "reg4_")
+] + [(f"vit_base_patch16_siglip_{img}", 64, None) for img in (224, 256, 384)] + [
+    ("vit_so400m_patch14_siglip_224", 56, None),
+    ("vit_base_patch16_clip_224", 48, None),
+    ("vit_large_patch14_clip_224", 56, None),
+    ("vit_large_patch14_clip_quickgelu_224", 56, None),
+    ("eva02_small_patch14_224", 56, None),
+    ("eva02_base_patch14_224", 56, None),
+]
+
+
+@pytest.mark.parametrize("name,img_size,depth", BACKBONES + [pytest.param(*b, marks=pytest.mark.slow) for b in SLOW_BACKBONES])
+def test_timm_backbone_features_and_logits_match(name, img_size, depth, tmp_path):
+    """timm's file for each variant -> forward_features and logits equal timm's, at a grid the weights set
+    (EVA-02's rotary angles stretched onto its 16 x 16 pretraining grid, as timm does)."""
+    depth_option = {} if depth is None else {"depth": depth}
+    torch.manual_seed(0)
+    reference = randomize_vectors(timm.create_model(name, pretrained=False, num_classes=6, img_size=img_size,
+                                                    **depth_option))
+    model, info = load_pretrained(_convert(_save_state(reference, tmp_path / "b.safetensors"), name, tmp_path),
+                                  **depth_option)
+    assert (info.source_format, info.num_classes, info.model_options["img_size"]) == ("timm_vit", 6, img_size)
+    images = _images(img_size)
+    with torch.no_grad():
+        features = reference.forward_features(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+    _assert_close(model.forward_features(images), features)
+    _assert_close(model(images), torch_logits(reference, images))
+
+
+@pytest.mark.parametrize("method", ["bilinear", "bicubic"])
+def test_dinov2_at_a_smaller_resolution_equals_timms_resampling(method, tmp_path):
+    """DINOv2's weights are 518 px and fine-tuned smaller: a 4x4 grid of positions shrunk to 2x2 at load equals
+    timm's antialiased `resample_abs_pos_embed` (registers: only the patch grid has positions)."""
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(0)
+    reference = randomize_vectors(timm.create_model("vit_small_patch14_reg4_dinov2", num_classes=6, img_size=56))
+    converted = _convert(_save_state(reference, tmp_path / "d.safetensors"), "vit_small_patch14_reg4_dinov2", tmp_path)
+    smaller = timm.create_model("vit_small_patch14_reg4_dinov2", num_classes=6, img_size=28).eval()
+    state = reference.state_dict()
+    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=(2, 2), num_prefix_tokens=0,
+                                                interpolation=method, antialias=True)
+    smaller.load_state_dict(state)
+    params, _ = weights.load(converted)
+    model = jaxclf_models.create("vit_small_patch14_reg4_dinov2", num_classes=6, img_size=28)
+    weights.apply(model, params, pos_interpolation=method)
+    model.eval()
+    _assert_close(model(_images(28)), torch_logits(smaller, _images(28)))
+
+
+def test_timm_backbone_without_classifier_gets_a_zero_head(tmp_path, capsys):
+    """timm's DINOv2 files have no head (num_classes=0): a new one of zeros, the features untouched."""
+    torch.manual_seed(0)
+    reference = randomize_vectors(timm.create_model("vit_small_patch14_dinov2", num_classes=0, img_size=28))
+    model, info = load_pretrained(_convert(_save_state(reference, tmp_path / "d.safetensors"),
+                                           "vit_small_patch14_dinov2", tmp_path), num_classes=3)
+    assert info.num_classes == 0 and "a new head of zeros for 3 classes" in capsys.readouterr().out
+    assert not model.head.kernel[...].any() and not model.head.bias[...].any()
+    images = _images(28)
+    _assert_close(model.pool(model.forward_features(images)), torch_logits(reference, images))
+
+
+def _hf_dinov2(transformers):
+    return transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, image_size=56,
+        patch_size=14)), 56, None
+
+
+def _hf_siglip(transformers):
+    return transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        hidden_size=768, num_hidden_layers=2, num_attention_heads=12, intermediate_size=3072, image_size=48,
+        patch_size=16)), 48, 2
+
+
+def _hf_clip(transformers):
+    return transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=768, num_hidden_layers=2, num_attention_heads=12, intermediate_size=3072, image_size=48,
+        patch_size=16)), 48, 2
+
+
+# transformers class -> (how to make it, jaxclf model, format, options beyond img_size)
+HF_TOWERS = {
+    "Dinov2Model": (_hf_dinov2, "vit_small_patch14_dinov2", "hf_dinov2", {"norm_eps": 1e-6, "act": "gelu"}),
+    "SiglipVisionModel": (_hf_siglip, "vit_base_patch16_siglip_224", "hf_siglip",
+                          {"norm_eps": 1e-6, "act": "gelu_tanh", "class_token": False}),
+    "CLIPVisionModel": (_hf_clip, "vit_base_patch16_clip_quickgelu_224", "hf_clip",
+                        {"norm_eps": 1e-5, "act": "quick_gelu"}),
+}
+
+
+@pytest.mark.parametrize("tower", list(HF_TOWERS))
+def test_hf_tower_features_and_pooled_output_match(tower, tmp_path):
+    """transformers' last_hidden_state is forward_features (CLIP's is before post_layernorm, so only its
+    pooled output is compared) and pooler_output is `pool`; the new head is zeros."""
+    transformers = pytest.importorskip("transformers")
+    make, model_name, format_name, options = HF_TOWERS[tower]
+    torch.manual_seed(0)
+    reference, img_size, depth = make(transformers)
+    randomize_vectors(reference).save_pretrained(tmp_path / "hf")
+    model, info = load_pretrained(str(tmp_path / "hf"), **({} if depth is None else {"depth": depth}))
+    assert (info.model_name, info.source_format, info.num_classes) == (model_name, format_name, 0)
+    assert info.model_options == {**options, "img_size": img_size}
+    images = _images(img_size)
+    with torch.no_grad():
+        out = reference(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    features = model.forward_features(images)
+    if tower != "CLIPVisionModel":
+        _assert_close(features, out.last_hidden_state.numpy())
+    _assert_close(model.pool(features), out.pooler_output.numpy())
+    assert not np.asarray(model(images)).any()
+
+
+@pytest.mark.parametrize("config,name", [
+    ({"model_type": "dinov2", "hidden_size": 1024, "patch_size": 14}, "vit_large_patch14_dinov2"),
+    ({"model_type": "siglip", "vision_config": {"hidden_size": 1152, "patch_size": 14}}, "vit_so400m_patch14_siglip_224"),
+    ({"model_type": "siglip_vision_model", "hidden_size": 768, "patch_size": 16}, "vit_base_patch16_siglip_224"),
+    ({"model_type": "clip", "vision_config": {"hidden_size": 1024, "patch_size": 14, "hidden_act": "quick_gelu"}},
+     "vit_large_patch14_clip_quickgelu_224"),
+    ({"model_type": "clip_vision_model", "hidden_size": 768, "patch_size": 16, "hidden_act": "gelu"},
+     "vit_base_patch16_clip_224"),
+    ({"model_type": "clip", "vision_config": {"hidden_size": 512}}, ""),
+])
+def test_hf_tower_configs_name_the_jaxclf_model(config, name):
+    from jaxclf.weights import hub
+
+    assert hub.model_name_from_config({"config": config}) == name
 
 
 # --- surgery and strictness -----------------------------------------------------------------------

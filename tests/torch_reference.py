@@ -19,6 +19,18 @@ def randomize_norms(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
+def randomize_vectors(model: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter that is not a matrix or conv kernel (biases, layer scales, tokens, position embeddings,
+    attention-pool latents) drawn from N(0, 0.2), then `randomize_norms`: init's zeros and 1e-5 layer scales
+    would hide a wrong mapping."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim < 2 or not name.endswith("weight"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    return randomize_norms(model)
+
+
 def torch_logits(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
     """The model's logits on NHWC float images (transformers' outputs unwrapped)."""
     with torch.no_grad():

@@ -15,4 +15,4 @@ from jaxclf.models.base import (  # noqa: F401 (the package's interface)
     options,
     register,
 )
-from jaxclf.models import convnext, efficientnet, resnet, resnetv2, vit  # noqa: F401,E402 (each registers its model names)
+from jaxclf.models import convnext, efficientnet, eva, resnet, resnetv2, vit  # noqa: F401,E402 (each registers its model names)

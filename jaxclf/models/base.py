@@ -121,11 +121,11 @@ def list_models() -> list[str]:
 
 
 def family(name: str) -> str:
-    """The model file that registered `name`, e.g. "resnet" for "resnet50"."""
+    """The module that registered `name`, e.g. "jaxclf.models.resnet" for "resnet50"."""
     _check_name(name)
     factory = _REGISTRY[name]
     base = factory.func if isinstance(factory, functools.partial) else factory
-    return base.__module__.rsplit(".", 1)[-1]
+    return base.__module__
 
 
 def options(name: str) -> dict[str, Any]:

@@ -4,7 +4,8 @@
 
 Sources (detected from the names inside the file): torchvision / timm ResNets, timm ViTs, Hugging
 Face `ResNetForImageClassification` / `ViTForImageClassification` folders, vit_jax / big_vision ViT
-`.npz`, and BiT ResNetV2 (timm or the original `.npz`). `python -m jaxclf.convert` writes the result
+`.npz`, BiT ResNetV2 (timm or the original `.npz`), and the transformers image towers `Dinov2Model`,
+`SiglipVisionModel` and `CLIPVisionModel` (timm's DINOv2, SigLIP, CLIP and EVA-02 files are timm ViTs). `python -m jaxclf.convert` writes the result
 as a folder (`params.npz` + `pretrained.json`) that `config.model_init` points to.
 """
 
@@ -23,7 +24,7 @@ from flax import nnx
 
 from jaxclf import models, progress, tree_paths
 from jaxclf.models import efficientnet as efficientnet_models
-from jaxclf.weights import bit, cache, convnext, efficientnet, files, hub, resnet, surgery, vit, workdir
+from jaxclf.weights import bit, cache, convnext, efficientnet, files, hf_towers, hub, resnet, surgery, vit, workdir
 from jaxclf.weights.files import WeightsError
 
 INFO_FILE = "pretrained.json"
@@ -31,6 +32,7 @@ PARAMS_FILE = "params.npz"
 
 IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 INCEPTION = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+OPENAI_CLIP = {"mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +67,12 @@ FORMATS = (
                  {**IMAGENET, "interpolation": "bicubic", "crop_pct": 0.875}),
     SourceFormat("torchvision_convnext", convnext.is_torchvision, convnext.from_torchvision,
                  {**IMAGENET, "interpolation": "bilinear", "crop_pct": 0.875}),
+    SourceFormat("hf_dinov2", hf_towers.is_dinov2, hf_towers.from_dinov2,
+                 {**IMAGENET, "interpolation": "bicubic", "crop_pct": 0.875}),
+    SourceFormat("hf_siglip", hf_towers.is_siglip, hf_towers.from_siglip,
+                 {**INCEPTION, "interpolation": "bicubic", "crop_pct": 1.0}),
+    SourceFormat("hf_clip", hf_towers.is_clip, hf_towers.from_clip,
+                 {**OPENAI_CLIP, "interpolation": "bicubic", "crop_pct": 1.0}),
 )
 
 

@@ -20,6 +20,7 @@ import json
 import os
 import re
 
+from jaxclf.weights import hf_towers
 from jaxclf.weights.files import TORCH_SUFFIXES, WeightsError
 
 HUB_PREFIX = "hf:"
@@ -151,13 +152,13 @@ def model_name_from_config(sidecar: dict) -> str:
         if config.get("layer_type") == "bottleneck" and depths == (3, 4, 6, 3):
             return "resnet50"
         return f"resnet{_RESNET_DEPTHS[depths]}" if depths in _RESNET_DEPTHS else ""
-    return ""
+    return hf_towers.model_name(config)
 
 
 def model_options_from_config(sidecar: dict) -> dict:
-    """Model options a transformers ViT config implies (its LayerNorm epsilon)."""
+    """Model options a transformers ViT, Dinov2, SigLIP or CLIP config implies (LayerNorm epsilon, activation)."""
     config = sidecar.get("config", {})
-    return {"norm_eps": config["layer_norm_eps"]} if config.get("model_type") == "vit" else {}
+    return {"norm_eps": config["layer_norm_eps"]} if config.get("model_type") == "vit" else hf_towers.model_options(config)
 
 
 def preprocessing_from_config(sidecar: dict) -> dict:

@@ -5,7 +5,8 @@ jaxclf's, or whose layout does, with `{}` standing for an index. `to_jaxclf` rea
 through it, `to_torch` writes one (jaxclf.export --format timm), so the two directions cannot
 drift apart. Leaves follow one rule: `weight` is a `kernel` (OIHW convs as HWIO, [out, in]
 linears as [in, out]) or a norm's `scale`; `running_mean`/`running_var` are BatchNorm's
-`mean`/`var`; `num_batches_tracked` has no counterpart (written as 0).
+`mean`/`var`; `num_batches_tracked` has no counterpart (written as 0); a bare parameter of a module
+(layer scale's `gamma`, EVA's `q_bias`/`v_bias`, attention pooling's `latent`) keeps its name and layout.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from jaxclf.weights.files import WeightsError
 
 # Buffers PyTorch keeps that have no counterpart in jaxclf.
 _SKIPPED = ("num_batches_tracked",)
-# `gamma`: timm's layer scale (ConvNeXt), the same name on both sides.
-_LEAVES = {"bias": "bias", "running_mean": "mean", "running_var": "var", "gamma": "gamma"}
-_TORCH_LEAVES = {"bias": "bias", "mean": "running_mean", "var": "running_var", "scale": "weight", "kernel": "weight",
-                 "gamma": "gamma"}
+_LEAVES = {"bias": "bias", "running_mean": "mean", "running_var": "var"}
+_TORCH_LEAVES = {"bias": "bias", "mean": "running_mean", "var": "running_var", "scale": "weight", "kernel": "weight"}
+# Parameters held directly by a module (nn.Parameter attributes), the same on both sides.
+_BARE = ("gamma", "q_bias", "v_bias", "latent")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +102,10 @@ def to_torch(params: dict[str, np.ndarray], table: NameTable) -> dict[str, np.nd
             out[path] = value
             continue
         module, _, leaf = path.rpartition("/")
+        if leaf in _BARE:
+            torch_module, _ = table.find(module.replace("/", "."), "jaxclf", path)
+            out[f"{torch_module}.{leaf}"] = value
+            continue
         if leaf not in _TORCH_LEAVES:
             raise WeightsError(f"jaxclf param {path!r}: no PyTorch counterpart for a {leaf!r}")
         torch_module, conv_as_linear = table.find(module.replace("/", "."), "jaxclf", path)
@@ -115,6 +120,8 @@ def _leaf_name(name: str, leaf: str, value: np.ndarray) -> str:
         return "scale" if value.ndim == 1 else "kernel"
     if leaf in _LEAVES:
         return _LEAVES[leaf]
+    if leaf in _BARE:
+        return leaf
     raise WeightsError(f"source key {name!r}: unknown parameter kind {leaf!r}")
 
 
