@@ -33,6 +33,7 @@ from jaxclf import (
     loop as loop_lib,
     models,
     optim,
+    peft,
     plots,
     preemption,
     progress as progress_lib,
@@ -118,6 +119,7 @@ def build(config: ml_collections.FrozenConfigDict, pretrained: tuple[dict, weigh
     model = _create_model(config, num_classes)
     if pretrained:
         _load_model_init(model, update.fit_head(pretrained[0], model.head_paths()) if update else pretrained[0], config)
+    _apply_peft(model, config)
     try:
         tx, schedule = optim.make_optimizer(config.optim, model, total_steps, steps_per_epoch)
     except optim.OptimConfigError as e:
@@ -134,7 +136,8 @@ def build(config: ml_collections.FrozenConfigDict, pretrained: tuple[dict, weigh
     loss = steps.make_loss(config, class_weights, teacher=distill.load_teacher(config, train_set.class_names),
                            old_model=update.lwf_teacher() if update else None)
     train_step = steps.make_train_step(train_graphdef, tx, mesh, config, num_classes, state_sharding, loss,
-                                       compiler_options=_train_compiler_options(model))
+                                       compiler_options=_train_compiler_options(model),
+                                       frozen_params=optim.frozen_mask(config.optim, model))
     class_groups = update.plan.groups() if update else {}
     eval_step = steps.make_eval_step(
         eval_graphdef, mesh, state_sharding, mean=tuple(config.data.mean), std=tuple(config.data.std),
@@ -282,6 +285,12 @@ def _load_model_init(model: nnx.Module, params: dict, config: ml_collections.Con
     except weights.WeightsError as e:
         raise config_lib.ConfigError(f"config.model_init={config.model_init!r}: {e}") from None
     print(f"Loaded {config.model_init}" + "".join(f"\n  {note}" for note in notes), file=sys.stderr)
+
+
+def _apply_peft(model: models.Classifier, config: ml_collections.FrozenConfigDict) -> None:
+    adapted = peft.from_config(model, config)
+    if adapted:
+        print(f"LoRA adapters (rank {config.peft.rank}) on {len(adapted)} layers", file=sys.stderr)
 
 
 def _create_model(config: ml_collections.FrozenConfigDict, num_classes: int) -> models.Classifier:
