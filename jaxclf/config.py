@@ -147,6 +147,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.nonfinite_loss = "stop"  # a NaN/Inf loss: "stop" the run, or "skip" that step's update (counted)
 
+    # (start, end): a jax.profiler trace of train steps start..end into the workdir (jaxclf/profiling.py),
+    # for TensorBoard's profile plugin or xprof; (): none.
+    c.profile_steps = ()
     c.log_every_steps = 50
     c.eval_every_epochs = 1.0  # also evaluates at the end
     c.checkpoint_every_steps = 0  # 0: at every evaluation; always at the end and on a stop signal

@@ -36,6 +36,7 @@ from jaxclf import (
     peft,
     plots,
     preemption,
+    profiling,
     progress as progress_lib,
     resolve as resolve_lib,
     sharding,
@@ -97,6 +98,7 @@ def train_and_evaluate(
 def build(config: ml_collections.FrozenConfigDict, pretrained: tuple[dict, weights.Pretrained] | None, workdir: str,
           mesh: Mesh) -> Built:
     """Data, model (with `pretrained` loaded), optimizer, sharded train state and jitted steps for a resolved config."""
+    profiling.check(config.profile_steps)  # a mistake fails now, not at the profiled step
     with progress_lib.phase(f"reading the data ({config.data.source} {config.data.tfds_name or config.data.root})"):
         splits = data_lib.load_splits(config.data)
     data_check.before_training(config.data, splits, workdir)  # config.data.check: fails now, not hours in
@@ -194,8 +196,9 @@ def _train(built: Built, workdir: str, stop_at_step: int | None, listeners: Sequ
     # On accelerators, any implicit device-to-host copy (a stray float(loss)) in the loop is an
     # error: the only host syncs are at logging, evaluation and checkpoint steps. (CPU arrays
     # already live in host memory, so the guard does not fire there.)
+    profiler = profiling.StepProfiler(config.profile_steps, workdir)
     with preemption.StopSignals() as signals, jax.transfer_guard_device_to_host("disallow"), \
-            contextlib.closing(progress):
+            contextlib.closing(progress), contextlib.closing(profiler):
         loop = loop_lib.TrainingLoop(
             train_iter=train_iter, mesh=built.mesh, evaluate=built.evaluate, checkpointer=built.checkpointer,
             train_log=train_log, listeners=[listeners_lib.WriteMetrics(writer), progress, early_stopping, *listeners],
@@ -204,7 +207,10 @@ def _train(built: Built, workdir: str, stop_at_step: int | None, listeners: Sequ
             checkpoint_every=config.checkpoint_every_steps or built.eval_every, progress=progress,
         )
         for step in range(start_step + 1, end_step + 1):
-            state, metrics = built.train_step(state, loop.next_batch(step, state))
+            batch = loop.next_batch(step, state)
+            with profiler.step(step):
+                state, metrics = built.train_step(state, batch)
+            profiler.step_done(step, metrics)
             loop.log(step, metrics)
             stop = loop.evaluate(step, state)
             loop.save(step, state, stop)
