@@ -7,7 +7,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from jaxclf import config as config_lib, inference, models, optim, peft, sharding, steps, train, tree_paths
+from jaxclf import config as config_lib, export, inference, models, optim, peft, sharding, steps, train, tree_paths
 from jaxclf.models import resnet, vit
 
 
@@ -167,3 +167,7 @@ def test_lora_run_resumes_exactly_and_loads_as_a_plain_model(digits_root, tmp_pa
     loaded = inference.load_trained(str(tmp_path / "straight"), "last")
     plain = models.create("tiny_cnn", num_classes=10)
     assert tree_paths.shapes(nnx.state(loaded.model, nnx.Param)) == tree_paths.shapes(nnx.state(plain, nnx.Param))
+    # Export takes the merged model (and checks its program against it).
+    out = str(tmp_path / "model.stablehlo")
+    assert export.main(["--workdir", str(tmp_path / "straight"), "--format", "stablehlo", "--out", out,
+                        "--image_size", "16"]) == 0
