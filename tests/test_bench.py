@@ -93,3 +93,13 @@ def test_train_loop_bench_runs_the_loop_against_the_step(tmp_path):
     assert result["step_images_per_sec"] > 0 and 0 < result["fraction"]
     assert result["loop"]["steps"] == 2 and result["loop"]["parts_ms_per_step"]["input wait"] >= 0
     assert isinstance(result["workers_needed_for_the_step_rate"], int) and result["workers_needed_for_the_step_rate"] >= 0
+
+
+def test_lora_bench_reports_what_each_way_trains_and_keeps(tmp_path):
+    report = _run_bench("lora.py", tmp_path / "lora.json", "--models", "vit_tiny_patch16_224",
+                        "--size", "32", "--batch", "2", "--rounds", "1", "--steps", "1")
+    for ways in report["steps"].values():
+        full, lora, probe = ways["full"], ways["lora"], ways["probe"]
+        assert full["trainable_fraction"] == 1.0 > lora["trainable_fraction"] > probe["trainable_fraction"] > 0
+        assert full["optimizer_state_bytes"] > lora["optimizer_state_bytes"] > probe["optimizer_state_bytes"]
+        assert full["step_time_vs_full"] == 1.0 and all(w["step_s"] > 0 for w in ways.values())
