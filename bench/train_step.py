@@ -110,7 +110,7 @@ def _jaxclf_step(model_name: str, batch: int, size: int, dtype: str, devices: li
     state = jax.device_put(state, state_sharding)
     options = model.xla_cpu_train_options() if kernels == "cpu" else {}
     train_step = steps_lib.make_train_step(graphdef, tx, mesh, config, 1000, state_sharding, steps_lib.make_loss(config),
-                                           compiler_options=options)
+                                           compiler_options=options, frozen_params=optim.frozen_mask(config.optim, model))
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     labels = rng.integers(0, 1000, batch).astype(np.int32)

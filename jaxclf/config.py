@@ -118,6 +118,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.head_regex = ""  # "": the model's head; else a regex searched in parameter paths
     c.optim.freeze = ""  # regex of parameter paths left unchanged, e.g. "^(?!fc/)" for a linear probe
 
+    # Parameter-efficient fine-tuning (jaxclf/peft.py): method "lora" trains low-rank adapters beside the
+    # layers `targets` match (regexes searched in module paths, e.g. "qkv", "proj", "fc1", "fc2" of a ViT,
+    # "conv" or "layer4/.*/conv[13]" of a ResNet; never the head) and the head, nothing else; finished
+    # runs are merged into plain weights when loaded (evaluate, predict, export, serve).
+    c.peft = ml_collections.ConfigDict()
+    c.peft.method = ""  # "" (every param trained, or optim.freeze's choice) or "lora"
+    c.peft.rank = 8
+    c.peft.alpha = 16.0  # the update is scaled by alpha / rank
+    c.peft.dropout = 0.0  # dropout on the adapters' input
+    c.peft.targets = ("qkv", "proj", "fc1", "fc2")
+
     c.freeze_bn_stats = False  # BatchNorm uses and keeps its running statistics while training
     c.label_smoothing = 0.0
     # Mixup / cutmix on the device: mixed with probability mix_prob; cutmix with mix_switch_prob when both.
@@ -140,6 +151,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.nonfinite_loss = "stop"  # a NaN/Inf loss: "stop" the run, or "skip" that step's update (counted)
 
+    # (start, end): a jax.profiler trace of train steps start..end into the workdir (jaxclf/profiling.py),
+    # for TensorBoard's profile plugin or xprof; (): none.
+    c.profile_steps = ()
     c.log_every_steps = 50
     c.eval_every_epochs = 1.0  # also evaluates at the end
     c.checkpoint_every_steps = 0  # 0: at every evaluation; always at the end and on a stop signal

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxclf import checkpoint, config as config_lib, models
+from jaxclf import checkpoint, config as config_lib, models, peft
 from jaxclf.kernels import xla_cpu
 from jaxclf.data import classes, ops as ops_lib, sources
 from jaxclf.steps import normalize_images
@@ -181,7 +181,7 @@ def load_trained(workdir: str, checkpoint_choice: str | int = "best", *, use_ema
             f"{workdir}/config.json names model {config.model_name!r}, which is not registered here; "
             "if a config file defined it, pass that file with --import_file"
         )
-    abstract = nnx.eval_shape(lambda: models.create_model(config, len(class_names)))
+    abstract = nnx.eval_shape(lambda: _model_with_adapters(config, len(class_names)))
     abstract.eval()
     graphdef, params, model_state = nnx.split(abstract, nnx.Param, ...)
     weights = "ema" if use_ema and config.ema_decay > 0 else "params"
@@ -201,7 +201,15 @@ def load_trained(workdir: str, checkpoint_choice: str | int = "best", *, use_ema
     finally:
         checkpointer.close()
     model = nnx.merge(graphdef, restored[field], restored["model_state"])
+    peft.merge(model)  # a LoRA run's adapters folded into plain weights
     return TrainedModel(workdir, config, class_names, model, step, weights)
+
+
+def _model_with_adapters(config: ml_collections.ConfigDict, num_classes: int) -> models.Classifier:
+    """The model of a run's config, with the LoRA adapters its `peft` added (so its checkpoint fits)."""
+    model = models.create_model(config, num_classes)
+    peft.from_config(model, config)
+    return model
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

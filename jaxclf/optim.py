@@ -93,12 +93,21 @@ def lr_multipliers(optim: ml_collections.ConfigDict, model: models.Classifier):
     return _map_with_names(multiplier, params)
 
 
-def frozen_mask(optim: ml_collections.ConfigDict, params):
-    """True for parameters matching `optim.freeze` (a regex searched in the parameter path)."""
-    if not optim.freeze:
-        return jax.tree.map(lambda _: False, params)
-    pattern = re.compile(optim.freeze)
-    return _map_with_names(lambda name, _: bool(pattern.search(name)), params)
+def frozen_mask(optim: ml_collections.ConfigDict, model: nnx.Module):
+    """True for the parameters training leaves unchanged: those matching `optim.freeze` (a regex searched in
+    the parameter path) and, in a model holding LoRA adapters (`nnx.LoRAParam`, jaxclf/peft.py), every
+    parameter that is neither an adapter's nor the head's."""
+    params = nnx.state(model, nnx.Param)
+    pattern = re.compile(optim.freeze) if optim.freeze else None
+    adapters = set(tree_paths.flatten(nnx.state(model, nnx.LoRAParam)))
+    head = model.head_paths()
+
+    def frozen(name: str, _) -> bool:
+        if pattern is not None and pattern.search(name):
+            return True
+        return bool(adapters) and name not in adapters and not models.matches(name, head)
+
+    return _map_with_names(frozen, params)
 
 
 def _update_rule(optim: ml_collections.ConfigDict, schedule: optax.Schedule, weight_decay_mask
@@ -129,8 +138,9 @@ def make_optimizer(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Return the optax transformation for `config.optim` over `model`'s params and its learning-rate schedule.
 
-    Frozen parameters get `set_to_zero` through `optax.partition`, so they never change and hold
-    no optimizer state (no momentum buffers for a linear probe's backbone).
+    Frozen parameters (`frozen_mask`: optim.freeze, a LoRA model's base) get `set_to_zero` through
+    `optax.partition`, so they never change and hold no optimizer state (no momentum buffers for a
+    linear probe's backbone); the train step computes no gradient for them (`steps.make_train_step`).
     """
     schedule = make_schedule(optim, total_steps, steps_per_epoch)
     chain = []
@@ -141,8 +151,8 @@ def make_optimizer(
         multipliers = lr_multipliers(optim, model)
         chain.append(optax.stateless(lambda updates, _: _scale(updates, multipliers)))
     tx = optax.chain(*chain)
-    if optim.freeze:
-        frozen = frozen_mask(optim, nnx.state(model, nnx.Param))
+    frozen = frozen_mask(optim, model)
+    if any(jax.tree.leaves(frozen)):
         if all(jax.tree.leaves(frozen)):
             raise OptimConfigError(f"config.optim.freeze={optim.freeze!r} freezes every parameter")
         labels = jax.tree.map(lambda f: "frozen" if f else "trained", frozen)

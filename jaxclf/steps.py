@@ -172,6 +172,7 @@ def make_train_step(
     state_sharding,
     loss: Loss,
     compiler_options: dict | None = None,
+    frozen_params=None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Return `step(state, batch) -> (state, metrics)` minimising `loss`, jitted over `mesh`; `state` is donated.
 
@@ -184,29 +185,29 @@ def make_train_step(
     nonfinite_loss="skip", a step whose loss or gradients are NaN/Inf leaves the state unchanged
     (metrics["skipped"] = 1) instead of poisoning the parameters. A loss of several terms also
     reports each (metrics["loss_<name>"]); `loss.frozen` goes to the mesh once, laid out like the
-    params, and into every step as an argument.
+    params, and into every step as an argument. `frozen_params` (`optim.frozen_mask`: True for a
+    param training leaves unchanged) keeps those out of the differentiation: no gradient is computed
+    for them (a zero stands in, for the optimizer's tree), and `grad_norm` is the trained params'.
     """
     mean, std = tuple(config.data.mean), tuple(config.data.std)
     accumulate = config.optim.accumulate_steps
+    trained = None if frozen_params is None else [not f for f in jax.tree.leaves(frozen_params)]
 
     def grads_and_metrics(params, model_state, images, targets, labels, weights, weight_sum, frozen):
         """Gradients of `loss`, whose terms divide by `weight_sum`: the whole batch's, so
         micro-batches' losses and gradients add up to the batch's."""
-        # Params config.optim.freeze names are constants to differentiation: their gradients are
-        # symbolic zeros, so no backward pass runs through a frozen backbone (a linear probe's
-        # step costs its forward and the head's backward).
-        frozen_params = optim.frozen_mask(config.optim, params)
-
-        def loss_fn(params):
-            params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen_params)
+        def loss_fn(trained_leaves):
             # copy=True makes fresh variables in this (grad) trace, so BatchNorm may update them.
-            model = nnx.merge(graphdef, params, model_state, copy=True)
+            model = nnx.merge(graphdef, _with_leaves(params, trained, trained_leaves), model_state, copy=True)
             logits = model(images).astype(jnp.float32)
             parts = loss.parts(LossInputs(logits, targets, images, weights, weight_sum, frozen))
             value = functools.reduce(operator.add, parts.values())
             return value, (logits, nnx.state(model, nnx.Not(nnx.Param)), parts if len(parts) > 1 else {})
 
-        (value, (logits, model_state, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (value, (logits, model_state, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            _selected_leaves(params, trained))
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads = _with_leaves(zeros, trained, grads)
         accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
         return grads, model_state, value, accuracy, parts
 
@@ -241,7 +242,7 @@ def make_train_step(
         if ema_params is not None:
             decay = config.ema_decay
             ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = optax.tree.norm(_selected_leaves(grads, trained))
         new_state = TrainState(
             step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state, ema_params=ema_params
         )
@@ -268,6 +269,21 @@ def make_train_step(
                      **jit_options)
     frozen = jax.device_put(loss.frozen, frozen_sharding)
     return lambda state, batch: jitted(state, batch, frozen)
+
+
+def _selected_leaves(tree, selected: list[bool] | None) -> list:
+    """The leaves of `tree` where `selected` is True (all of them for None)."""
+    leaves = jax.tree.leaves(tree)
+    return leaves if selected is None else [leaf for leaf, keep in zip(leaves, selected) if keep]
+
+
+def _with_leaves(tree, selected: list[bool] | None, replacements: list):
+    """`tree` with its `selected` leaves replaced, in order, by `replacements` (`_selected_leaves`' inverse)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    if selected is None:
+        return treedef.unflatten(replacements)
+    given = iter(replacements)
+    return treedef.unflatten([next(given) if keep else leaf for leaf, keep in zip(leaves, selected)])
 
 
 def _accumulated(grads_and_metrics, state: TrainState, k: int, images, targets, labels, weights, weight_sum):

@@ -33,8 +33,10 @@ from jaxclf import (
     loop as loop_lib,
     models,
     optim,
+    peft,
     plots,
     preemption,
+    profiling,
     progress as progress_lib,
     resolve as resolve_lib,
     sharding,
@@ -99,6 +101,7 @@ def train_and_evaluate(
 def build(config: ml_collections.FrozenConfigDict, pretrained: tuple[dict, weights.Pretrained] | None, workdir: str,
           mesh: Mesh) -> Built:
     """Data, model (with `pretrained` loaded), optimizer, sharded train state and jitted steps for a resolved config."""
+    profiling.check(config.profile_steps)  # a mistake fails now, not at the profiled step
     with progress_lib.phase(f"reading the data ({config.data.source} {config.data.tfds_name or config.data.root})"):
         splits = data_lib.load_splits(config.data)
     data_check.before_training(config.data, splits, workdir)  # config.data.check: fails now, not hours in
@@ -121,6 +124,7 @@ def build(config: ml_collections.FrozenConfigDict, pretrained: tuple[dict, weigh
     model = _create_model(config, num_classes)
     if pretrained:
         _load_model_init(model, update.fit_head(pretrained[0], model.head_paths()) if update else pretrained[0], config)
+    _apply_peft(model, config)
     try:
         tx, schedule = optim.make_optimizer(config.optim, model, total_steps, steps_per_epoch)
     except optim.OptimConfigError as e:
@@ -137,7 +141,8 @@ def build(config: ml_collections.FrozenConfigDict, pretrained: tuple[dict, weigh
     loss = steps.make_loss(config, class_weights, teacher=distill.load_teacher(config, train_set.class_names),
                            old_model=update.lwf_teacher() if update else None)
     train_step = steps.make_train_step(train_graphdef, tx, mesh, config, num_classes, state_sharding, loss,
-                                       compiler_options=_train_compiler_options(model))
+                                       compiler_options=_train_compiler_options(model),
+                                       frozen_params=optim.frozen_mask(config.optim, model))
     class_groups = update.plan.groups() if update else {}
     eval_step = steps.make_eval_step(
         eval_graphdef, mesh, state_sharding, mean=tuple(config.data.mean), std=tuple(config.data.std),
@@ -196,9 +201,10 @@ def _train(built: Built, workdir: str, stop_at_step: int | None, listeners: Sequ
     # On accelerators, any implicit device-to-host copy (a stray float(loss)) in the loop is an
     # error: the only host syncs are at logging, evaluation and checkpoint steps. (CPU arrays
     # already live in host memory, so the guard does not fire there.)
+    profiler = profiling.StepProfiler(config.profile_steps, workdir)
     # The data workers are stopped when the loop ends, however it ends (done, early stop, pruned, preempted, error).
     with preemption.StopSignals() as signals, jax.transfer_guard_device_to_host("disallow"), \
-            contextlib.closing(progress), pipeline.closing_iterator(train_iter):
+            contextlib.closing(progress), contextlib.closing(profiler), pipeline.closing_iterator(train_iter):
         loop = loop_lib.TrainingLoop(
             train_iter=train_iter, mesh=built.mesh, evaluate=built.evaluate, checkpointer=built.checkpointer,
             train_log=train_log, listeners=[listeners_lib.WriteMetrics(writer), progress, early_stopping, *listeners],
@@ -208,7 +214,10 @@ def _train(built: Built, workdir: str, stop_at_step: int | None, listeners: Sequ
         )
         with contextlib.closing(loop):
             for step in range(start_step + 1, end_step + 1):
-                state, metrics = built.train_step(state, loop.next_batch(step, state))
+                batch = loop.next_batch(step, state)
+                with profiler.step(step):
+                    state, metrics = built.train_step(state, batch)
+                profiler.step_done(step, metrics)
                 loop.log(step, metrics)
                 stop = loop.evaluate(step, state)
                 loop.save(step, state, stop)
@@ -289,6 +298,12 @@ def _load_model_init(model: nnx.Module, params: dict, config: ml_collections.Con
     except weights.WeightsError as e:
         raise config_lib.ConfigError(f"config.model_init={config.model_init!r}: {e}") from None
     print(f"Loaded {config.model_init}" + "".join(f"\n  {note}" for note in notes), file=sys.stderr)
+
+
+def _apply_peft(model: models.Classifier, config: ml_collections.FrozenConfigDict) -> None:
+    adapted = peft.from_config(model, config)
+    if adapted:
+        print(f"LoRA adapters (rank {config.peft.rank}) on {len(adapted)} layers", file=sys.stderr)
 
 
 def _create_model(config: ml_collections.FrozenConfigDict, num_classes: int) -> models.Classifier:

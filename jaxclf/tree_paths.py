@@ -23,8 +23,15 @@ def flatten(tree) -> dict:
 
 
 def shapes(tree) -> dict[str, tuple[int, ...]]:
-    """{'layer1/0/conv1/kernel': (3, 3, 64, 64), ...}."""
-    return {name: tuple(leaf.shape) for name, leaf in flatten(tree).items()}
+    """{'layer1/0/conv1/kernel': (3, 3, 64, 64), ...}; a typed PRNG key (a dropout layer's RNG stream)
+    has its key data's shape, as a checkpoint stores it."""
+    return {name: _stored_shape(leaf) for name, leaf in flatten(tree).items()}
+
+
+def _stored_shape(leaf) -> tuple[int, ...]:
+    if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+        return tuple(jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)).shape)
+    return tuple(leaf.shape)
 
 
 def mismatches(source: dict[str, tuple], target: dict[str, tuple], source_name: str, target_name: str) -> list[str]:

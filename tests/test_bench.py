@@ -99,3 +99,13 @@ def test_step_program_compares_two_trees(tmp_path):
     report = _run_bench("step_program.py", tmp_path / "program.json", "--base-tree", ".", "--models", "resnet18",
                         "--kernels", "plain", "--size", "32", "--batch", "2")
     assert [(row["model"], row["same"]) for row in report["rows"]] == [("resnet18", True)]
+
+
+def test_lora_bench_reports_what_each_way_trains_and_keeps(tmp_path):
+    report = _run_bench("lora.py", tmp_path / "lora.json", "--models", "vit_tiny_patch16_224",
+                        "--size", "32", "--batch", "2", "--rounds", "1", "--steps", "1")
+    for ways in report["steps"].values():
+        full, lora, probe = ways["full"], ways["lora"], ways["probe"]
+        assert full["trainable_fraction"] == 1.0 > lora["trainable_fraction"] > probe["trainable_fraction"] > 0
+        assert full["optimizer_state_bytes"] > lora["optimizer_state_bytes"] > probe["optimizer_state_bytes"]
+        assert full["step_time_vs_full"] == 1.0 and all(w["step_s"] > 0 for w in ways.values())

@@ -70,7 +70,9 @@ def _make_step(config, model, mesh, class_weights=None):
     )
     state_sharding = sharding.state_sharding(state, mesh, config.param_sharding)
     state = jax.device_put(state, state_sharding)
-    return steps.make_train_step(graphdef, tx, mesh, config, 4, state_sharding, steps.make_loss(config, class_weights)), state
+    step = steps.make_train_step(graphdef, tx, mesh, config, 4, state_sharding, steps.make_loss(config, class_weights),
+                                 frozen_params=optim.frozen_mask(config.optim, model))
+    return step, state
 
 
 def _leaves_by_name(tree):
