@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxclf import augment, distill, optim, sharding
+from jaxclf import augment, distill, sharding
 from jaxclf.kernels import xla_cpu
 
 
