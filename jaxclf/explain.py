@@ -29,8 +29,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from flax import nnx
 
-from jaxclf import inference
-from jaxclf.steps import normalize_images
+from jaxclf.runs import inference
+from jaxclf.data.normalize import normalize_images
 
 
 # Grad-CAM's map must have at least this many pixels a side to show where the evidence is.

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxclf import models, tree_paths
+from jaxclf import models
+from jaxclf.models import tree_paths
 from jaxclf.models import layers, resnetv2
 from jaxclf.weights import bit
 

@@ -13,7 +13,7 @@ from PIL import Image
 from jaxclf import config as config_lib, train
 from jaxclf.data import ops, pipeline, reader, sources
 from jaxclf.data.sampler import GlobalBatchSampler
-from jaxclf.metrics import read_metrics
+from jaxclf.tracking.metrics import read_metrics
 
 
 def _decode(path, size=None) -> np.ndarray:

@@ -7,7 +7,11 @@ import os
 import numpy as np
 import pytest
 
-from jaxclf import artefact, evaluate, export, inference, quantize
+from jaxclf.runs import artefact, inference
+from jaxclf import evaluate, export
+from jaxclf.deploy import quantize
+from jaxclf.evaluation import splits
+from jaxclf.runs import predictions
 
 # Measured on the digits run (360 val images; its tiny CNN reaches only 19.2% top-1 in 60 steps, so the
 # agreement of int8 with float32 predictions is checked too, which does not depend on the accuracy):
@@ -17,8 +21,8 @@ MIN_AGREEMENT = 0.95
 
 
 def _val_predictions(model) -> np.ndarray:
-    _, source = evaluate.load_split(model, "val")
-    log_probs, _, indices = evaluate.predict_source(model, source, batch_size=64)
+    _, source = splits.load_split(model, "val")
+    log_probs, _, indices = predictions.predict_source(model, source, batch_size=64)
     return log_probs.argmax(axis=1)[np.argsort(indices)]
 
 
@@ -31,14 +35,14 @@ def test_int8_runs_and_keeps_the_accuracy(trained_workdir, tmp_path, capsys, cal
     with open(out + ".json") as f:
         record = json.load(f)["quantization"]
     assert record["mode"] == ("static" if calibration else "dynamic") and f"int8 ({record['mode']})" in printed
-    assert "val top-1: float32" in printed and os.path.getsize(out) == record["size_bytes"]["int8"]
+    assert "val accuracy: float32" in printed and os.path.getsize(out) == record["size_bytes"]["int8"]
     loaded = artefact.load_artefact(out)
     assert loaded.format == "onnx-int8"
     assert evaluate.main(["--artefact", out, "--split", "val"]) == 0
     with open(os.path.join(out + ".eval", "val", "report.json")) as f:
         report = json.load(f)
-    top1 = record["top1_val"]
-    assert report["top1"] == pytest.approx(top1["int8"])
+    top1 = record["val_accuracy"]
+    assert report["accuracy"] == pytest.approx(top1["int8"])
     assert top1["float32"] > 0.15  # above chance (0.1): the drop means something
     float32 = _val_predictions(inference.load_trained(trained_workdir))
     agreement = float(np.mean(_val_predictions(loaded) == float32))
@@ -51,7 +55,7 @@ def test_calibration_images_come_from_the_train_split_through_eval_preprocessing
     trained = inference.load_trained(trained_workdir)
     images = quantize.calibration_images(trained, 10)
     assert images.shape == (10, 16, 16, 3) and images.dtype == np.uint8
-    _, source = evaluate.load_split(trained, "train")
+    _, source = splits.load_split(trained, "train")
     train_images = {trained.load_image(p).tobytes() for p in source.paths}
     assert all(image.tobytes() in train_images for image in images)
     assert len({image.tobytes() for image in images}) == 10  # drawn without replacement

@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxclf import checkpoint, config as config_lib, train
-from jaxclf.metrics import read_metrics
+from jaxclf.runs import checkpoint
+from jaxclf import config as config_lib, train
+from jaxclf.tracking.metrics import read_metrics
 
 
 def _config(digits_root, **overrides):

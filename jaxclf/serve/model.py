@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from jaxclf import explain as explain_lib, inference
+from jaxclf import explain as explain_lib
+from jaxclf.runs import inference
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxclf import models, progress, tree_paths
+from jaxclf import models
+from jaxclf.tracking import progress
+from jaxclf.models import tree_paths
 from jaxclf.weights import bit, cache, files, hub, resnet, surgery, vit, workdir
 from jaxclf.weights.files import WeightsError
 

@@ -14,7 +14,7 @@ from typing import Protocol
 import ml_collections
 
 from jaxclf import config as config_lib
-from jaxclf.metrics import MetricsWriter
+from jaxclf.tracking.metrics import MetricsWriter
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from jaxclf import tree_paths
+from jaxclf.models import tree_paths
 from jaxclf.config import ConfigError
 
 

@@ -16,7 +16,8 @@ from collections.abc import Callable
 import numpy as np
 from flax import nnx
 
-from jaxclf import inference, tree_paths
+from jaxclf.runs import inference
+from jaxclf.models import tree_paths
 from jaxclf.models import resnet, resnetv2, vit
 from jaxclf.weights import bit as bit_weights, resnet as resnet_weights, torch_names, vit as vit_weights
 

@@ -16,7 +16,8 @@ import ml_collections
 import optax
 from flax import nnx
 
-from jaxclf import models, tree_paths
+from jaxclf import models
+from jaxclf.models import tree_paths
 
 
 class OptimConfigError(ValueError):
