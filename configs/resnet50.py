@@ -6,8 +6,8 @@ A torchvision-style transfer recipe at 224 px: SGD with momentum, lr 0.01 per 25
 cosine decay over 30 epochs, label smoothing 0.1.
 The weights: timm's ResNet-50 A1 (ImageNet-1k, 80.4% top-1 at 288 px), from the Hugging Face hub on
 first use, converted once; --config.model_init= takes another hub name (timm/resnet50.tv2_in1k for
-torchvision's V2 weights), a torchvision/timm file or a Hugging Face folder (README, "Pretrained
-weights"); --config.model_init='' trains from scratch.
+torchvision's V2 weights), a torchvision/timm file or a Hugging Face folder (docs/weights.md);
+--config.model_init='' trains from scratch.
 """
 
 from jaxclf.config import base_config

@@ -1,6 +1,6 @@
 """Show where a trained model looked: `python -m jaxclf.explain --workdir DIR IMAGE [--class NAME] --out PNG`.
 
-- Models with `forward_features`/`forward_head` (ResNets): Grad-CAM (Selvaraju et al., 2017), for
+- Convnets (every `Classifier` declares `forward_features`/`forward_head`): Grad-CAM (Selvaraju et al., 2017), for
   the predicted class or --class. Where they take a stage (`forward_features(images, stages)`,
   `forward_head(features, from_stage)`, as jaxclf's ResNets), on the deepest of the 4 stages whose
   map is at least 4x4 (the last stage's is 1x1 at 32 px and would be flat); else on the final map.
@@ -29,8 +29,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from flax import nnx
 
-from jaxclf.runs import inference
+from jaxclf import models
 from jaxclf.data.normalize import normalize_images
+from jaxclf.runs import inference
 
 
 # Grad-CAM's map must have at least this many pixels a side to show where the evidence is.
@@ -121,7 +122,7 @@ def explanation_method(model: nnx.Module) -> str | None:
     """"attention rollout" or "Grad-CAM", the method `explain` uses for `model`; None if it has neither hook."""
     if has_attention_weights(model):
         return "attention rollout"
-    if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
+    if isinstance(model, models.Classifier) and type(model).forward_features is not models.Classifier.forward_features:
         return "Grad-CAM"
     return None
 

@@ -32,12 +32,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxclf.runs import artefact as artefact_lib, inference
-from jaxclf import models
 from jaxclf.deploy import timm_export
 from jaxclf.evaluation import splits
-from jaxclf.models import tree_paths
-from jaxclf.runs import predictions
+from jaxclf.runs import artefact as artefact_lib, inference, predictions
 
 FORMATS = ("stablehlo", "onnx", "timm")
 QUANTIZATIONS = ("", "int8")
@@ -90,21 +87,13 @@ def export_onnx(trained: inference.TrainedModel, height: int, width: int) -> byt
 
 
 def with_plain_kernels(trained: inference.TrainedModel) -> inference.TrainedModel:
-    """`trained` with its weights in the same model built with kernels="plain", where its config rebuilds
-    the same model (same class and param shapes); else `trained` itself."""
-    config = trained.config
-    if config.model_name not in models.list_models() or "kernels" not in models.options(config.model_name):
+    """`trained` computing with the plain kernel set (the same params; kernel sets change formulations only)."""
+    if getattr(trained.model, "kernels", "plain") == "plain":
         return trained
-    if config.model.get("kernels", "auto") == "plain" or config.dtype not in models.DTYPES:
-        return trained  # plain already, or a config that was never resolved (a model built in memory)
-    plain_config = ml_collections.ConfigDict(config.to_dict())
+    plain = nnx.merge(*nnx.split(trained.model))
+    plain.kernels = "plain"
+    plain_config = ml_collections.ConfigDict(trained.config.to_dict())
     plain_config.model.kernels = "plain"
-    plain = nnx.eval_shape(lambda: models.create_model(plain_config, len(trained.class_names)))
-    state = nnx.state(trained.model)
-    if type(plain) is not type(trained.model) or tree_paths.shapes(nnx.state(plain)) != tree_paths.shapes(state):
-        return trained
-    nnx.update(plain, state)
-    plain.eval()
     return dataclasses.replace(trained, model=plain, config=plain_config)
 
 

@@ -50,9 +50,6 @@ class CamNet(models.Classifier):
     def forward_head(self, features):
         return self.head(features.mean(axis=(1, 2)))
 
-    def __call__(self, images):
-        return self.forward_head(self.forward_features(images))
-
 
 def explainable_trained_model(workdir: str, class_names: tuple[str, ...]):
     """An inference.TrainedModel of a random CamNet taking images as they are decoded (no training run needed)."""

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxclf import models
+from jaxclf import kernels as kernels_lib, models
 from jaxclf.models import tree_paths
 from jaxclf.models import layers, resnetv2
 from jaxclf.weights import bit
@@ -106,7 +106,8 @@ def test_stem_pool_matches_timm_fixed_padding(size, kernels):
     x = -np.random.default_rng(1).uniform(1, 2, (2, size, size, 3)).astype(np.float32)
     pool = torch.nn.Sequential(torch.nn.ConstantPad2d(1, 0.0), torch.nn.MaxPool2d(3, 2))
     expected = pool(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
-    out = np.asarray(layers.max_pool_3x3_s2(jnp.asarray(x), pad_value=0.0, kernels=kernels))
+    with kernels_lib.use(kernels):
+        out = np.asarray(layers.max_pool_3x3_s2(jnp.asarray(x), pad_value=0.0))
     np.testing.assert_array_equal(out, expected)
     assert not np.array_equal(out, layers.max_pool_3x3_s2(jnp.asarray(x)))  # -inf padding differs
 

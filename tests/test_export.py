@@ -63,7 +63,12 @@ def test_onnx_export_of_the_runs_model(trained_workdir, tmp_path):
 
 
 def _small(factory, **options):
-    return lambda kernels: factory(num_classes=5, rngs=nnx.Rngs(0), dtype=jnp.float32, kernels=kernels, **options)
+    def build(kernels):
+        model = factory(num_classes=5, rngs=nnx.Rngs(0), dtype=jnp.float32, **options)
+        model.kernels = kernels
+        return model
+
+    return build
 
 
 def _registered(name, **options):

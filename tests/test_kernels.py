@@ -27,6 +27,18 @@ FAMILIES = {
     "resnetv2_50x1_bit": dict(depths=(1, 1, 1, 1)),
     "vit_tiny_patch16_224": dict(img_size=32, patch_size=8, depth=2, reg_tokens=2),
 }
+
+
+def _under(kernel_set, fn):
+    """`fn` computing with `kernel_set` (entered inside, so that jit traces it with that set)."""
+
+    def run(*args):
+        with kernels.use(kernel_set):
+            return fn(*args)
+
+    return run
+
+
 FAST_SETS = [name for name in kernels.KERNEL_SETS if name != "plain"]
 
 
@@ -60,6 +72,44 @@ def test_fast_kernels_compute_the_plain_loss_and_gradients(name):
             expected = reference[path]
             error = np.linalg.norm(np.asarray(grad) - expected) / max(np.linalg.norm(expected), 1e-12)
             assert error < 1e-4, f"{name} kernels={kernel_set}: gradient of {'/'.join(map(str, path))} off by {error:.2g}"
+
+
+def test_every_registered_family_is_compared():
+    checked = {models.family(name) for name in FAMILIES}
+    assert {models.family(name) for name in models.list_models()} == checked, "add the family's smallest form to FAMILIES"
+
+
+def test_a_block_written_without_plumbing_computes_with_the_models_kernel_set():
+    """A block nested anywhere, built with no kernel argument, computes with the set its model was given."""
+
+    class Inner(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = layers.Conv(8, 6, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs)
+
+        def __call__(self, x):
+            return self.conv(x)
+
+    class Net(models.Classifier):
+        def __init__(self, rngs):
+            self.blocks = nnx.List([Inner(rngs)])
+
+        def forward_features(self, images):
+            return self.blocks[0](images)
+
+        def forward_head(self, features):
+            return features.mean(axis=(1, 2))
+
+    net = Net(nnx.Rngs(0))
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 2, 2, 8)), jnp.float32)  # a 2x2 map: im2col on "cpu"
+    primitives = {}
+    for kernel_set in ("plain", "cpu"):
+        net.kernels = kernel_set
+        graphdef, state = nnx.split(net)
+        jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(images))(state)
+        primitives[kernel_set] = {eqn.primitive.name for eqn in jaxpr.jaxpr.eqns}
+        np.testing.assert_allclose(nnx.merge(graphdef, state)(images), Net(nnx.Rngs(0))(images), rtol=1e-5, atol=1e-5)
+    assert "conv_general_dilated" in str(jax.make_jaxpr(lambda: Net(nnx.Rngs(0))(images))())
+    assert primitives["plain"] != primitives["cpu"]  # the nested conv took the "cpu" formulation
 
 
 def test_auto_resolves_by_platform():
@@ -107,7 +157,8 @@ def test_max_pool_gradient_goes_to_first_maximum(shape, pad_value, kernel_set):
     # first maximum, as torch's (a maximum written as jnp.maximum would split ties).
     rng = np.random.default_rng(3)
     x = rng.integers(-2, 3, shape).astype(np.float32)
-    out, vjp = jax.vjp(lambda v: layers.max_pool_3x3_s2(v, pad_value, kernels=kernel_set), jnp.asarray(x))
+    with kernels.use(kernel_set):  # the set is chosen while jax traces
+        out, vjp = jax.vjp(lambda v: layers.max_pool_3x3_s2(v, pad_value), jnp.asarray(x))
     grad_out = rng.standard_normal(out.shape).astype(np.float32)
     grad = np.asarray(jax.jit(vjp)(jnp.asarray(grad_out))[0])
     np.testing.assert_allclose(grad, _max_pool_grad_reference(x, grad_out, pad_value), rtol=1e-6, atol=1e-6)
@@ -130,8 +181,8 @@ def test_cpu_convolution_equals_lax_forward_and_backward(shape, kernel, stride, 
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
     w = jnp.asarray(rng.normal(size=(kernel, kernel, shape[-1], 6)), jnp.float32)
     padding = ((pad, pad), (pad, pad))
-    ours = lambda x, w: layers.conv(x, w, (stride, stride), padding, kernels="cpu")
-    reference = lambda x, w: layers.conv(x, w, (stride, stride), padding, kernels="plain")
+    ours = _under("cpu", lambda x, w: layers.conv(x, w, (stride, stride), padding))
+    reference = _under("plain", lambda x, w: layers.conv(x, w, (stride, stride), padding))
     np.testing.assert_allclose(ours(x, w), reference(x, w), rtol=1e-5, atol=1e-5)
     probe = jnp.asarray(rng.normal(size=reference(x, w).shape), jnp.float32)
     loss = lambda f: lambda x, w: jnp.sum(f(x, w) * probe)
@@ -182,7 +233,7 @@ def test_cudnn_attention_matches_plain_on_nvidia_gpus(length):
     cotangent = jnp.asarray(rng.normal(size=(2, length, 4, 64)), jnp.bfloat16)
 
     def loss(kernel_set):
-        return lambda qkv: jnp.sum((layers.attention(qkv, kernels=kernel_set) * cotangent).astype(jnp.float32))
+        return _under(kernel_set, lambda qkv: jnp.sum((layers.attention(qkv) * cotangent).astype(jnp.float32)))
 
     fused = jax.jit(jax.value_and_grad(loss("gpu")))
     assert "cudnn" in fused.lower(qkv).compile().as_text().lower()  # the "gpu" set really runs cuDNN's kernel

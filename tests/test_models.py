@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from scipy.special import erf
 
-from jaxclf import models
+from jaxclf import kernels as kernels_lib, models
 from jaxclf.models import layers, resnet
 from model_helpers import with_random_values
 
@@ -145,7 +145,8 @@ def _max_pool_reference(x: np.ndarray) -> np.ndarray:
 def test_stem_max_pool_matches_torch_padding(size, kernels):
     # All-negative inputs: zero padding would leak zeros into border windows; -inf padding cannot.
     x = -np.random.default_rng(2).uniform(1, 2, (2, size, size, 3)).astype(np.float32)
-    out = np.asarray(layers.max_pool_3x3_s2(jnp.asarray(x), kernels=kernels))
+    with kernels_lib.use(kernels):
+        out = np.asarray(layers.max_pool_3x3_s2(jnp.asarray(x)))
     np.testing.assert_array_equal(out, _max_pool_reference(x))
     if size % 2 == 0:  # where 'SAME' pads (0, 1) instead of (1, 1) it gives other values
         same = jax.lax.reduce_window(x, -np.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), "SAME")

@@ -335,7 +335,7 @@ def test_tpe_against_random_search_with_the_same_budget(tmp_path):
 
     Measured (bench/results/search_samplers_cpu.json for seeds 0-1, search_samplers_cpu_seeds2-4.json for 2-4):
     TPE's best val/accuracy was at least random's in 5 of 5 seeds (mean 0.565 vs 0.506), the mean of the 8
-    trials after the random start higher for TPE in 3 of 5 (README, "Hyper-parameter search").
+    trials after the random start higher for TPE in 3 of 5 (bench/README.md, "Search samplers").
     Luck is not asserted: only the paired design and real runs.
     """
     out = tmp_path / "samplers.json"

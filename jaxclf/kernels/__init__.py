@@ -9,13 +9,19 @@ the same function faster on one platform:
 - "gpu": plain JAX, with cuDNN's fused attention in 16-bit on NVIDIA GPUs (`kernels/cudnn.py`).
 
 "auto" resolves once, from the platform the program runs on (`resolve`); a run records the
-resolved name in its config.json. Adding a set is one `KernelSet` in `KERNEL_SETS`.
+resolved name in its config.json. The set is chosen by context, not threaded through constructors:
+the layer API computes with `active()`, the set of the innermost `use(name)` (plain JAX outside any),
+and a `Classifier` runs its forward passes under its own `kernels` (jaxclf/models/base.py). The choice
+happens while jax traces, so a jitted function must enter `use` inside itself, as models do.
+Adding a set is one `KernelSet` in `KERNEL_SETS`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 
@@ -60,3 +66,21 @@ def resolve(name: str, platform: str | None = None) -> str:
 def get(name: str) -> KernelSet:
     """The kernel set `name` ("auto" resolved for the default backend)."""
     return KERNEL_SETS[resolve(name)]
+
+
+_ACTIVE: contextvars.ContextVar[str] = contextvars.ContextVar("jaxclf_kernel_set", default="plain")
+
+
+@contextlib.contextmanager
+def use(name: str) -> Iterator[KernelSet]:
+    """Compute the layer API's ops with kernel set `name` ("auto" resolved) inside this block."""
+    token = _ACTIVE.set(resolve(name))
+    try:
+        yield KERNEL_SETS[_ACTIVE.get()]
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active() -> KernelSet:
+    """The kernel set of the innermost `use` block; plain JAX outside any."""
+    return KERNEL_SETS[_ACTIVE.get()]

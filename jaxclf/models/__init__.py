@@ -1,142 +1,18 @@
-"""Model registry: `create(name, num_classes=...)` builds any registered image classifier.
+"""Image classifiers: the `Classifier` interface, the registry, and the registered families.
 
-A model file registers a class (or a factory) with `register(name, **fixed)`: `fixed` are the
-arguments that make the name (depth, width, patch size); every other keyword of the constructor
-is an option a config may set in `config.model`, checked here once. So adding a model family
-touches no other file. Every model subclasses `Classifier`: it maps `images: float32[B, H, W, 3]`
-(normalised, NHWC) to `logits: float32[B, num_classes]`, computes in `dtype` with float32 params,
-and answers what training asks of it (head, weight-decay exclusions, layer ids). A constructor
-that takes `kernels` gets the kernel set (`jaxclf/kernels`) from `create`.
+`models.create("resnet50", num_classes=10)` builds any registered model (jaxclf/models/base.py). A
+family is one file that calls `register`; the families registered are the ones imported below.
 """
 
-from __future__ import annotations
-
-import difflib
-import functools
-import inspect
-from collections.abc import Callable
-from typing import Any
-
-import jax.numpy as jnp
-import ml_collections
-from flax import nnx
-
-Factory = Callable[..., nnx.Module]
-
-_REGISTRY: dict[str, Factory] = {}
-# Arguments every model takes from `create` itself; the rest are the model's own options.
-_COMMON_ARGS = ("num_classes", "rngs", "dtype")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class Classifier(nnx.Module):
-    """Base of every registered model. Parameter paths are '/'-joined, e.g. `blocks/3/attn/qkv/kernel`.
-
-    Override what differs from these defaults; the trainer, the optimizer and the weight loaders
-    ask the model rather than matching names.
-    """
-
-    def head_paths(self) -> tuple[str, ...]:
-        """Path prefixes of the classifier layer's params (reset for a new class count, `optim.head_lr_mult`)."""
-        return ("head",)
-
-    def no_weight_decay(self) -> tuple[str, ...]:
-        """Paths of params without weight decay beyond biases and norms (every param of rank <= 1)."""
-        return ()
-
-    def layer_id(self, path: str) -> int:
-        """Depth of param `path` for layer-wise lr decay: 0 for the stem/embeddings, i for block or stage
-        i (from 1), one more than the last block for the final norm and head."""
-        raise NotImplementedError(f"{type(self).__name__} defines no layer_id(path), which config.optim.layer_decay needs")
-
-    def pos_embed_prefix_tokens(self) -> int:
-        """How many rows of `pos_embed` precede the patch grid (class/register tokens that have a position)."""
-        return 0
-
-    def xla_cpu_train_options(self) -> dict[str, Any]:
-        """XLA:CPU compiler options for this model's train step with the "cpu" kernels (`kernels/xla_cpu.py`)."""
-        return {}
-
-
-def matches(path: str, prefixes: tuple[str, ...]) -> bool:
-    """Whether param `path` is one of `prefixes` or lies below one of them."""
-    return any(path == p or path.startswith(p + "/") for p in prefixes)
-
-
-def register(name: str, factory: Factory | None = None, **fixed: Any):
-    """Register `factory(num_classes, rngs, dtype, **options)` under `name`, with `fixed` arguments bound.
-
-    `register("resnet18", ResNet, block=BasicBlock, depths=(2, 2, 2, 2))`, or as a decorator of a factory.
-    """
-    if factory is None:
-        return lambda f: register(name, f, **fixed) or f
-    if name in _REGISTRY:
-        raise ValueError(f"model {name!r} is registered twice; model names must be unique")
-    _REGISTRY[name] = functools.partial(factory, **fixed) if fixed else factory
-    return None
-
-
-def list_models() -> list[str]:
-    """Sorted names of all registered models."""
-    return sorted(_REGISTRY)
-
-
-def options(name: str) -> dict[str, Any]:
-    """The options model `name` accepts, with their defaults (inspect.Parameter.empty where required)."""
-    _check_name(name)
-    factory = _REGISTRY[name]
-    fixed = factory.keywords if isinstance(factory, functools.partial) else {}
-    base = factory.func if isinstance(factory, functools.partial) else factory
-    # A class's signature is its __init__'s (nnx.Module's metaclass hides it from inspect.signature).
-    parameters = inspect.signature(base.__init__ if inspect.isclass(base) else base).parameters
-    defaults = {p: v.default for p, v in parameters.items()
-                if p not in (*_COMMON_ARGS, "self") and v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)}
-    return {**defaults, **fixed}
-
-
-def create(
-    name: str,
-    *,
-    num_classes: int,
-    rngs: nnx.Rngs | None = None,
-    dtype: Any = jnp.float32,
-    **kwargs: Any,
-) -> Classifier:
-    """Builds the registered model `name` with a `num_classes`-way head (`rngs` default `Rngs(0)`).
-
-    Raises ValueError for an unknown name (suggesting the closest ones) and TypeError for an
-    option the model does not accept or a model that is not a `Classifier`.
-    """
-    accepted = options(name)
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise TypeError(
-            f"model {name!r} got unknown keyword argument(s) {', '.join(unknown)}; "
-            f"it accepts: {', '.join(sorted(accepted)) or 'no options'}"
-        )
-    model = _REGISTRY[name](num_classes=num_classes, rngs=rngs if rngs is not None else nnx.Rngs(0), dtype=dtype,
-                            **kwargs)
-    if not isinstance(model, Classifier):
-        raise TypeError(f"model {name!r} built a {type(model).__name__}; registered models subclass "
-                        "jaxclf.models.Classifier (it tells training the head, weight-decay exclusions and layer ids)")
-    return model
-
-
-def create_model(config: ml_collections.ConfigDict, num_classes: int) -> Classifier:
-    """The model a resolved `config` names (`jaxclf.resolve`): `config.model_name` with `config.model`'s
-    options, a `num_classes`-way head, computing in `config.dtype`."""
-    if config.dtype not in DTYPES:
-        raise ValueError(f"config.dtype={config.dtype!r}: use 'auto', 'float32' or 'bfloat16'")
-    return create(config.model_name, num_classes=num_classes, rngs=nnx.Rngs(config.seed), dtype=DTYPES[config.dtype],
-                  **config.model)
-
-
-def _check_name(name: str) -> None:
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, _REGISTRY, n=3)
-        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
-        raise ValueError(f"unknown model {name!r}: {hint}available models: {', '.join(list_models())}")
-
-
-# Imported last because the model files call `register` while being imported.
-from jaxclf.models import resnet, resnetv2, vit  # noqa: E402,F401
+from jaxclf.models.base import (  # noqa: F401 (the package's interface)
+    DTYPES,
+    Classifier,
+    create,
+    create_model,
+    family,
+    list_models,
+    matches,
+    options,
+    register,
+)
+from jaxclf.models import resnet, resnetv2, vit  # noqa: F401,E402 (each registers its model names)

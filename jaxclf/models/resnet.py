@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxclf import kernels as kernels_lib
 from jaxclf.kernels import xla_cpu
-from jaxclf.models import Classifier, layers, register
+from jaxclf.models import layers
+from jaxclf.models.base import Classifier, register
 
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), an untruncated normal.
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -25,12 +25,12 @@ _fc_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
-def _conv(cin: int, cout: int, kernel: int, stride: int, *, rngs: nnx.Rngs, dtype: Any, kernels: str = "plain") -> layers.Conv:
+def _conv(cin: int, cout: int, kernel: int, stride: int, *, rngs: nnx.Rngs, dtype: Any) -> layers.Conv:
     """Bias-free `kernel`x`kernel` conv padded by (kernel-1)//2 on every side, like torchvision."""
     pad = (kernel - 1) // 2
     return layers.Conv(
         cin, cout, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)), use_bias=False,
-        kernel_init=_conv_init, dtype=dtype, param_dtype=jnp.float32, kernels=kernels, rngs=rngs,
+        kernel_init=_conv_init, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
     )
 
 
@@ -43,11 +43,11 @@ def _bn(features: int, *, rngs: nnx.Rngs, dtype: Any, zero_scale: bool = False) 
     )
 
 
-def _downsample(cin: int, cout: int, stride: int, *, rngs: nnx.Rngs, dtype: Any, kernels: str = "plain") -> nnx.List | None:
+def _downsample(cin: int, cout: int, stride: int, *, rngs: nnx.Rngs, dtype: Any) -> nnx.List | None:
     """Shortcut projection [1x1/stride conv, BN] (torch `downsample.0/.1`), None for identity."""
     if stride == 1 and cin == cout:
         return None
-    conv = _conv(cin, cout, 1, stride, rngs=rngs, dtype=dtype, kernels=kernels)
+    conv = _conv(cin, cout, 1, stride, rngs=rngs, dtype=dtype)
     return nnx.List([conv, _bn(cout, rngs=rngs, dtype=dtype)])
 
 
@@ -64,13 +64,12 @@ class BasicBlock(nnx.Module):
 
     expansion = 1
 
-    def __init__(self, cin: int, planes: int, stride: int, *, zero_init_last_bn: bool, rngs: nnx.Rngs, dtype: Any,
-                 kernels: str = "plain"):
-        self.conv1 = _conv(cin, planes, 3, stride, rngs=rngs, dtype=dtype, kernels=kernels)
+    def __init__(self, cin: int, planes: int, stride: int, *, zero_init_last_bn: bool, rngs: nnx.Rngs, dtype: Any):
+        self.conv1 = _conv(cin, planes, 3, stride, rngs=rngs, dtype=dtype)
         self.bn1 = _bn(planes, rngs=rngs, dtype=dtype)
-        self.conv2 = _conv(planes, planes, 3, 1, rngs=rngs, dtype=dtype, kernels=kernels)
+        self.conv2 = _conv(planes, planes, 3, 1, rngs=rngs, dtype=dtype)
         self.bn2 = _bn(planes, rngs=rngs, dtype=dtype, zero_scale=zero_init_last_bn)
-        self.downsample = _downsample(cin, planes, stride, rngs=rngs, dtype=dtype, kernels=kernels)
+        self.downsample = _downsample(cin, planes, stride, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = nnx.relu(self.bn1(self.conv1(x)))
@@ -86,16 +85,15 @@ class Bottleneck(nnx.Module):
 
     expansion = 4
 
-    def __init__(self, cin: int, planes: int, stride: int, *, zero_init_last_bn: bool, rngs: nnx.Rngs, dtype: Any,
-                 kernels: str = "plain"):
+    def __init__(self, cin: int, planes: int, stride: int, *, zero_init_last_bn: bool, rngs: nnx.Rngs, dtype: Any):
         cout = planes * self.expansion
-        self.conv1 = _conv(cin, planes, 1, 1, rngs=rngs, dtype=dtype, kernels=kernels)
+        self.conv1 = _conv(cin, planes, 1, 1, rngs=rngs, dtype=dtype)
         self.bn1 = _bn(planes, rngs=rngs, dtype=dtype)
-        self.conv2 = _conv(planes, planes, 3, stride, rngs=rngs, dtype=dtype, kernels=kernels)
+        self.conv2 = _conv(planes, planes, 3, stride, rngs=rngs, dtype=dtype)
         self.bn2 = _bn(planes, rngs=rngs, dtype=dtype)
-        self.conv3 = _conv(planes, cout, 1, 1, rngs=rngs, dtype=dtype, kernels=kernels)
+        self.conv3 = _conv(planes, cout, 1, 1, rngs=rngs, dtype=dtype)
         self.bn3 = _bn(cout, rngs=rngs, dtype=dtype, zero_scale=zero_init_last_bn)
-        self.downsample = _downsample(cin, cout, stride, rngs=rngs, dtype=dtype, kernels=kernels)
+        self.downsample = _downsample(cin, cout, stride, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = nnx.relu(self.bn1(self.conv1(x)))
@@ -107,8 +105,7 @@ class Bottleneck(nnx.Module):
 class ResNet(Classifier):
     """ResNet v1.5. images: float32[B, H, W, 3] -> logits: float32[B, num_classes].
 
-    `zero_init_last_bn` zero-inits each block's last BN scale so blocks start as identities;
-    `kernels` names the kernel set ("auto": the one for this platform, see jaxclf/kernels).
+    `zero_init_last_bn` zero-inits each block's last BN scale so blocks start as identities.
     """
 
     def __init__(
@@ -120,11 +117,9 @@ class ResNet(Classifier):
         rngs: nnx.Rngs,
         dtype: Any = jnp.float32,
         zero_init_last_bn: bool = False,
-        kernels: str = "auto",
     ):
-        self.kernels = kernels = kernels_lib.resolve(kernels)
         self.bottleneck = block is Bottleneck
-        self.conv1 = _conv(3, 64, 7, 2, rngs=rngs, dtype=dtype, kernels=kernels)
+        self.conv1 = _conv(3, 64, 7, 2, rngs=rngs, dtype=dtype)
         self.bn1 = _bn(64, rngs=rngs, dtype=dtype)
         cin = 64
 
@@ -133,7 +128,7 @@ class ResNet(Classifier):
             blocks = []
             for i in range(depth):
                 blocks.append(block(cin, planes, stride if i == 0 else 1, zero_init_last_bn=zero_init_last_bn,
-                                    rngs=rngs, dtype=dtype, kernels=kernels))
+                                    rngs=rngs, dtype=dtype))
                 cin = planes * block.expansion
             return nnx.List(blocks)
 
@@ -145,13 +140,10 @@ class ResNet(Classifier):
         self.fc = nnx.Linear(cin, num_classes, kernel_init=_fc_init, bias_init=nnx.initializers.zeros,
                              dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
 
-    def __call__(self, images: jax.Array) -> jax.Array:
-        return self.forward_head(self.forward_features(images))
-
     def forward_features(self, images: jax.Array, stages: int = 4) -> jax.Array:
         """The feature map after the first `stages` stages, [B, h, w, C] (all four: what the head pools)."""
         x = nnx.relu(self.bn1(self.conv1(images)))
-        x = layers.max_pool_3x3_s2(x, kernels=self.kernels)
+        x = layers.max_pool_3x3_s2(x)
         for name in STAGES[:stages]:
             for blk in getattr(self, name):
                 x = blk(x)

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxclf import kernels as kernels_lib
-from jaxclf.models import Classifier, layers, register
+from jaxclf.models import layers
+from jaxclf.models.base import Classifier, register
 
 # timm's _init_weights: kaiming_normal_(mode="fan_out", nonlinearity="relu") for convs...
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -33,20 +33,19 @@ class StdConv(nnx.Module):
     biased variance and eps 1e-8 as timm, and pads like timm's `get_padding` on every side.
     """
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, *, rngs: nnx.Rngs, dtype: Any, kernels: str = "plain"):
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, *, rngs: nnx.Rngs, dtype: Any):
         self.kernel = nnx.Param(_conv_init(rngs.params(), (kernel, kernel, cin, cout), jnp.float32))
         self.strides = (stride, stride)
         pad = (stride - 1 + kernel - 1) // 2
         self.padding = ((pad, pad), (pad, pad))
         self.dtype = dtype
-        self.kernels = kernels
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(jnp.float32)
         mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
         var = jnp.var(kernel, axis=(0, 1, 2), keepdims=True)
         kernel = ((kernel - mean) * jax.lax.rsqrt(var + _STD_CONV_EPS)).astype(self.dtype)
-        return layers.conv(x.astype(self.dtype), kernel, self.strides, self.padding, kernels=self.kernels)
+        return layers.conv(x.astype(self.dtype), kernel, self.strides, self.padding)
 
 
 def _group_norm(features: int, *, rngs: nnx.Rngs, dtype: Any) -> nnx.GroupNorm:
@@ -62,19 +61,18 @@ class Stem(nnx.Module):
     post-ReLU, so border windows that are all negative pool to 0.
     """
 
-    def __init__(self, width: int, *, rngs: nnx.Rngs, dtype: Any, kernels: str = "plain"):
-        self.conv = StdConv(3, width, 7, 2, rngs=rngs, dtype=dtype, kernels=kernels)
-        self.kernels = kernels
+    def __init__(self, width: int, *, rngs: nnx.Rngs, dtype: Any):
+        self.conv = StdConv(3, width, 7, 2, rngs=rngs, dtype=dtype)
 
     def __call__(self, images: jax.Array) -> jax.Array:
-        return layers.max_pool_3x3_s2(self.conv(images), pad_value=0.0, kernels=self.kernels)
+        return layers.max_pool_3x3_s2(self.conv(images), pad_value=0.0)
 
 
 class Projection(nnx.Module):
     """Shortcut of a stage's first block: strided 1x1 std conv of the pre-activated input (timm `DownsampleConv`)."""
 
-    def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs, dtype: Any, kernels: str = "plain"):
-        self.conv = StdConv(cin, cout, 1, stride, rngs=rngs, dtype=dtype, kernels=kernels)
+    def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs, dtype: Any):
+        self.conv = StdConv(cin, cout, 1, stride, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.conv(x)
@@ -87,15 +85,15 @@ class PreActBottleneck(nnx.Module):
     identity shortcut takes the raw input.
     """
 
-    def __init__(self, cin: int, cout: int, stride: int, project: bool, *, rngs: nnx.Rngs, dtype: Any, kernels: str = "plain"):
+    def __init__(self, cin: int, cout: int, stride: int, project: bool, *, rngs: nnx.Rngs, dtype: Any):
         mid = cout // 4
-        self.downsample = Projection(cin, cout, stride, rngs=rngs, dtype=dtype, kernels=kernels) if project else None
+        self.downsample = Projection(cin, cout, stride, rngs=rngs, dtype=dtype) if project else None
         self.norm1 = _group_norm(cin, rngs=rngs, dtype=dtype)
-        self.conv1 = StdConv(cin, mid, 1, rngs=rngs, dtype=dtype, kernels=kernels)
+        self.conv1 = StdConv(cin, mid, 1, rngs=rngs, dtype=dtype)
         self.norm2 = _group_norm(mid, rngs=rngs, dtype=dtype)
-        self.conv2 = StdConv(mid, mid, 3, stride, rngs=rngs, dtype=dtype, kernels=kernels)
+        self.conv2 = StdConv(mid, mid, 3, stride, rngs=rngs, dtype=dtype)
         self.norm3 = _group_norm(mid, rngs=rngs, dtype=dtype)
-        self.conv3 = StdConv(mid, cout, 1, rngs=rngs, dtype=dtype, kernels=kernels)
+        self.conv3 = StdConv(mid, cout, 1, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         preact = nnx.relu(self.norm1(x))
@@ -109,10 +107,9 @@ class PreActBottleneck(nnx.Module):
 class Stage(nnx.Module):
     """`depth` bottlenecks; the first strides and projects. x: [B, H, W, cin] -> [B, H/stride, W/stride, cout]."""
 
-    def __init__(self, cin: int, cout: int, depth: int, stride: int, *, rngs: nnx.Rngs, dtype: Any, kernels: str = "plain"):
+    def __init__(self, cin: int, cout: int, depth: int, stride: int, *, rngs: nnx.Rngs, dtype: Any):
         self.blocks = nnx.List([
-            PreActBottleneck(cin if j == 0 else cout, cout, stride if j == 0 else 1, j == 0, rngs=rngs, dtype=dtype,
-                             kernels=kernels)
+            PreActBottleneck(cin if j == 0 else cout, cout, stride if j == 0 else 1, j == 0, rngs=rngs, dtype=dtype)
             for j in range(depth)
         ])
 
@@ -137,8 +134,7 @@ class ResNetV2(Classifier):
     """BiT ResNetV2. images: float32[B, H, W, 3] -> logits: float32[B, num_classes].
 
     Stage widths are (256, 512, 1024, 2048) times `width_factor`; the stem has 64 times it.
-    There is no BatchNorm, so train and eval modes compute the same function. `kernels` names
-    the kernel set ("auto": the one for this platform, see jaxclf/kernels).
+    There is no BatchNorm, so train and eval modes compute the same function.
     """
 
     def __init__(
@@ -149,22 +145,17 @@ class ResNetV2(Classifier):
         num_classes: int,
         rngs: nnx.Rngs,
         dtype: Any = jnp.float32,
-        kernels: str = "auto",
     ):
-        self.kernels = kernels = kernels_lib.resolve(kernels)
         cin = 64 * width_factor
-        self.stem = Stem(cin, rngs=rngs, dtype=dtype, kernels=kernels)
+        self.stem = Stem(cin, rngs=rngs, dtype=dtype)
         stages = []
         for i, (depth, width) in enumerate(zip(depths, (256, 512, 1024, 2048))):
             cout = width * width_factor
-            stages.append(Stage(cin, cout, depth, 1 if i == 0 else 2, rngs=rngs, dtype=dtype, kernels=kernels))
+            stages.append(Stage(cin, cout, depth, 1 if i == 0 else 2, rngs=rngs, dtype=dtype))
             cin = cout
         self.stages = nnx.List(stages)
         self.norm = _group_norm(cin, rngs=rngs, dtype=dtype)
         self.head = Head(cin, num_classes, rngs=rngs)
-
-    def __call__(self, images: jax.Array) -> jax.Array:
-        return self.forward_head(self.forward_features(images))
 
     def forward_features(self, images: jax.Array, stages: int = 4) -> jax.Array:
         """The map after the first `stages` stages, [B, h, w, C]; after all four, also the final norm +

@@ -15,19 +15,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxclf import kernels as kernels_lib
 from jaxclf.kernels import xla_cpu
-from jaxclf.models import Classifier, layers, register
+from jaxclf.models import layers
+from jaxclf.models.base import Classifier, register
 
 _init = nnx.initializers.truncated_normal(0.02)
 # torch nn.Conv2d's default weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as in timm.
 _patch_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def _linear(din: int, dout: int, *, rngs: nnx.Rngs, dtype: Any, kernels: str = "plain") -> layers.Linear:
+def _linear(din: int, dout: int, *, rngs: nnx.Rngs, dtype: Any) -> layers.Linear:
     """Linear with trunc-normal(0.02) kernel, zero bias, float32 params."""
     return layers.Linear(din, dout, kernel_init=_init, bias_init=nnx.initializers.zeros, dtype=dtype,
-                         param_dtype=jnp.float32, kernels=kernels, rngs=rngs)
+                         param_dtype=jnp.float32, rngs=rngs)
 
 
 def _layer_norm(dim: int, eps: float, *, rngs: nnx.Rngs, dtype: Any) -> nnx.LayerNorm:
@@ -47,12 +47,11 @@ class Attention(nnx.Module):
     [B, heads, N, N] as `nnx.Intermediate` "weights" for `nnx.capture`.
     """
 
-    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any, kernels: str = "plain"):
+    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any):
         self.num_heads = num_heads
-        self.kernels = kernels
         self.sow_weights = False
-        self.qkv = _linear(dim, 3 * dim, rngs=rngs, dtype=dtype, kernels=kernels)
-        self.proj = _linear(dim, dim, rngs=rngs, dtype=dtype, kernels=kernels)
+        self.qkv = _linear(dim, 3 * dim, rngs=rngs, dtype=dtype)
+        self.proj = _linear(dim, dim, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, d = x.shape
@@ -60,15 +59,15 @@ class Attention(nnx.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
         if self.sow_weights:
             self.sow(nnx.Intermediate, "weights", layers.attention_weights(qkv).astype(jnp.float32))
-        return self.proj(layers.attention(qkv, kernels=self.kernels).reshape(b, n, d))
+        return self.proj(layers.attention(qkv).reshape(b, n, d))
 
 
 class Mlp(nnx.Module):
     """fc1 -> exact GELU -> fc2. x: [B, N, D] -> [B, N, D]."""
 
-    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype: Any, kernels: str = "plain"):
-        self.fc1 = _linear(dim, hidden, rngs=rngs, dtype=dtype, kernels=kernels)
-        self.fc2 = _linear(hidden, dim, rngs=rngs, dtype=dtype, kernels=kernels)
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype: Any):
+        self.fc1 = _linear(dim, hidden, rngs=rngs, dtype=dtype)
+        self.fc2 = _linear(hidden, dim, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(layers.gelu(self.fc1(x)))
@@ -77,12 +76,11 @@ class Mlp(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm transformer block with stochastic depth. x: [B, N, D] -> [B, N, D]."""
 
-    def __init__(self, dim: int, num_heads: int, drop_path: float, norm_eps: float, *, rngs: nnx.Rngs, dtype: Any,
-                 kernels: str = "plain"):
+    def __init__(self, dim: int, num_heads: int, drop_path: float, norm_eps: float, *, rngs: nnx.Rngs, dtype: Any):
         self.norm1 = _layer_norm(dim, norm_eps, rngs=rngs, dtype=dtype)
-        self.attn = Attention(dim, num_heads, rngs=rngs, dtype=dtype, kernels=kernels)
+        self.attn = Attention(dim, num_heads, rngs=rngs, dtype=dtype)
         self.norm2 = _layer_norm(dim, norm_eps, rngs=rngs, dtype=dtype)
-        self.mlp = Mlp(dim, 4 * dim, rngs=rngs, dtype=dtype, kernels=kernels)
+        self.mlp = Mlp(dim, 4 * dim, rngs=rngs, dtype=dtype)
         # Stochastic depth = dropout of a whole residual branch per example: one mask value per
         # example, broadcast over tokens and features, kept branches scaled by 1/(1-rate) as timm.
         self.drop_path1 = _dropout(drop_path, rngs=rngs, broadcast_dims=(1, 2))
@@ -104,7 +102,7 @@ class VisionTransformer(Classifier):
     pooling; `no_embed_class` gives only the patches a position embedding (timm's register models);
     `norm_eps` is the LayerNorm epsilon; `pre_logits_size` > 0 adds the original ViT's
     representation layer (Dense + tanh, `pre_logits`) before the head, as in some vit_jax
-    ImageNet-21k checkpoints; `kernels` names the kernel set ("auto": the one for this platform).
+    ImageNet-21k checkpoints.
     """
 
     def __init__(
@@ -126,7 +124,6 @@ class VisionTransformer(Classifier):
         global_pool: str = "token",
         norm_eps: float = 1e-6,
         pre_logits_size: int = 0,
-        kernels: str = "auto",
     ):
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool={global_pool!r}: use 'token' or 'avg'")
@@ -134,7 +131,6 @@ class VisionTransformer(Classifier):
             raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg'")
         if img_size % patch_size:
             raise ValueError(f"img_size={img_size} is not a multiple of the patch size {patch_size}")
-        self.kernels = kernels = kernels_lib.resolve(kernels)
         self.img_size = img_size
         self.global_pool = global_pool
         self.has_class_token = class_token
@@ -145,7 +141,7 @@ class VisionTransformer(Classifier):
 
         self.patch_embed = layers.Conv(
             3, width, (patch_size, patch_size), strides=(patch_size, patch_size), padding="VALID",
-            kernel_init=_patch_init, dtype=dtype, param_dtype=jnp.float32, kernels=kernels, rngs=rngs,
+            kernel_init=_patch_init, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
         )
         if class_token:
             self.cls_token = nnx.Param(_init(rngs.params(), (1, 1, width), jnp.float32))
@@ -154,7 +150,7 @@ class VisionTransformer(Classifier):
         self.pos_embed = nnx.Param(
             _init(rngs.params(), (1, self.pos_embed_prefix_tokens() + num_patches, width), jnp.float32))
         self.blocks = nnx.List([
-            Block(width, num_heads, float(rate), norm_eps, rngs=rngs, dtype=dtype, kernels=kernels)
+            Block(width, num_heads, float(rate), norm_eps, rngs=rngs, dtype=dtype)
             for rate in np.linspace(0.0, drop_path_rate, depth)
         ])
         if global_pool == "avg":
@@ -168,14 +164,20 @@ class VisionTransformer(Classifier):
         # The head runs in float32: it is cheap and its logits feed the float32 loss.
         self.head = _linear(pre_logits_size or width, num_classes, rngs=rngs, dtype=jnp.float32)
 
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def forward_features(self, images: jax.Array) -> jax.Array:
+        """images -> tokens [B, prefix + patches, width] after the last block (and `norm`, as timm's)."""
         x = self._embed(images)
         for blk in self.blocks:
             x = blk(x)
+        return x if self.global_pool == "avg" else self.norm(x)
+
+    def forward_head(self, features: jax.Array) -> jax.Array:
+        """tokens -> logits float32[B, num_classes]: the class token (or the patches' mean and `fc_norm`),
+        the representation layer if any, dropout, head."""
         if self.global_pool == "avg":
-            x = self.fc_norm(jnp.mean(x[:, self.num_prefix_tokens:], axis=1))
+            x = self.fc_norm(jnp.mean(features[:, self.num_prefix_tokens:], axis=1))
         else:
-            x = self.norm(x)[:, 0]
+            x = features[:, 0]
         x = x.astype(jnp.float32)
         if self.has_pre_logits:
             x = jnp.tanh(self.pre_logits(x))

@@ -33,7 +33,7 @@ def resolve(config: ml_collections.ConfigDict, platform: str,
     in place (`jaxclf.tasks.registry.check_config`); it returns notes.
 
     - dtype "auto": bfloat16 on accelerators, float32 on CPUs;
-    - model.kernels ("auto" or unset, for models that take it): the kernel set for the platform;
+    - model.kernels ("auto" or unset): the kernel set for the platform;
     - model options the weights of `model_init` imply (e.g. a ViT's LayerNorm epsilon), where unset;
     - data.mean/std, where empty (and no task set them: continual.keep_preprocessing): those stored
       with the weights, else ImageNet's;
@@ -50,7 +50,7 @@ def resolve(config: ml_collections.ConfigDict, platform: str,
     if config.dtype not in models.DTYPES:
         raise config_lib.ConfigError(f"config.dtype={config.dtype!r}: use 'auto', 'float32' or 'bfloat16'")
     try:
-        accepted = models.options(config.model_name)
+        models.options(config.model_name)
     except ValueError as e:
         raise config_lib.ConfigError(f"config.model_name: {e}") from None
     with config.unlocked():
@@ -58,11 +58,10 @@ def resolve(config: ml_collections.ConfigDict, platform: str,
             for key, value in pretrained[1].model_options.items():
                 if key not in config.model:  # (ConfigDict has no setdefault)
                     config.model[key] = value
-        if "kernels" in accepted:
-            try:
-                config.model.kernels = kernels.resolve(config.model.get("kernels", "auto"), platform)
-            except ValueError as e:
-                raise config_lib.ConfigError(f"config.model.{e}") from None
+        try:
+            config.model.kernels = kernels.resolve(config.model.get("kernels", "auto"), platform)
+        except ValueError as e:
+            raise config_lib.ConfigError(f"config.model.{e}") from None
     preprocessing = pretrained[1].preprocessing if pretrained else weights.IMAGENET
     for key in ("mean", "std"):
         if not config.data[key]:
