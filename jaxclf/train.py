@@ -132,6 +132,7 @@ def build(config: ml_collections.FrozenConfigDict, pretrained: tuple[dict, weigh
     context = eval_base.EvalContext(config, mesh, eval_graphdef, state_sharding, splits, class_groups, steps_per_epoch)
     evaluations = eval_base.Evaluations(eval_registry.build(context), total_steps,
                                         derive=lambda metrics: task_base.fold(run_tasks, "eval_metrics", metrics))
+    evaluations.check_metric(config.best_metric, "config.best_metric")
 
     def make_train_iterator(num_workers: int):
         return iter(pipeline.make_train_loader(

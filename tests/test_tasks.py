@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from jaxclf import config as config_lib, train
-from jaxclf.runs import inference
+from jaxclf.evaluation import registry as eval_registry
+from jaxclf.runs import checkpoint, inference
 from jaxclf.tasks import base, registry
 from jaxclf.tracking.metrics import read_metrics
 from jaxclf.training import steps
@@ -91,17 +92,25 @@ def test_a_task_no_code_registered_is_named(digits_root, tmp_path, capsys):
 
 
 def test_evaluators_run_at_their_own_intervals_under_their_prefixes(digits_root, tmp_path):
-    """config.evals: "val" every 4 steps, "fit" (the training split) only at the end."""
-    config = _config(digits_root, total_steps=8)
+    """config.evals: "val" every 4 steps, "fit" (the training split) every 3; both at the last step. The
+    best checkpoint and early stopping follow val/accuracy alone."""
+    config = _config(digits_root, total_steps=8, early_stopping_patience=5, keep_checkpoints=1)
     config.evals = {"val": {"type": "classification", "every_steps": 4},
-                    "fit": {"type": "classification", "split": "train", "prefix": "fit/", "every_steps": 1000}}
+                    "fit": {"type": "classification", "split": "train", "prefix": "fit/", "every_steps": 3}}
     config_lib.validate(config)
     val = train.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
-    evaluated = {r["step"]: r for r in read_metrics(str(tmp_path / "run")) if "val/accuracy" in r}
-    assert sorted(evaluated) == [4, 8]
-    assert "fit/accuracy" not in evaluated[4]
-    assert evaluated[8]["fit/examples"] == 1437 and evaluated[8]["val/examples"] == 360
-    assert val["fit/accuracy"] == evaluated[8]["fit/accuracy"]
+    records = read_metrics(str(tmp_path / "run"))
+    assert [r["step"] for r in records if "val/accuracy" in r] == [4, 8]
+    assert [r["step"] for r in records if "fit/accuracy" in r] == [3, 6, 8]
+    final = [r for r in records if r["step"] == 8 and "val/accuracy" in r][0]
+    assert final["fit/examples"] == 1437 and final["val/examples"] == 360
+    assert val["fit/accuracy"] == final["fit/accuracy"]
+    best = max((r for r in records if "val/accuracy" in r), key=lambda r: (r["val/accuracy"], -r["step"]))
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "run"), keep=1)
+    try:
+        assert ckpt.best_step() == best["step"]
+    finally:
+        ckpt.close()
 
 
 @pytest.mark.parametrize("evals, message", [
@@ -116,7 +125,17 @@ def test_a_mistyped_evaluator_is_named(digits_root, tmp_path, evals, message):
         train.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
 
 
+def test_best_metric_must_be_an_evaluators(digits_root, tmp_path):
+    config = _config(digits_root, total_steps=2)
+    config.evals = {"fit": {"type": "classification", "split": "train"}}
+    with pytest.raises(config_lib.ConfigError, match="config.best_metric='val/accuracy' is not a metric.*'fit/'"):
+        train.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+
+
 def test_evaluators_are_set_from_the_command_line():
     config = config_lib.load_config("tests/tiny_config.py", ["evals.test.type=classification",
-                                                             "evals.test.split=test"])
-    assert config.evals.to_dict() == {"test": {"type": "classification", "split": "test"}}
+                                                             "evals.test.split=test", "evals.val.every_steps=5"])
+    assert config.evals.to_dict() == {"test": {"type": "classification", "split": "test"}, "val": {"every_steps": 5}}
+    assert eval_registry.specs(config.evals) == {
+        "test": {"type": "classification", "split": "test"},
+        "val": {"type": "classification", "split": "val", "prefix": "val/", "every_steps": 5}}

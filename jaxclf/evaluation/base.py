@@ -85,6 +85,15 @@ class Evaluations:
                  derive: Callable[[dict[str, float]], dict[str, float]] = dict):
         self.evaluators, self.total_steps, self._derive = tuple(evaluators), total_steps, derive
 
+    def check_metric(self, metric: str, field: str) -> None:
+        """Fail, naming `field`, unless some evaluator reports `metric` (by its prefix, or its EMA's)."""
+        prefixes = [p for e in self.evaluators for p in (e.prefix, f"{e.prefix.removesuffix('/')}_ema/")]
+        if not any(metric.startswith(prefix) for prefix in prefixes):
+            raise config_lib.ConfigError(
+                f"{field}={metric!r} is not a metric of the run's evaluators (config.evals: prefixes "
+                f"{[e.prefix for e in self.evaluators]})"
+            )
+
     @property
     def every_steps(self) -> int:
         """The shortest interval (checkpoints default to it)."""

@@ -20,9 +20,10 @@ DEFAULT = {"val": {"type": "classification", "split": "val", "prefix": "val/"}}
 
 
 def specs(evals) -> dict[str, dict]:
-    """{name: spec} of `config.evals` as plain dicts (the default when it is empty)."""
+    """{name: spec} of `config.evals` as plain dicts: the default when it is empty; a spec named like a
+    default evaluator fills its other keys from it (`--config.evals.val.every_steps=100` alone works)."""
     configured = evals.to_dict() if hasattr(evals, "to_dict") else dict(evals)
-    return configured or DEFAULT
+    return {name: {**DEFAULT.get(name, {}), **spec} for name, spec in configured.items()} or DEFAULT
 
 
 def build(context: base.EvalContext) -> list[base.Evaluator]:
