@@ -93,3 +93,9 @@ def test_train_loop_bench_runs_the_loop_against_the_step(tmp_path):
     assert result["step_images_per_sec"] > 0 and 0 < result["fraction"]
     assert result["loop"]["steps"] == 2 and result["loop"]["parts_ms_per_step"]["input wait"] >= 0
     assert isinstance(result["workers_needed_for_the_step_rate"], int) and result["workers_needed_for_the_step_rate"] >= 0
+
+
+def test_step_program_compares_two_trees(tmp_path):
+    report = _run_bench("step_program.py", tmp_path / "program.json", "--base-tree", ".", "--models", "resnet18",
+                        "--kernels", "plain", "--size", "32", "--batch", "2")
+    assert [(row["model"], row["same"]) for row in report["rows"]] == [("resnet18", True)]
