@@ -27,9 +27,11 @@ quickstart: $(RUN_STAMP)
 	$(PY) -m jaxclf.train --config configs/quickstart.py --workdir $(WORKDIR)
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -n 2 -m "not slow and not slurm" tests
 
 test-all: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -n 2 -m "not slurm" tests
 
 # A real one-node SLURM cluster on this machine (needs root for apt-get the first time).

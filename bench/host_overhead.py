@@ -26,9 +26,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxclf import loop, models, optim, preemption, sharding, steps
+from jaxclf.training import loop, optim, preemption, sharding, steps
+from jaxclf import models
 from jaxclf.config import base_config
-from jaxclf.metrics import MetricsWriter
+from jaxclf.tracking.metrics import MetricsWriter
 
 
 class Linear(models.Classifier):
@@ -66,7 +67,7 @@ def build(batch: int):
     graphdef, _, state = steps.create_train_state(model, tx)
     state_sharding = sharding.state_sharding(state, mesh, "replicate")
     state = jax.device_put(state, state_sharding)
-    step = steps.make_train_step(graphdef, tx, mesh, config, 10, state_sharding, steps.make_loss(config))
+    step = steps.make_train_step(graphdef, tx, mesh, config, 10, state_sharding, steps.cross_entropy_loss())
     return config, mesh, schedule, state, step
 
 

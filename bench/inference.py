@@ -3,7 +3,7 @@
     .venv/bin/python bench/inference.py --out bench/results/inference_cpu.json
 
 For each model (random weights; speed does not depend on their values), exports the ONNX model
-(jaxclf.onnx_graph, checked against JAX to 1e-4) and its int8 versions (dynamic, and static
+(jaxclf.deploy.onnx_graph, checked against JAX to 1e-4) and its int8 versions (dynamic, and static
 calibrated on random images: accuracy is not measured here, see tests/test_quantize.py), then
 times, alternating the runtimes within each round:
   latency     one uint8[1, S, S, 3] image per call, median ms per call;
@@ -25,7 +25,9 @@ import time
 import jax
 import numpy as np
 
-from jaxclf import artefact, config as config_lib, export, inference, models, quantize
+from jaxclf.runs import artefact, inference
+from jaxclf import config as config_lib, export, models
+from jaxclf.deploy import quantize
 
 RUNTIMES = ("jax", "onnx_fp32", "onnx_int8_dynamic", "onnx_int8_static")
 

@@ -30,7 +30,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxclf import config as config_lib, inference, models, optim, peft, sharding, steps as steps_lib, train, tree_paths
+from jaxclf import config as config_lib, models, train
+from jaxclf.models import peft, tree_paths
+from jaxclf.runs import inference
+from jaxclf.training import optim, sharding, steps as steps_lib
 from jaxclf import weights
 
 WAYS = ("full", "lora", "probe")
@@ -68,7 +71,7 @@ def build_step(model_name: str, way: str, batch: int, size: int):
     graphdef, _, state = steps_lib.create_train_state(model, tx)
     state_sharding = sharding.state_sharding(state, mesh, "replicate")
     state = jax.device_put(state, state_sharding)
-    step = steps_lib.make_train_step(graphdef, tx, mesh, config, 1000, state_sharding, steps_lib.make_loss(config),
+    step = steps_lib.make_train_step(graphdef, tx, mesh, config, 1000, state_sharding, steps_lib.cross_entropy_loss(),
                                      compiler_options=model.xla_cpu_train_options() if model.kernels == "cpu" else {},
                                      frozen_params=optim.frozen_mask(config.optim, model))
     rng = np.random.default_rng(0)

@@ -37,8 +37,10 @@ def lowered_program(model: str, kernels: str, size: int, batch: int) -> str:
 
 
 def _program_in(tree: str, model: str, kernels: str, size: int, batch: int) -> str:
-    """`lowered_program` computed by the jaxclf of checkout `tree`, in a fresh process."""
-    code = (f"import sys; sys.path.insert(0, {HERE!r}); from step_program import lowered_program; "
+    """`lowered_program` computed by the jaxclf and bench/ of checkout `tree` (each tree builds its step with
+    its own `train_step.py`, so a change of jaxclf's module layout or API compares too), in a fresh process."""
+    bench = os.path.join(tree, "bench")
+    code = (f"import sys; sys.path.insert(0, {bench!r}); from step_program import lowered_program; "
             f"sys.stdout.write(lowered_program({model!r}, {kernels!r}, {size}, {batch}))")
     env = {**os.environ, "PYTHONPATH": tree, "JAX_PLATFORMS": "cpu"}
     return subprocess.run([sys.executable, "-c", code], env=env, cwd=tree, check=True, capture_output=True,

@@ -39,10 +39,13 @@ import numpy as np
 from flax import nnx
 
 from input_pipeline import _descendants_cpu_seconds, load_average, write_jpeg_folder
-from jaxclf import loop as loop_lib, models, resolve as resolve_lib, sharding, train
+from jaxclf import models, train
+from jaxclf.evaluation import classification as eval_classification
+from jaxclf.tasks import registry as task_registry
+from jaxclf.training import loop as loop_lib, resolve as resolve_lib, sharding
 from jaxclf.config import base_config
 from jaxclf.data import pipeline
-from jaxclf.metrics import read_metrics
+from jaxclf.tracking.metrics import read_metrics
 
 
 class TinyCNN(models.Classifier):
@@ -77,7 +80,7 @@ def make_config(model: str, root: str, args: argparse.Namespace):
 def time_step(config, steps: int) -> float:
     """Images per second of the train step alone, on one device-resident batch, after compiling it."""
     mesh = sharding.make_mesh()
-    resolved = resolve_lib.resolve(config, mesh.devices.flat[0].platform)
+    resolved = resolve_lib.resolve(config, mesh.devices.flat[0].platform, task_registry.check_config)
     with tempfile.TemporaryDirectory() as workdir:
         built = train.build(resolved.config, resolved.pretrained, workdir, mesh)
         try:
@@ -117,7 +120,8 @@ class LoopProbe:
     @contextlib.contextmanager
     def patched(self):
         real_loader, real_shard = pipeline.make_train_loader, sharding.shard_batch
-        real_flush, real_evaluate, real_device_get = loop_lib.TrainLog.flush, loop_lib.evaluate, jax.device_get
+        real_flush, real_device_get = loop_lib.TrainLog.flush, jax.device_get
+        real_evaluate = eval_classification.Classification.evaluate
         probe = self
 
         class TimedIterator:
@@ -175,7 +179,7 @@ class LoopProbe:
                 mock.patch.object(sharding, "shard_batch", shard_batch), \
                 mock.patch.object(jax, "device_get", device_get), \
                 mock.patch.object(loop_lib.TrainLog, "flush", flush), \
-                mock.patch.object(loop_lib, "evaluate", evaluate):
+                mock.patch.object(eval_classification.Classification, "evaluate", evaluate):
             yield self
 
     def steady_state(self, batch: int) -> dict:

@@ -88,7 +88,8 @@ def _jaxclf_step(model_name: str, batch: int, size: int, dtype: str, devices: li
     import numpy as np
     from flax import nnx
 
-    from jaxclf import models, optim, sharding, steps as steps_lib
+    from jaxclf import models
+    from jaxclf.training import optim, sharding, steps as steps_lib
     from jaxclf.config import base_config
 
     config = base_config()
@@ -109,7 +110,7 @@ def _jaxclf_step(model_name: str, batch: int, size: int, dtype: str, devices: li
     state_sharding = sharding.state_sharding(state, mesh, "replicate")
     state = jax.device_put(state, state_sharding)
     options = model.xla_cpu_train_options() if kernels == "cpu" else {}
-    train_step = steps_lib.make_train_step(graphdef, tx, mesh, config, 1000, state_sharding, steps_lib.make_loss(config),
+    train_step = steps_lib.make_train_step(graphdef, tx, mesh, config, 1000, state_sharding, steps_lib.cross_entropy_loss(),
                                            compiler_options=options, frozen_params=optim.frozen_mask(config.optim, model))
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)

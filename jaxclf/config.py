@@ -11,12 +11,13 @@ import ast
 import difflib
 import importlib.util
 import os
+import re
 from typing import Any
 
 import ml_collections
 
 # Subtrees whose keys are free-form (passed on as keyword arguments and checked by their user).
-FREE_FORM_FIELDS = ("model",)
+FREE_FORM_FIELDS = ("model", "evals")
 
 
 class ConfigError(ValueError):
@@ -137,6 +138,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mix_prob = 1.0
     c.mix_switch_prob = 0.5
     c.ema_decay = 0.0  # > 0: keep an exponential moving average of the params; evaluated as val_ema/*
+    # Training tasks registered by user code (jaxclf.tasks.registry) this run adds to the ones its config
+    # implies (classification always; distillation with distill.teacher; continual with a workdir model_init).
+    c.tasks = ()
     # Knowledge distillation (README "Distillation"): loss = (1 - alpha) * cross-entropy + alpha * distillation.
     c.distill = ml_collections.ConfigDict()
     c.distill.teacher = ""  # a finished jaxclf workdir (DIR[:best|last|STEP]) or pretrained weights (path, hub name)
@@ -156,6 +160,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.profile_steps = ()
     c.log_every_steps = 50
     c.eval_every_epochs = 1.0  # also evaluates at the end
+    # Evaluators ({name: {"type": ..., "prefix": "NAME/", "every_epochs": eval_every_epochs, ...}}, see
+    # jaxclf/evaluation); empty: {"val": {"type": "classification", "split": "val", "prefix": "val/"}}.
+    c.evals = ml_collections.ConfigDict()
     c.checkpoint_every_steps = 0  # 0: at every evaluation; always at the end and on a stop signal
     c.keep_checkpoints = 2  # the latest N, plus the best by best_metric
     # A key of the evaluation metrics (val/*, val_ema/*); with ema_decay > 0, val/* means val_ema/*.
@@ -218,11 +225,14 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
         raise ConfigError(f"override {override!r} must look like --config.{key}=VALUE")
     *parents, leaf = key.split(".")
     node = config
+    free_form = bool(parents) and parents[0] in FREE_FORM_FIELDS
     for i, name in enumerate(parents):
+        if free_form and i > 0 and name not in node:  # e.g. --config.evals.test.split=test adds evals.test
+            with node.unlocked():
+                node[name] = ml_collections.ConfigDict()
         if name not in node or not isinstance(node[name], ml_collections.ConfigDict):
             _raise_unknown(".".join(parents[: i + 1]))
         node = node[name]
-    free_form = bool(parents) and parents[0] in FREE_FORM_FIELDS
     if leaf not in node and not free_form:
         _raise_unknown(key)
     current = node[leaf] if leaf in node else None
@@ -248,6 +258,8 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
         raise ConfigError(f"config.{key}: cannot parse {text!r} as {type(current).__name__}") from None
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict):
+        return ml_collections.ConfigDict(value)
     if current is not None and not isinstance(value, type(current)):
         if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)):
             return type(current)(value)
@@ -302,3 +314,47 @@ def _raise_unknown(key: str) -> None:
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     hint = f" Did you mean config.{close[0]}?" if close else ""
     raise ConfigError(f"config.{key} is not a jaxclf config field.{hint} (All fields: jaxclf/config.py)")
+
+
+def default_workdir(config_arg: str) -> str:
+    """`runs/<config file stem>[_<ARG>]` for `--config FILE[:ARG]`: the same command finds the same
+    run again (and resumes it); ARG's characters other than letters, digits, '.', '-' become '_'."""
+    path, _, arg = config_arg.partition(":")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    suffix = re.sub(r"[^\w.-]+", "_", arg).strip("_")
+    return os.path.join("runs", f"{stem}_{suffix}" if suffix else stem)
+
+
+class ClassRegistry:
+    """Subclasses of `base` that configs name by their `key` attribute (a task's `name`, an evaluator's
+    `type`): the built-in ones, then those user code registers."""
+
+    def __init__(self, base: type, key: str, builtin: tuple[type, ...]):
+        self.base, self.key = base, key
+        self._classes: dict[str, type] = {}
+        for cls in builtin:
+            self.register(cls)
+
+    def register(self, cls: type) -> type:
+        """Add `cls` under its key and return it (a class decorator); registering the same class again is a no-op."""
+        name = getattr(cls, self.key, "") if isinstance(cls, type) and issubclass(cls, self.base) else ""
+        if not name:
+            raise TypeError(f"{cls!r}: register a subclass of {self.base.__module__}.{self.base.__qualname__} "
+                            f"with a {self.key}")
+        if self._classes.get(name, cls) is not cls:
+            raise ValueError(f"{self.key} {name!r} is already registered ({self._classes[name].__qualname__})")
+        self._classes[name] = cls
+        return cls
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._classes
+
+    def __getitem__(self, name: str) -> type:
+        return self._classes[name]
+
+    def classes(self) -> tuple[type, ...]:
+        """Every registered class, built-in ones first, in registration order."""
+        return tuple(self._classes.values())
+
+    def names(self) -> list[str]:
+        return sorted(self._classes)

@@ -18,13 +18,12 @@ import sys
 import numpy as np
 
 from jaxclf import weights
+from jaxclf.weights import hub, reference
 from jaxclf.weights.files import WeightsError
 
 
 def check(source: str, out_dir: str, info: weights.Pretrained, batch: int = 2, seed: int = 0) -> float:
     """max |jaxclf - reference| / max |reference| over the logits of `batch` random images."""
-    from jaxclf.weights import hub, reference
-
     model, info = weights.load_pretrained(out_dir)
     size = info.preprocessing["input_size"]
     images = np.random.default_rng(seed).standard_normal((batch, size, size, 3), dtype=np.float32)

@@ -29,8 +29,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from flax import nnx
 
-from jaxclf import inference, models
-from jaxclf.steps import normalize_images
+from jaxclf import models
+from jaxclf.data.normalize import normalize_images
+from jaxclf.runs import inference
 
 
 # Grad-CAM's map must have at least this many pixels a side to show where the evidence is.

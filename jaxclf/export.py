@@ -8,8 +8,8 @@ them for probabilities). Normalisation with the run's mean/std is part of the ex
 
 - stablehlo: `jax.export` serialized bytes; load with
   `jax.export.deserialize(open(PATH, "rb").read()).call(images)` (lowered for --platforms).
-- onnx: opset 18, written from the jaxpr by jaxclf.onnx_graph (the `onnx` extra); run with onnxruntime.
-- timm: ResNet, ViT and BiT as a timm-named `.safetensors` state dict (jaxclf.timm_export); the
+- onnx: opset 18, written from the jaxpr by jaxclf.deploy.onnx_graph (the `onnx` extra); run with onnxruntime.
+- timm: ResNet, ViT and BiT as a timm-named `.safetensors` state dict (jaxclf.deploy.timm_export); the
   sidecar and the output give the `timm.create_model(...)` call that loads it. It takes float
   NCHW images normalised with the sidecar's mean/std, as timm models do.
 
@@ -32,7 +32,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxclf import artefact as artefact_lib, inference, timm_export
+from jaxclf.deploy import timm_export
+from jaxclf.evaluation import splits
+from jaxclf.runs import artefact as artefact_lib, inference, predictions
 
 FORMATS = ("stablehlo", "onnx", "timm")
 QUANTIZATIONS = ("", "int8")
@@ -65,14 +67,14 @@ def export_stablehlo(trained: inference.TrainedModel, height: int, width: int,
 
 
 def export_onnx(trained: inference.TrainedModel, height: int, width: int) -> bytes:
-    """ONNX model bytes of `trained.apply` (jaxclf.onnx_graph), with a symbolic batch dimension "B".
+    """ONNX model bytes of `trained.apply` (jaxclf.deploy.onnx_graph), with a symbolic batch dimension "B".
 
     The program translated is the model's plain-kernel formulation where the run's config rebuilds
     the same model: the "cpu" kernels' XLA:CPU forms (max pooling as 9 slices, small convolutions
     as im2col) would become ONNX graphs that onnxruntime fuses and quantizes less well.
     """
     try:
-        from jaxclf import onnx_graph
+        from jaxclf.deploy import onnx_graph
     except ImportError:
         raise ExportError("ONNX export needs the onnx package: pip install -e '.[onnx]'") from None
     trained = with_plain_kernels(trained)
@@ -149,7 +151,7 @@ def sidecar(trained: inference.TrainedModel, fmt: str, path: str, height: int, w
         "workdir": os.path.abspath(trained.workdir),
         "checkpoint_step": trained.step,
         "weights": trained.weights,
-        # The run's config, so the artefact alone can be evaluated on the run's splits (jaxclf.artefact).
+        # The run's config, so the artefact alone can be evaluated on the run's splits (jaxclf.runs.artefact).
         "run_config": json.loads(trained.config.to_json_best_effort()),
         **extra,
     }
@@ -161,7 +163,7 @@ def export(trained: inference.TrainedModel, fmt: str, out: str, *, image_size: i
     """Write the artefact to `out` and its sidecar to `out + ".json"` after checking it; return the sidecar.
 
     `quantize="int8"` (onnx only) writes the int8 model instead: dynamic, or static with `calibration`
-    images of the train split; the sidecar's `quantization` holds sizes and val top-1 before and after.
+    images of the train split; the sidecar's `quantization` holds sizes and val accuracy before and after.
     """
     if fmt not in FORMATS:
         raise inference.WorkdirError(f"--format {fmt}: use one of {FORMATS}")
@@ -217,9 +219,9 @@ def _checked_program(trained: inference.TrainedModel, fmt: str, height: int, wid
 
 def _quantized(trained: inference.TrainedModel, model: bytes, height: int, width: int,
                calibration: int) -> tuple[bytes, dict]:
-    """(int8 ONNX bytes, what the quantization did: mode, sizes, val top-1 of float32 and int8)."""
+    """(int8 ONNX bytes, what the quantization did: mode, sizes, val accuracy of float32 and int8)."""
     try:
-        from jaxclf import quantize
+        from jaxclf.deploy import quantize
     except ImportError:
         raise ExportError("int8 quantization needs onnxruntime: pip install -e '.[onnx]'") from None
     images = quantize.calibration_images(trained, calibration) if calibration else None
@@ -227,26 +229,25 @@ def _quantized(trained: inference.TrainedModel, model: bytes, height: int, width
     mode = "static" if calibration else "dynamic"
     record = {"mode": mode, "calibration_images": calibration, "quantized_ops": quantize.OP_TYPES,
               "settings": quantize.SETTINGS[mode], "size_bytes": {"float32": len(model), "int8": len(int8)}}
-    record["top1_val"] = _val_top1(trained, {"float32": model, "int8": int8}, height, width)
+    record["val_accuracy"] = _val_accuracy(trained, {"float32": model, "int8": int8}, height, width)
     return int8, record
 
 
-def _val_top1(trained: inference.TrainedModel, models: dict[str, bytes], height: int, width: int) -> dict | str:
+def _val_accuracy(trained: inference.TrainedModel, models: dict[str, bytes], height: int, width: int) -> dict | str:
     """Top-1 on the run's val split of each ONNX model in `models` (a note instead where there is no val split)."""
-    from jaxclf import evaluate  # evaluate imports artefact, which export imports: import at use
 
     try:
-        _, source = evaluate.load_split(trained, "val")
+        _, source = splits.load_split(trained, "val")
     except inference.USER_ERRORS as e:
         return f"not measured: {e}"
     record = {"format": "onnx", "class_names": list(trained.class_names), "input": {"shape": ["B", height, width, 3]}}
     batch_size = trained.config.eval_batch_size or trained.config.batch_size
-    top1 = {}
+    accuracy = {}
     for name, model in models.items():
         runner = artefact_lib.Artefact("", record, trained.config, artefact_lib.onnx_runner(model))
-        log_probs, labels, _ = evaluate.predict_source(runner, source, batch_size=batch_size)
-        top1[name] = float(np.mean(log_probs.argmax(axis=1) == labels))
-    return top1
+        log_probs, labels, _ = predictions.predict_source(runner, source, batch_size=batch_size)
+        accuracy[name] = float(np.mean(log_probs.argmax(axis=1) == labels))
+    return accuracy
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -267,7 +268,7 @@ def _run(argv: Sequence[str]) -> int:
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest logit difference accepted in the check, relative to the largest logit")
     parser.add_argument("--quantize", default="", choices=QUANTIZATIONS[1:],
-                        help="onnx: write the int8 model (onnxruntime quantization); prints size and val top-1 before/after")
+                        help="onnx: write the int8 model (onnxruntime quantization); prints size and val accuracy before/after")
     parser.add_argument("--calibration", type=int, default=0, metavar="N",
                         help="with --quantize: 0 for dynamic quantization, N > 0 for static with N train images")
     args = parser.parse_args(argv)
@@ -298,10 +299,10 @@ def _summary(out: str, record: dict) -> str:
         lines.append(f"load it in PyTorch with:\n  import timm\n  model = {record['timm']['create_model']}")
     quantization = record.get("quantization")
     if quantization:
-        sizes, top1 = quantization["size_bytes"], quantization["top1_val"]
+        sizes, accuracy = quantization["size_bytes"], quantization["val_accuracy"]
         lines.append(f"int8 ({quantization['mode']}): {sizes['float32'] / 2**20:.2f} MiB -> {sizes['int8'] / 2**20:.2f} MiB")
-        lines.append(f"val top-1: float32 {top1['float32']:.2%}, int8 {top1['int8']:.2%}" if isinstance(top1, dict)
-                     else f"val top-1 {top1}")
+        lines.append(f"val accuracy: float32 {accuracy['float32']:.2%}, int8 {accuracy['int8']:.2%}"
+                     if isinstance(accuracy, dict) else f"val accuracy {accuracy}")
     return "\n".join(lines)
 
 

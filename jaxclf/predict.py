@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.special import softmax
 
-from jaxclf import inference
+from jaxclf.runs import inference
 from jaxclf.data import ops as ops_lib, sources
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import re
 import json
 import math
 import os
@@ -22,29 +21,25 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxclf import (
-    checkpoint,
-    config as config_lib,
-    continual,
-    data as data_lib,
-    distill,
+from jaxclf import config as config_lib, data as data_lib, models, weights
+from jaxclf.models import peft
+from jaxclf.data import check as data_check, classes as data_classes, imbalance, pipeline, sources
+from jaxclf.evaluation import base as eval_base, registry as eval_registry
+from jaxclf.runs import checkpoint
+from jaxclf.tasks import base as task_base, registry as task_registry
+from jaxclf.tracking import plots, progress as progress_lib
+from jaxclf.tracking.metrics import MetricsWriter
+from jaxclf.training import (
     distributed,
     listeners as listeners_lib,
     loop as loop_lib,
-    models,
     optim,
-    peft,
-    plots,
     preemption,
     profiling,
-    progress as progress_lib,
     resolve as resolve_lib,
     sharding,
     steps,
-    weights,
 )
-from jaxclf.data import check as data_check, classes as data_classes, imbalance, pipeline, sources
-from jaxclf.metrics import MetricsWriter
 
 NonFiniteLoss = loop_lib.NonFiniteLoss
 EXIT_PRUNED = 4  # see main()
@@ -59,13 +54,11 @@ class Built:
     train_set: sources.Source
     total_steps: int
     steps_per_epoch: int
-    eval_every: int
     state: steps.TrainState
     train_step: Callable
-    evaluate: Callable[[steps.TrainState], dict[str, float]]
+    evaluations: eval_base.Evaluations
     schedule: optax.Schedule
     make_train_iterator: Callable[[int], object]
-    eval_loader: pipeline.EvalLoader
     checkpointer: checkpoint.Checkpointer
 
 
@@ -84,7 +77,7 @@ def train_and_evaluate(
     are told every evaluation after the built-in ones (metrics, early stopping) and may stop the run.
     """
     mesh = sharding.make_mesh(devices)
-    resolved = resolve_lib.resolve(config, mesh.devices.flat[0].platform)
+    resolved = resolve_lib.resolve(config, mesh.devices.flat[0].platform, task_registry.check_config)
     for note in resolved.notes:
         print(note, file=sys.stderr)
     config = resolved.config
@@ -93,28 +86,28 @@ def train_and_evaluate(
     try:
         return _train(built, workdir, stop_at_step, listeners)
     finally:
-        built.eval_loader.close()  # its workers, now: at exit they would leave shared memory behind
+        built.evaluations.close()  # their loaders' workers, now: at exit they would leave shared memory behind
         pipeline.finish_shared_memory_unlinks()
         built.checkpointer.close()
 
 
 def build(config: ml_collections.FrozenConfigDict, pretrained: tuple[dict, weights.Pretrained] | None, workdir: str,
           mesh: Mesh) -> Built:
-    """Data, model (with `pretrained` loaded), optimizer, sharded train state and jitted steps for a resolved config."""
+    """Data, model (with `pretrained` loaded), optimizer, sharded train state, jitted steps and evaluators for a
+    resolved config, with every hook of the run's tasks (`jaxclf.tasks`) folded in, in the order they document."""
     profiling.check(config.profile_steps)  # a mistake fails now, not at the profiled step
+    run_tasks = task_registry.for_run(config, pretrained[1] if pretrained else None)
     with progress_lib.phase(f"reading the data ({config.data.source} {config.data.tfds_name or config.data.root})"):
         splits = data_lib.load_splits(config.data)
     data_check.before_training(config.data, splits, workdir)  # config.data.check: fails now, not hours in
-    update = continual.prepare(config, pretrained, splits, workdir)  # None unless model_init is a finished run
-    if update:
-        splits = update.splits
-    train_set, val_set = splits["train"], splits["val"]
+    splits = task_base.fold(run_tasks, "splits", splits, workdir)
+    train_set = splits["train"]
     num_classes = _check_num_classes(config, splits, workdir)
-    eval_batch_size = config.eval_batch_size or config.batch_size
     sharding.check_batch_size(config.batch_size, mesh, "batch_size")
-    sharding.check_batch_size(eval_batch_size, mesh, "eval_batch_size")
-    replay_rows = update.replay_rows if update else 0
-    steps_per_epoch = len(train_set) // (config.batch_size - replay_rows)  # an epoch: a pass over the new data
+    sharding.check_batch_size(config.eval_batch_size or config.batch_size, mesh, "eval_batch_size")
+    replay = _replay(run_tasks)
+    replay_rows = replay.rows if replay else 0
+    steps_per_epoch = len(train_set) // (config.batch_size - replay_rows)  # an epoch: a pass over the training data
     if steps_per_epoch == 0:
         raise config_lib.ConfigError(
             f"config.batch_size={config.batch_size} is larger than the {len(train_set)} training images"
@@ -123,7 +116,7 @@ def build(config: ml_collections.FrozenConfigDict, pretrained: tuple[dict, weigh
 
     model = _create_model(config, num_classes)
     if pretrained:
-        _load_model_init(model, update.fit_head(pretrained[0], model.head_paths()) if update else pretrained[0], config)
+        _load_model_init(model, task_base.fold(run_tasks, "init_params", pretrained[0], model), config)
     _apply_peft(model, config)
     try:
         tx, schedule = optim.make_optimizer(config.optim, model, total_steps, steps_per_epoch)
@@ -136,44 +129,43 @@ def build(config: ml_collections.FrozenConfigDict, pretrained: tuple[dict, weigh
         state_sharding = sharding.state_sharding(state, mesh, config.param_sharding)
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from None
-    counts = update.class_counts() if update else list(train_set.class_counts().values())
-    class_weights = imbalance.class_weights(config.data.class_weights, counts)
-    loss = steps.make_loss(config, class_weights, teacher=distill.load_teacher(config, train_set.class_names),
-                           old_model=update.lwf_teacher() if update else None)
+    counts = task_base.fold(run_tasks, "class_counts", list(train_set.class_counts().values()))
+    loss = task_base.fold(run_tasks, "loss", steps.Loss(terms=(), class_weights=imbalance.class_weights(
+        config.data.class_weights, counts)), tuple(train_set.class_names))
     train_step = steps.make_train_step(train_graphdef, tx, mesh, config, num_classes, state_sharding, loss,
                                        compiler_options=_train_compiler_options(model),
                                        frozen_params=optim.frozen_mask(config.optim, model))
-    class_groups = update.plan.groups() if update else {}
-    eval_step = steps.make_eval_step(
-        eval_graphdef, mesh, state_sharding, mean=tuple(config.data.mean), std=tuple(config.data.std),
-        class_groups=class_groups,
-    )
-    eval_loader = pipeline.EvalLoader(val_set, config.data.pp_eval, global_batch_size=eval_batch_size,
-                                      num_workers=config.data.num_workers, bad_images=config.data.bad_images,
-                                      max_image_pixels=config.data.max_image_pixels)
+    class_groups = {name: ids for task in run_tasks for name, ids in task.eval_groups().items()}
+    context = eval_base.EvalContext(config, mesh, eval_graphdef, state_sharding, splits, class_groups, steps_per_epoch)
+    evaluations = eval_base.Evaluations(eval_registry.build(context), total_steps,
+                                        derive=lambda metrics: task_base.fold(run_tasks, "eval_metrics", metrics))
+    evaluations.check_metric(config.best_metric, "config.best_metric")
 
     def make_train_iterator(num_workers: int):
         return iter(pipeline.make_train_loader(
             train_set, config.data.pp_train, global_batch_size=config.batch_size, seed=config.seed,
             num_workers=num_workers, sampling=config.data.sampling, bad_images=config.data.bad_images,
-            replay=update.replay if update else None, replay_rows=replay_rows,
+            replay=replay.source if replay else None, replay_rows=replay_rows,
             max_image_pixels=config.data.max_image_pixels,
         ))
 
-    def evaluate(state):
-        metrics = loop_lib.evaluate(eval_step, eval_loader, mesh, state, tuple(class_groups))
-        return update.add_metrics(metrics) if update else metrics
-
-    eval_every = max(1, round(config.eval_every_epochs * steps_per_epoch))
     checkpointer = checkpoint.Checkpointer(
         workdir, keep=config.keep_checkpoints, best_metric=config.best_metric, best_mode=config.best_mode
     )
     return Built(
         config=config, mesh=mesh, train_set=train_set, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-        eval_every=eval_every, state=jax.device_put(state, state_sharding), train_step=train_step,
-        evaluate=evaluate, schedule=schedule,
-        make_train_iterator=make_train_iterator, eval_loader=eval_loader, checkpointer=checkpointer,
+        state=jax.device_put(state, state_sharding), train_step=train_step, evaluations=evaluations,
+        schedule=schedule, make_train_iterator=make_train_iterator, checkpointer=checkpointer,
     )
+
+
+def _replay(run_tasks: Sequence[task_base.Task]) -> task_base.Replay | None:
+    """The one replay stream the run's tasks ask for, if any."""
+    replays = [(task.name, replay) for task in run_tasks if (replay := task.replay()) is not None]
+    if len(replays) > 1:
+        raise config_lib.ConfigError(f"tasks {[name for name, _ in replays]} each replay data into every batch; "
+                                     "a run takes one replay stream")
+    return replays[0][1] if replays else None
 
 
 def _train(built: Built, workdir: str, stop_at_step: int | None, listeners: Sequence) -> dict[str, float]:
@@ -206,11 +198,10 @@ def _train(built: Built, workdir: str, stop_at_step: int | None, listeners: Sequ
     with preemption.StopSignals() as signals, jax.transfer_guard_device_to_host("disallow"), \
             contextlib.closing(progress), contextlib.closing(profiler), pipeline.closing_iterator(train_iter):
         loop = loop_lib.TrainingLoop(
-            train_iter=train_iter, mesh=built.mesh, evaluate=built.evaluate, checkpointer=built.checkpointer,
+            train_iter=train_iter, mesh=built.mesh, evaluations=built.evaluations, checkpointer=built.checkpointer,
             train_log=train_log, listeners=[listeners_lib.WriteMetrics(writer), progress, early_stopping, *listeners],
-            signals=signals, meta=meta, total_steps=built.total_steps, end_step=end_step,
-            log_every=config.log_every_steps, eval_every=built.eval_every,
-            checkpoint_every=config.checkpoint_every_steps or built.eval_every, progress=progress,
+            signals=signals, meta=meta, end_step=end_step, log_every=config.log_every_steps,
+            checkpoint_every=config.checkpoint_every_steps or built.evaluations.every_steps, progress=progress,
         )
         with contextlib.closing(loop):
             for step in range(start_step + 1, end_step + 1):
@@ -226,7 +217,7 @@ def _train(built: Built, workdir: str, stop_at_step: int | None, listeners: Sequ
                     break
     val_metrics = loop.last_eval_metrics
     if not val_metrics and end_step == built.total_steps:
-        val_metrics = built.evaluate(state)
+        val_metrics = built.evaluations(state)
     if stop:
         _write_result(workdir, stop.status, step=step, val_metrics=val_metrics, best=early_stopping.state())
     elif end_step == built.total_steps:
@@ -334,20 +325,11 @@ def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]:
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     except ValueError as e:
         parser.error(str(e))
-    workdir = args.workdir or default_workdir(args.config)
+    workdir = args.workdir or config_lib.default_workdir(args.config)
     if jax.process_index() == 0:
         resuming = os.path.isdir(os.path.join(workdir, "checkpoints"))
         print(f"workdir: {workdir}{' (resuming)' if resuming else ''}", file=sys.stderr)
     return config, workdir
-
-
-def default_workdir(config_arg: str) -> str:
-    """`runs/<config file stem>[_<ARG>]` for `--config FILE[:ARG]`: the same command finds the same
-    run again (and resumes it); ARG's characters other than letters, digits, '.', '-' become '_'."""
-    path, _, arg = config_arg.partition(":")
-    stem = os.path.splitext(os.path.basename(path))[0]
-    suffix = re.sub(r"[^\w.-]+", "_", arg).strip("_")
-    return os.path.join("runs", f"{stem}_{suffix}" if suffix else stem)
 
 
 def main(argv: list[str] | None = None) -> int:

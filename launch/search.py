@@ -32,7 +32,8 @@ import warnings
 import optuna
 from optuna.trial import TrialState
 
-from jaxclf import config as config_lib, resolve
+from jaxclf import config as config_lib
+from jaxclf.training import resolve
 from launch import runs, slurm, space as space_lib, study as study_lib, worker as worker_lib
 
 # Options a search file's get_search() may set besides `space` and `overrides`; flags win over it.

@@ -19,7 +19,7 @@ import shlex
 import subprocess
 import sys
 
-# jaxclf.preemption.EXIT_PREEMPTED and jaxclf.train.EXIT_PRUNED, repeated so this module imports without JAX.
+# jaxclf.training.preemption.EXIT_PREEMPTED and jaxclf.train.EXIT_PRUNED, repeated so this module imports without JAX.
 EXIT_PREEMPTED = 75
 EXIT_PRUNED = 4
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,8 +15,9 @@ import sys
 
 import optuna
 
-from jaxclf import config as config_lib, resolve, train
-from jaxclf.listeners import Stop
+from jaxclf import config as config_lib, train
+from jaxclf.training import resolve
+from jaxclf.training.listeners import Stop
 from launch import study as study_lib
 
 

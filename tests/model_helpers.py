@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxclf import models, tree_paths
+from jaxclf import models
+from jaxclf.models import tree_paths
 
 
 def with_random_values(make_model: Callable[[], nnx.Module], seed: int = 0, spread: float = 0.2) -> nnx.Module:
@@ -52,7 +53,8 @@ class CamNet(models.Classifier):
 
 def explainable_trained_model(workdir: str, class_names: tuple[str, ...]):
     """An inference.TrainedModel of a random CamNet taking images as they are decoded (no training run needed)."""
-    from jaxclf import config as config_lib, inference
+    from jaxclf import config as config_lib
+    from jaxclf.runs import inference
 
     config = config_lib.base_config()
     config.model_name, config.data.pp_eval = "cam_net", "decode"

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxclf import kernels as kernels_lib, models, tree_paths
+from jaxclf import kernels as kernels_lib, models
+from jaxclf.models import tree_paths
 from jaxclf.models import layers, resnetv2
 from jaxclf.weights import bit
 

@@ -41,7 +41,7 @@ def test_dinov2_configs_resolve_with_the_weights_preprocessing(path, tmp_path):
     """Each DINOv2 recipe resolved against timm's files for its model (random values, 518 px, no head, as
     on the hub): 224 px kept from the config, ImageNet mean/std and the register layout from the weights."""
     timm = pytest.importorskip("timm")
-    from jaxclf import resolve
+    from jaxclf.training import resolve
 
     config = config_lib.load_config(path)
     timm.models._hub.save_for_hf(timm.create_model(config.model_name, num_classes=0), str(tmp_path / "hub"),

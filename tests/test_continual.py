@@ -16,9 +16,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxclf import checkpoint, config as config_lib, continual, data as data_lib, evaluate, inference, resolve, sharding, train
+from jaxclf.runs import checkpoint, inference
+from jaxclf import config as config_lib, data as data_lib, evaluate, train
+from jaxclf.tasks import continual, registry as task_registry
+from jaxclf.training import resolve, sharding
 from jaxclf.data import combine, pipeline, sources
-from jaxclf.metrics import read_metrics
+from jaxclf.tracking.metrics import read_metrics
 from test_reliability import _run_until  # tests/ is on sys.path (see conftest.py)
 
 OLD, NEW = tuple("01234"), tuple("56789")
@@ -70,7 +73,7 @@ def test_head_rows_of_shared_classes_are_loaded_bit_for_bit(digits_root, old_run
     config = _config(digits_root, ("3", "4", *NEW), 10, model_init=f"{old_run}:last",
                      **{"continual.drop_classes": True, "continual.replay": "none"})
     mesh = sharding.make_mesh(jax.devices()[:1])
-    resolved = resolve.resolve(config, "cpu")
+    resolved = resolve.resolve(config, "cpu", task_registry.check_config)
     os.makedirs(tmp_path / "run")
     built = train.build(resolved.config, resolved.pretrained, str(tmp_path / "run"), mesh)
     old = inference.load_trained(old_run, "last")
@@ -112,20 +115,34 @@ def test_replay_and_lwf_keep_old_classes_that_naive_finetuning_forgets(digits_ro
     assert {len(os.listdir(exemplars / d)) for d in os.listdir(exemplars)} == {20}
 
     # jaxclf.evaluate reports the same split the same way, and measures the old model on it itself.
-    report, _ = evaluate.evaluate(inference.load_trained(str(tmp_path / "replay")), "val")
-    assert report["continual"]["old_top1"] == pytest.approx(rehearsed["val/old_accuracy"], abs=1e-6)
-    assert report["continual"]["old_top1_before"] == pytest.approx(rehearsed["val/old_accuracy_before"], abs=1e-6)
+    report, _, _ = evaluate.evaluate(inference.load_trained(str(tmp_path / "replay")), "val")
+    assert report["continual"]["old_accuracy"] == pytest.approx(rehearsed["val/old_accuracy"], abs=1e-6)
+    assert report["continual"]["old_accuracy_before"] == pytest.approx(rehearsed["val/old_accuracy_before"], abs=1e-6)
     assert report["continual"]["forgetting"] == pytest.approx(rehearsed["val/forgetting"], abs=1e-6)
     assert report["num_examples"] == 360
 
     # The next update replays those exemplars by default, without the old data.
     config = _config(digits_root, NEW, 2, model_init=str(tmp_path / "replay"), **{"continual.replay_fraction": 0.25})
-    resolved = resolve.resolve(config, "cpu")
+    resolved = resolve.resolve(config, "cpu", task_registry.check_config)
     os.makedirs(tmp_path / "next")
     splits = data_lib.load_splits(resolved.config.data)
-    update = continual.prepare(resolved.config, resolved.pretrained, splits, str(tmp_path / "next"))
+    update = continual.prepare(resolved.config, resolved.pretrained[1], splits, str(tmp_path / "next"))
     assert len(update.replay) == 200 and all(str(exemplars) in path for path in update.replay.paths)
     assert update.replay_rows == 8 and update.plan.names == OLD + NEW
+
+
+def test_distillation_and_lwf_with_replay_run_together(digits_root, old_run, trained_workdir, tmp_path):
+    """Three tasks in one run: the update (replay + LwF) taught by a teacher of all ten digits; each term is
+    logged, the loss is their sum, and the cross-entropy alone is scaled by 1 - alpha."""
+    metrics = _update(digits_root, old_run, tmp_path / "run", steps=4, log_every_steps=2, **{
+        "continual.replay_fraction": 0.25, "continual.distill_old": 1.0, "distill.teacher": trained_workdir,
+        "distill.alpha": 0.5})
+    assert "val/forgetting" in metrics
+    logged = [r for r in read_metrics(str(tmp_path / "run")) if "train/loss" in r]
+    for record in logged:
+        parts = [record[f"train/loss_{name}"] for name in ("cross_entropy", "distill", "distill_old")]
+        assert all(part > 0 for part in parts)
+        assert record["train/loss"] == pytest.approx(sum(parts), rel=1e-5)
 
 
 def test_the_replay_stream_takes_its_rows_and_resumes_exactly(digits_root):

@@ -14,7 +14,7 @@ from torchvision.transforms import autoaugment as tv_autoaugment
 
 from jaxclf.data import ops
 from jaxclf.data.ops import autoaugment
-from jaxclf.steps import normalize_images
+from jaxclf.data.normalize import normalize_images
 
 
 def _photo(h: int = 24, w: int = 32) -> np.ndarray:

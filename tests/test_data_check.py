@@ -13,7 +13,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from jaxclf import train
+from jaxclf import config as config_lib, train
 from jaxclf.data import check, findings, headers, load_splits, scan
 from jaxclf.config import base_config
 from tests.big_png import big_png
@@ -193,7 +193,7 @@ def test_usage_and_data_mistakes_exit_2(tmp_path, problem_folder, capsys):
 
 def test_default_output_folder_is_in_the_runs_workdir():
     args, config, out = check.parse_args(["--config", "tests/tiny_config.py:/data/x", "--fast"])
-    assert out == os.path.join(train.default_workdir("tests/tiny_config.py:/data/x"), "data_check")
+    assert out == os.path.join(config_lib.default_workdir("tests/tiny_config.py:/data/x"), "data_check")
     assert config.data.root == "/data/x" and args.workers == check.FAST_THREADS
     assert check.parse_args(["/data/pets/"])[2] == os.path.join("runs", "data_check_pets")
 

@@ -14,7 +14,7 @@ from PIL import Image, ImageFile
 from jaxclf import config as config_lib, train
 from jaxclf.data import ops, pipeline, reader, sources
 from jaxclf.data.sampler import GlobalBatchSampler
-from jaxclf.metrics import read_metrics
+from jaxclf.tracking.metrics import read_metrics
 
 
 def _decode(path, size=None) -> np.ndarray:
@@ -148,7 +148,7 @@ def test_the_pixel_limit_holds_in_the_training_and_evaluation_loaders(tmp_path, 
 
 
 def test_predict_and_evaluate_read_the_runs_pixel_limit(trained_workdir, digits_root):
-    from jaxclf import inference
+    from jaxclf.runs import inference
 
     path = os.path.join(digits_root, "val", "0", sorted(os.listdir(os.path.join(digits_root, "val", "0")))[0])
     trained = inference.load_trained(trained_workdir)

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxclf import augment, config as config_lib, distill, models, optim, sharding, steps, train
-from jaxclf.metrics import read_metrics
+from jaxclf.data.normalize import normalize_images
+from jaxclf.training import augment, optim, sharding, steps
+from jaxclf import config as config_lib, models, train
+from jaxclf.tasks import distill
+from jaxclf.tracking.metrics import read_metrics
 
 from hf_cache import offline_hub  # noqa: F401 - a fixture (tests/ is on sys.path)
 
@@ -89,10 +92,10 @@ def test_loss_with_a_teacher_equals_numpy(mode):
     config = _config(**{"distill.alpha": alpha, "distill.mode": mode, "distill.temperature": temperature,
                         "label_smoothing": 0.1})
     teacher = _teacher(image_size=(12, 12))
-    loss = steps.make_loss(config, teacher=teacher)
+    loss = distill.with_distillation(steps.cross_entropy_loss(), teacher, config)
     assert [name for name, _ in loss.terms] == ["cross_entropy", "distill"]
     batch = _batch()
-    images = steps.normalize_images(jnp.asarray(batch["image"]), **STUDENT_NORM)
+    images = normalize_images(jnp.asarray(batch["image"]), **STUDENT_NORM)
     student_logits = np.random.default_rng(1).normal(size=(16, 4)).astype(np.float32)
     targets = np.asarray(jax.nn.one_hot(batch["label"], 4)) * 0.9 + 0.1 / 4
     weights = np.ones(16, np.float32)
@@ -119,7 +122,9 @@ def _train(config, teacher, devices, num_steps=3, mixup=False):
     graphdef, _, state = steps.create_train_state(model, tx)
     state_sharding = sharding.state_sharding(state, mesh, config.param_sharding)
     state = jax.device_put(state, state_sharding)
-    step = steps.make_train_step(graphdef, tx, mesh, config, 4, state_sharding, steps.make_loss(config, teacher=teacher))
+    step = steps.make_train_step(graphdef, tx, mesh, config, 4, state_sharding,
+                                 steps.cross_entropy_loss() if teacher is None else
+                                 distill.with_distillation(steps.cross_entropy_loss(), teacher, config))
     metrics = []
     for i in range(num_steps):
         state, m = step(state, sharding.shard_batch(_batch(i), mesh))
@@ -130,7 +135,7 @@ def _train(config, teacher, devices, num_steps=3, mixup=False):
 def test_alpha_zero_is_plain_training_bit_for_bit():
     teacher = _teacher()
     off = _config(**{"distill.alpha": 0.0, "distill.teacher": "some/teacher"})
-    loss = steps.make_loss(off, teacher=teacher)
+    loss = distill.with_distillation(steps.cross_entropy_loss(), teacher, off)
     assert [name for name, _ in loss.terms] == ["cross_entropy"] and loss.frozen == {}
     plain_state, plain_metrics = _train(_config(), None, jax.devices()[:2])
     off_state, off_metrics = _train(off, teacher, jax.devices()[:2])
@@ -157,7 +162,7 @@ def test_the_teacher_in_the_sharded_step_sees_the_mixed_resized_batch():
     batch = _batch(0)
     key = jax.random.fold_in(jax.random.key(config.seed), 0)
     one_hot = jax.nn.one_hot(batch["label"], 4)
-    student_in, _ = augment.mixup_cutmix(key, steps.normalize_images(jnp.asarray(batch["image"]), **STUDENT_NORM),
+    student_in, _ = augment.mixup_cutmix(key, normalize_images(jnp.asarray(batch["image"]), **STUDENT_NORM),
                                          one_hot, mixup_alpha=0.4, cutmix_alpha=0.0)
     raw_mixed, _ = augment.mixup_cutmix(key, jnp.asarray(batch["image"], jnp.float32) / 255.0, one_hot,
                                         mixup_alpha=0.4, cutmix_alpha=0.0)
@@ -189,7 +194,7 @@ def test_a_teacher_of_other_classes_is_named(trained_workdir):
     with pytest.raises(config_lib.ConfigError, match="has other classes than the data"):
         distill.load_teacher(config, ["cat", "dog"])
     with pytest.raises(config_lib.ConfigError, match="distill.alpha=1.5"):
-        distill.load_teacher(_config(**{"distill.teacher": trained_workdir, "distill.alpha": 1.5}), [str(d) for d in range(10)])
+        distill.Distillation.check_config(_config(**{"distill.teacher": trained_workdir, "distill.alpha": 1.5}), None)
     teacher = distill.load_teacher(config, [str(d) for d in reversed(range(10))])
     assert teacher.teacher_columns.tolist() == list(reversed(range(10)))  # matched by name
 

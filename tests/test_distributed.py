@@ -14,7 +14,7 @@ import pytest
 
 from jaxclf.data import sources
 from jaxclf.data.sampler import GlobalBatchSampler
-from jaxclf.metrics import read_metrics
+from jaxclf.tracking.metrics import read_metrics
 from limits import SUBPROCESS_S  # tests/ is on sys.path
 
 STEPS = 12

@@ -12,9 +12,12 @@ from scipy.special import log_softmax, logsumexp
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
-from jaxclf import evaluate, inference, report
+from jaxclf import evaluate
+from jaxclf.runs import inference
+from jaxclf.evaluation import report, splits
+from jaxclf.runs import predictions
 from jaxclf.data import sources
-from jaxclf.metrics import read_metrics
+from jaxclf.tracking.metrics import read_metrics
 
 
 def _predictions(num_examples=300, num_classes=7, seed=0):
@@ -46,11 +49,11 @@ def test_metrics_equal_scikit_learns():
     np.testing.assert_array_equal([c["support"] for c in result["per_class"]], support)
     assert result["macro_f1"] == pytest.approx(skm.f1_score(labels, predicted, average="macro", zero_division=0))
     assert result["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(labels, predicted))
-    assert result["top1"] == pytest.approx(skm.accuracy_score(labels, predicted))
+    assert result["accuracy"] == pytest.approx(skm.accuracy_score(labels, predicted))
     assert result["top5"] == pytest.approx(skm.top_k_accuracy_score(labels, probs, k=5, labels=classes))
     assert result["loss"] == pytest.approx(skm.log_loss(labels, probs, labels=classes), rel=1e-6)
     # The test is only as good as its data: some errors, an absent label, an unpredicted class.
-    assert 0.3 < result["top1"] < 0.9 and support[6] == 0 and (predicted != 5).all()
+    assert 0.3 < result["accuracy"] < 0.9 and support[6] == 0 and (predicted != 5).all()
 
 
 def test_calibration_bins_equal_scikit_learns_and_a_hand_computed_ece():
@@ -79,9 +82,12 @@ def test_evaluate_reproduces_the_runs_own_evaluation(trained_workdir):
     logged = [r for r in read_metrics(trained_workdir) if "val/accuracy" in r][-1]
     assert result["weights"] == "ema" and result["checkpoint_step"] == 60
     assert result["num_examples"] == logged["val_ema/examples"] == 360  # every image exactly once
-    assert result["top1"] == pytest.approx(logged["val_ema/accuracy"], abs=1e-6)
+    assert result["accuracy"] == pytest.approx(logged["val_ema/accuracy"], abs=1e-6)
     assert result["top5"] == pytest.approx(logged["val_ema/top5"], abs=1e-6)
     assert result["loss"] == pytest.approx(logged["val_ema/loss"], rel=1e-4)
+    # The run's configured evaluators (the default: classification on val), run again on the checkpoint.
+    assert result["evaluators"]["val_ema/accuracy"] == pytest.approx(logged["val_ema/accuracy"], abs=1e-6)
+    assert result["evaluators"]["val_ema/examples"] == 360
 
     with open(os.path.join(out, "predictions.csv")) as f:
         rows = list(csv.DictReader(f))
@@ -101,7 +107,7 @@ def test_evaluate_reproduces_the_runs_own_evaluation(trained_workdir):
     with open(os.path.join(out, "report.json")) as f:
         result = json.load(f)
     assert result["weights"] == "params"
-    assert result["top1"] == pytest.approx(logged["val/accuracy"], abs=1e-6)
+    assert result["accuracy"] == pytest.approx(logged["val/accuracy"], abs=1e-6)
     assert result["loss"] == pytest.approx(logged["val/loss"], rel=1e-4)
 
 
@@ -143,12 +149,12 @@ def test_mistakes_are_named(trained_workdir, tmp_path, capsys):
 def test_predictions_pair_each_file_with_its_own_image_with_several_workers(trained_workdir):
     # grain's workers each batch every other record: rows must be matched by their carried index.
     trained = inference.load_trained(trained_workdir)
-    _, val = evaluate.load_split(trained, "val")
+    _, val = splits.load_split(trained, "val")
     subset = sources.LabelledFiles(val.paths[::15], val.labels[::15], val.class_names)  # 24 files
     by_workers = {}
     for workers in (0, 2):
         trained.config.data.num_workers = workers
-        log_probs, labels, indices = evaluate.predict_source(trained, subset, batch_size=10)
+        log_probs, labels, indices = predictions.predict_source(trained, subset, batch_size=10)
         assert sorted(indices) == list(range(len(subset)))
         order = np.argsort(indices)
         by_workers[workers] = log_probs[order], labels[order]

@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from jaxclf import config as config_lib, explain, inference, models, train
+from jaxclf import config as config_lib, explain, models, train
+from jaxclf.runs import inference
 from jaxclf.models import eva, resnet, vit
 from tests.model_helpers import CamNet, with_random_values
 

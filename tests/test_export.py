@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxclf import config as config_lib, export, inference, models
+from jaxclf import config as config_lib, export, models
+from jaxclf.runs import inference
 from jaxclf.models import eva, resnet, resnetv2, vit
 from tests.model_helpers import with_random_values
 

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxclf import config as config_lib, models, resolve, tree_paths, weights
+from jaxclf import config as config_lib, models, weights
+from jaxclf.models import tree_paths
+from jaxclf.training import resolve
 from jaxclf.explain import cam_stage
 from hf_cache import add_repo, offline_hub  # noqa: F401 - offline_hub is a fixture
 from model_helpers import with_random_values
@@ -175,7 +177,7 @@ SMALL_FORMS = {
 def test_a_train_step_with_fsdp_ema_bf16_layer_decay_and_frozen_stem_and_bn(name):
     """One bfloat16 step at 40 px (not the pretrained size) on 8 devices, params FSDP-split: the frozen stem
     and the BatchNorm statistics stay, the rest moves, the EMA trails the params."""
-    from jaxclf import optim, sharding, steps
+    from jaxclf.training import optim, sharding, steps
     from jaxclf.config import base_config
 
     model = with_random_values(lambda: models.create(name, num_classes=4, dtype=jnp.bfloat16, drop_path_rate=0.1,
@@ -190,7 +192,7 @@ def test_a_train_step_with_fsdp_ema_bf16_layer_decay_and_frozen_stem_and_bn(name
     state_sharding = sharding.state_sharding(state, mesh, "fsdp")
     before = jax.device_get(state)
     state = jax.device_put(state, state_sharding)
-    step = steps.make_train_step(graphdef, tx, mesh, config, 4, state_sharding, steps.make_loss(config))
+    step = steps.make_train_step(graphdef, tx, mesh, config, 4, state_sharding, steps.cross_entropy_loss())
     rng = np.random.default_rng(0)
     batch = {"image": rng.integers(0, 256, (16, 40, 40, 3), dtype=np.uint8), "label": rng.integers(0, 4, 16).astype(np.int32)}
     state, metrics = step(state, sharding.shard_batch(batch, mesh))
@@ -242,7 +244,8 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 def test_distillation_step_between_families_equals_numpy(teacher_name, student_name):
     """A train step's loss, (1 - alpha) * cross-entropy + alpha * T^2 KL(teacher || student), against the two
     models run directly: the teacher in eval mode on its own mean/std, the student in train mode."""
-    from jaxclf import distill, optim, sharding, steps
+    from jaxclf.tasks import distill
+    from jaxclf.training import optim, sharding, steps
     from jaxclf.config import base_config
 
     alpha, temperature = 0.5, 2.0
@@ -260,7 +263,7 @@ def test_distillation_step_between_families_equals_numpy(teacher_name, student_n
     tx, _ = optim.make_optimizer(config.optim, student, 1, 1)
     graphdef, _, state = steps.create_train_state(student, tx)
     state_sharding = sharding.state_sharding(state, mesh, config.param_sharding)
-    step = steps.make_train_step(graphdef, tx, mesh, config, 4, state_sharding, steps.make_loss(config, teacher=teacher))
+    step = steps.make_train_step(graphdef, tx, mesh, config, 4, state_sharding, distill.with_distillation(steps.cross_entropy_loss(), teacher, config))
     rng = np.random.default_rng(0)
     batch = {"image": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), "label": rng.integers(0, 4, 8).astype(np.int32)}
     student_logits = np.asarray(_jitted(nnx.merge(graphdef, state.params, state.model_state), lambda m, x: m(x),

@@ -11,9 +11,12 @@ import optax
 import pytest
 from PIL import Image
 
-from jaxclf import config as config_lib, models, resolve, steps, train
+from jaxclf.data.normalize import normalize_images
+from jaxclf import config as config_lib, models, train
+from jaxclf.tasks import registry as task_registry
+from jaxclf.training import resolve
 from jaxclf.data import imbalance, pipeline, sources
-from jaxclf.metrics import read_metrics
+from jaxclf.tracking.metrics import read_metrics
 
 
 def test_class_weights_by_hand():
@@ -82,9 +85,9 @@ def _hand_computed_loss(config, train_set, weights):
     batch = next(iter(pipeline.make_train_loader(
         train_set, config.data.pp_train, global_batch_size=config.batch_size, seed=config.seed, num_workers=0,
         sampling=config.data.sampling)))
-    model = models.create_model(resolve.resolve(config, "cpu").config, len(train_set.class_names))
+    model = models.create_model(resolve.resolve(config, "cpu", task_registry.check_config).config, len(train_set.class_names))
     model.train()
-    logits = model(steps.normalize_images(jnp.asarray(batch["image"]), config.data.mean, config.data.std))
+    logits = model(normalize_images(jnp.asarray(batch["image"]), config.data.mean, config.data.std))
     losses = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]))
     w = np.ones(len(train_set.class_names)) if weights is None else weights
     return float(np.sum(losses * w[batch["label"]]) / np.sum(w[batch["label"]]))

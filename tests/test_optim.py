@@ -7,7 +7,9 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxclf import models, optim, tree_paths
+from jaxclf import models
+from jaxclf.training import optim
+from jaxclf.models import tree_paths
 from jaxclf.config import base_config
 
 

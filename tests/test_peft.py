@@ -7,7 +7,10 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from jaxclf import config as config_lib, export, inference, models, optim, peft, sharding, steps, train, tree_paths
+from jaxclf import config as config_lib, export, models, train
+from jaxclf.models import peft, tree_paths
+from jaxclf.runs import inference
+from jaxclf.training import optim, sharding, steps
 from jaxclf.models import resnet, vit
 
 
@@ -111,7 +114,7 @@ def _train(model, config, num_steps=2):
     graphdef, _, state = steps.create_train_state(model, tx)
     state_sharding = sharding.state_sharding(state, mesh, config.param_sharding)
     frozen = optim.frozen_mask(config.optim, model)
-    step = steps.make_train_step(graphdef, tx, mesh, config, 4, state_sharding, steps.make_loss(config),
+    step = steps.make_train_step(graphdef, tx, mesh, config, 4, state_sharding, steps.cross_entropy_loss(),
                                  frozen_params=frozen)
     rng = np.random.default_rng(0)
     batch = {"image": rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8), "label": rng.integers(0, 4, 8).astype(np.int32)}

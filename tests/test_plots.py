@@ -10,8 +10,8 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from PIL import Image
 
-from jaxclf import plots, tfevents
-from jaxclf.metrics import MetricsWriter
+from jaxclf.tracking import plots, tfevents
+from jaxclf.tracking.metrics import MetricsWriter
 
 
 def _event_class():

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxclf import inference, predict
+from jaxclf.runs import inference
+from jaxclf import predict
 
 
 def _reference_probabilities(trained, path):

@@ -6,7 +6,8 @@ import os
 import jax
 import pytest
 
-from jaxclf import config as config_lib, profiling, train
+from jaxclf import config as config_lib, train
+from jaxclf.training import profiling
 
 
 def test_the_trace_of_the_chosen_steps_is_in_the_workdir_and_names_the_train_step(digits_root, tmp_path):

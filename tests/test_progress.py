@@ -8,16 +8,16 @@ import subprocess
 import sys
 import termios
 
-from jaxclf import train
 from limits import SUBPROCESS_S  # tests/ is on sys.path
+from jaxclf import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_default_workdir_is_named_after_the_config():
-    assert train.default_workdir("configs/vit_b.py") == os.path.join("runs", "vit_b")
-    assert train.default_workdir("configs/sweep.py:lr=0.1") == os.path.join("runs", "sweep_lr_0.1")
-    assert train.default_workdir("tests/tiny_config.py:/tmp/x/digits") == os.path.join("runs", "tiny_config_tmp_x_digits")
+    assert config_lib.default_workdir("configs/vit_b.py") == os.path.join("runs", "vit_b")
+    assert config_lib.default_workdir("configs/sweep.py:lr=0.1") == os.path.join("runs", "sweep_lr_0.1")
+    assert config_lib.default_workdir("tests/tiny_config.py:/tmp/x/digits") == os.path.join("runs", "tiny_config_tmp_x_digits")
 
 
 def _train_command(digits_root: str) -> list[str]:

@@ -16,7 +16,10 @@ import onnxruntime
 import pytest
 from onnx import numpy_helper
 
-from jaxclf import artefact, config as config_lib, evaluate, export, inference, quantize, train
+from jaxclf import config as config_lib, evaluate, export, train
+from jaxclf.deploy import quantize
+from jaxclf.evaluation import splits
+from jaxclf.runs import artefact, inference, predictions
 
 MAX_TOP1_DROP = 0.01
 MIN_AGREEMENT = 0.97
@@ -48,8 +51,8 @@ def int8_artefacts(learned_workdir, tmp_path_factory) -> dict[int, str]:
 
 def _val_logits(model) -> tuple[np.ndarray, np.ndarray]:
     """(logits float[N, classes], labels int[N]) of `model` on its run's val split, in the split's order."""
-    _, source = evaluate.load_split(model, "val")
-    log_probs, labels, indices = evaluate.predict_source(model, source, batch_size=64)
+    _, source = splits.load_split(model, "val")
+    log_probs, labels, indices = predictions.predict_source(model, source, batch_size=64)
     order = np.argsort(indices)
     return log_probs[order], labels[order]
 
@@ -67,8 +70,8 @@ def test_int8_runs_and_keeps_the_accuracy(learned_workdir, int8_artefacts, calib
     assert evaluate.main(["--artefact", out, "--split", "val"]) == 0
     with open(os.path.join(out + ".eval", "val", "report.json")) as f:
         report = json.load(f)
-    top1 = record["top1_val"]
-    assert report["top1"] == pytest.approx(top1["int8"])
+    top1 = record["val_accuracy"]
+    assert report["accuracy"] == pytest.approx(top1["int8"])
     float32_log_probs, labels = _val_logits(inference.load_trained(learned_workdir))
     assert top1["float32"] == pytest.approx(np.mean(float32_log_probs.argmax(1) == labels))
     assert top1["float32"] >= 0.9  # a model that has learned: its predictions have margins to keep
@@ -117,7 +120,7 @@ def test_int8_logits_are_the_same_on_an_avx2_cpu(learned_workdir, int8_artefacts
     """Both artefacts under qemu's Haswell (AVX2, no AVX-512, no VNNI) give this CPU's logits, and so the
     recorded top-1. Full-range int8 weights measured 82% agreement with float32 there (99.7% on a VNNI CPU)."""
     trained = inference.load_trained(learned_workdir)
-    _, source = evaluate.load_split(trained, "val")
+    _, source = splits.load_split(trained, "val")
     images = np.stack([trained.load_image(path) for path in source.paths])
     np.save(tmp_path / "images.npy", images)
     paths = [int8_artefacts[0], int8_artefacts[64]]
@@ -127,7 +130,7 @@ def test_int8_logits_are_the_same_on_an_avx2_cpu(learned_workdir, int8_artefacts
         avx2 = np.load(tmp_path / f"images.npy.{i}.npy")
         np.testing.assert_allclose(avx2, _logits(path, images), atol=1e-4, err_msg=path)
         with open(path + ".json") as f:
-            recorded = json.load(f)["quantization"]["top1_val"]["int8"]
+            recorded = json.load(f)["quantization"]["val_accuracy"]["int8"]
         assert np.mean(avx2.argmax(1) == np.asarray(source.labels)) == pytest.approx(recorded)
 
 
@@ -135,7 +138,7 @@ def test_calibration_images_come_from_the_train_split_through_eval_preprocessing
     trained = inference.load_trained(trained_workdir)
     images = quantize.calibration_images(trained, 10)
     assert images.shape == (10, 16, 16, 3) and images.dtype == np.uint8
-    _, source = evaluate.load_split(trained, "train")
+    _, source = splits.load_split(trained, "train")
     train_images = {trained.load_image(p).tobytes() for p in source.paths}
     assert all(image.tobytes() in train_images for image in images)
     assert len({image.tobytes() for image in images}) == 10  # drawn without replacement

@@ -7,9 +7,13 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxclf import augment, checkpoint, config as config_lib, models, optim, resolve, sharding, steps, train, tree_paths
+from jaxclf.tasks import registry as task_registry
+from jaxclf.training import augment, optim, resolve, sharding, steps
+from jaxclf.runs import checkpoint
+from jaxclf import config as config_lib, models, train
+from jaxclf.models import tree_paths
 from jaxclf.config import base_config
-from jaxclf.metrics import read_metrics
+from jaxclf.tracking.metrics import read_metrics
 
 NORM = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
@@ -70,7 +74,7 @@ def _make_step(config, model, mesh, class_weights=None):
     )
     state_sharding = sharding.state_sharding(state, mesh, config.param_sharding)
     state = jax.device_put(state, state_sharding)
-    step = steps.make_train_step(graphdef, tx, mesh, config, 4, state_sharding, steps.make_loss(config, class_weights),
+    step = steps.make_train_step(graphdef, tx, mesh, config, 4, state_sharding, steps.cross_entropy_loss(class_weights),
                                  frozen_params=optim.frozen_mask(config.optim, model))
     return step, state
 
@@ -269,7 +273,8 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32_loss():
 def test_dtype_and_kernels_auto_resolve_for_the_platform():
     config = base_config()
     assert config.dtype == "auto" and "kernels" not in config.model
-    on_cpu, on_gpu = resolve.resolve(config, "cpu").config, resolve.resolve(config, "gpu").config
+    on_cpu = resolve.resolve(config, "cpu", task_registry.check_config).config
+    on_gpu = resolve.resolve(config, "gpu", task_registry.check_config).config
     assert (on_cpu.dtype, on_cpu.model.kernels) == ("float32", "cpu")
     assert (on_gpu.dtype, on_gpu.model.kernels) == ("bfloat16", "gpu")
     assert models.create_model(on_cpu, 3).conv1.dtype == jnp.float32
@@ -277,7 +282,7 @@ def test_dtype_and_kernels_auto_resolve_for_the_platform():
     assert config.dtype == "auto"  # resolving copies; the config given is left as it was
     config.dtype = "float16"
     with pytest.raises(config_lib.ConfigError, match="config.dtype='float16'"):
-        resolve.resolve(config, "cpu")
+        resolve.resolve(config, "cpu", task_registry.check_config)
 
 
 # --- stopping ------------------------------------------------------------------------------------

@@ -17,8 +17,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxclf import checkpoint, config as config_lib, data, optim, preemption, train
-from jaxclf.metrics import read_metrics
+from jaxclf import config as config_lib, data, train
+from jaxclf.runs import checkpoint
+from jaxclf.training import optim, preemption
+from jaxclf.tracking.metrics import read_metrics
 from limits import SUBPROCESS_S  # tests/ is on sys.path
 
 TOTAL_STEPS = 24

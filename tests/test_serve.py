@@ -16,7 +16,8 @@ from PIL import Image, ImageFile
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
-from jaxclf import artefact, explain, export, inference, predict
+from jaxclf.runs import artefact, inference
+from jaxclf import explain, export, predict
 from jaxclf.serve import ServeSettings, create_app, from_loaded
 from jaxclf.serve import __main__ as serve_main
 from jaxclf.serve.batcher import DynamicBatcher, padded_sizes

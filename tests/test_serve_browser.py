@@ -10,7 +10,8 @@ import time
 import httpx
 import pytest
 
-from jaxclf import inference, predict
+from jaxclf.runs import inference
+from jaxclf import predict
 from jaxclf.serve import ServeSettings, create_app, from_loaded
 from jaxclf.serve.process import ServerProcess
 from tests.model_helpers import explainable_trained_model

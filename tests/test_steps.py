@@ -9,7 +9,9 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from jaxclf import models, optim, sharding, steps
+from jaxclf.data.normalize import normalize_images
+from jaxclf import models
+from jaxclf.training import optim, sharding, steps
 from jaxclf.kernels import xla_cpu
 from jaxclf.config import base_config
 
@@ -53,7 +55,7 @@ def _setup(model, mesh, config, total_steps=10):
     state_sharding = sharding.state_sharding(state, mesh, config.param_sharding)
     state = jax.device_put(state, state_sharding)
     num_classes = model.head.out_features
-    step = steps.make_train_step(graphdef, tx, mesh, config, num_classes, state_sharding, steps.make_loss(config))
+    step = steps.make_train_step(graphdef, tx, mesh, config, num_classes, state_sharding, steps.cross_entropy_loss())
     return graphdef, eval_graphdef, state, step
 
 
@@ -152,7 +154,7 @@ def test_eval_step_sums_only_unmasked_rows():
     totals = jax.device_get(totals)
 
     model.eval()
-    logits = np.asarray(model(steps.normalize_images(jnp.asarray(batch["image"]), **NORM)))[mask]
+    logits = np.asarray(model(normalize_images(jnp.asarray(batch["image"]), **NORM)))[mask]
     labels = batch["label"][mask]
     expected_loss = np.sum(np.asarray(steps.cross_entropy(jnp.asarray(logits), jnp.asarray(labels))))
     assert totals["count"] == 11
@@ -163,7 +165,7 @@ def test_eval_step_sums_only_unmasked_rows():
 
 def test_normalize_images_and_label_smoothing():
     images = jnp.asarray([[[[0, 255, 128]]]], jnp.uint8)
-    out = steps.normalize_images(images, mean=(0.0, 0.5, 0.5), std=(1.0, 0.5, 0.25))
+    out = normalize_images(images, mean=(0.0, 0.5, 0.5), std=(1.0, 0.5, 0.25))
     np.testing.assert_allclose(out[0, 0, 0], [0.0, 1.0, (128 / 255 - 0.5) / 0.25], rtol=1e-4)
     logits = jnp.asarray([[0.0, 0.0]])
     assert float(steps.cross_entropy(logits, jnp.asarray([0]), 0.0)[0]) == pytest.approx(np.log(2))

@@ -4,7 +4,8 @@ call loads, computing jaxclf's logits; the name tables read and write timm's nam
 import numpy as np
 import pytest
 
-from jaxclf import config as config_lib, export, inference, models
+from jaxclf import config as config_lib, export, models
+from jaxclf.runs import inference
 from jaxclf.weights import bit, convnext, efficientnet, resnet, torch_names, vit
 from tests.model_helpers import with_random_values
 

@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxclf import checkpoint, config as config_lib, train
-from jaxclf.metrics import read_metrics
+from jaxclf import config as config_lib, train
+from jaxclf.runs import checkpoint
+from jaxclf.tracking.metrics import read_metrics
 from limits import SUBPROCESS_S  # tests/ is on sys.path
 
 

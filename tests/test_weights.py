@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from jaxclf import config as config_lib, load_pretrained, train, tree_paths, weights
+from jaxclf import config as config_lib, load_pretrained, train, weights
+from jaxclf.models import tree_paths
 from jaxclf import models as jaxclf_models
 from jaxclf.weights import files, surgery
 from torch_reference import randomize_norms, randomize_vectors, torch_logits

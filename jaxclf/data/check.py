@@ -22,7 +22,8 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 
-from jaxclf import config as config_lib, progress
+from jaxclf import config as config_lib
+from jaxclf.tracking import progress
 from jaxclf.data import findings, load_splits, ops as ops_lib, pipeline, scan as scan_lib
 from jaxclf.data.sources import DataError, LabelledFiles
 
@@ -161,9 +162,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, ml_collections.
         parser.error(str(e))
     if args.config:
         config = config_lib.load_config(args.config, overrides)
-        from jaxclf.train import default_workdir  # the run's workdir; train imports this module
-
-        out = args.out or os.path.join(default_workdir(args.config), "data_check")
+        out = args.out or os.path.join(config_lib.default_workdir(args.config), "data_check")
     else:
         config = config_lib.base_config()
         config.data.root = args.root

@@ -21,7 +21,7 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-from jaxclf import progress
+from jaxclf.tracking import progress
 from jaxclf.data import headers
 from jaxclf.data.ops import BadImage, Decode, TooManyPixels, as_pil
 from jaxclf.data.sources import LabelledFiles

@@ -14,7 +14,7 @@ import functools
 
 import numpy as np
 
-from jaxclf import progress
+from jaxclf.tracking import progress
 from jaxclf.data.sources import SPLITS, DataError, LabelledSource
 
 

@@ -1,7 +1,7 @@
 """Serve a trained run over HTTP: `python -m jaxclf.serve --workdir RUN [--checkpoint best] [--port 8000]`.
 
 Or an exported model, `--artefact PATH` instead of `--workdir` (StableHLO or ONNX with its
-PATH.json sidecar, see jaxclf.artefact): a serving box then needs no checkpoint.
+PATH.json sidecar, see jaxclf.runs.artefact): a serving box then needs no checkpoint.
 
 Endpoints: POST /v1/classify (multipart files, base64 JSON or one raw image; top_k), POST
 /v1/explain, GET /v1/model, /healthz, /readyz (200 once every batch shape is compiled), /metrics
@@ -16,7 +16,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from jaxclf import artefact, inference
+from jaxclf.runs import artefact, inference
 from jaxclf.serve.app import ServeSettings, create_app
 from jaxclf.serve.model import from_loaded
 

@@ -15,8 +15,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from jaxclf import explain as explain_lib, inference
+from jaxclf import explain as explain_lib
 from jaxclf.data.ops.decode import check_max_pixels
+from jaxclf.runs import inference
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,8 +22,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxclf import models, progress, tree_paths
-from jaxclf.models import efficientnet as efficientnet_models
+from jaxclf import models
+from jaxclf.tracking import progress
+from jaxclf.models import efficientnet as efficientnet_models, tree_paths
 from jaxclf.weights import bit, cache, convnext, efficientnet, files, hf_towers, hub, resnet, surgery, vit, workdir
 from jaxclf.weights.files import WeightsError
 

@@ -16,7 +16,8 @@ import re
 import jax
 import numpy as np
 
-from jaxclf import models, tree_paths
+from jaxclf import models
+from jaxclf.models import tree_paths
 from jaxclf.weights.files import WeightsError
 
 POS_EMBED = "pos_embed"

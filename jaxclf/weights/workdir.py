@@ -14,7 +14,8 @@ import os
 import numpy as np
 from flax import nnx
 
-from jaxclf import tree_paths
+from jaxclf.models import tree_paths
+from jaxclf.runs import inference
 from jaxclf.weights.files import WeightsError
 
 CHOICES = ("best", "last")
@@ -56,10 +57,8 @@ def is_workdir(source: str) -> bool:
     return bool(source) and parse(source) is not None
 
 
-def load_run(source: str):
+def load_run(source: str) -> inference.TrainedModel:
     """The `inference.TrainedModel` of the finished run `source` names; WeightsError if it is not finished."""
-    from jaxclf import inference  # here: inference builds on the models and data that weights/ serves
-
     workdir, choice = parse(source)
     if not os.path.isfile(os.path.join(workdir, RESULT_FILE)):
         raise WeightsError(

@@ -31,8 +31,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxclf import config as config_lib, data as data_lib, distill, models
+from jaxclf import config as config_lib, data as data_lib, models
+from jaxclf.tasks import base, distill
 from jaxclf.data import combine, sources
+from jaxclf.runs import predictions
+from jaxclf.training import steps
 from jaxclf.weights import workdir as workdir_lib
 
 FILE = "continual.json"
@@ -157,15 +160,20 @@ class Update:
                 fitted[name] = head
         return fitted
 
-    def lwf_teacher(self) -> distill.Teacher | None:
-        """The old model as the Learning-without-Forgetting teacher on the kept old classes, or None when off."""
-        if self.config.continual.distill_old == 0:
-            return None
-        return distill.Teacher.from_model(
+    def with_lwf(self, loss: steps.Loss) -> steps.Loss:
+        """`loss` + continual.distill_old * Learning-without-Forgetting: the old model's soft targets on the
+        kept old classes (`loss` itself when distill_old is 0)."""
+        spec = self.config.continual
+        if spec.distill_old == 0:
+            return loss
+        old_model = distill.Teacher.from_model(
             "distill_old", self.old.model, mean=self.old.mean, std=self.old.std,
             image_size=self.info.preprocessing.get("input_size"),
             teacher_columns=self.plan.old_columns, student_columns=self.plan.old_indices,
         )
+        term = distill.distillation_term(old_model, weight=spec.distill_old, mode="soft", temperature=spec.temperature,
+                                         student_mean=self.config.data.mean, student_std=self.config.data.std)
+        return loss.plus("distill_old", term, {old_model.name: old_model.state})
 
     def class_counts(self) -> list[int]:
         """Training examples per class, replay included (for config.data.class_weights)."""
@@ -174,26 +182,85 @@ class Update:
             counts = counts + np.asarray(list(self.replay.class_counts().values()))
         return counts.tolist()
 
-    def add_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
-        """`metrics` with, per evaluated model, the old/new mean accuracy and the forgetting."""
-        metrics = dict(metrics)
-        for prefix in ("val", "val_ema"):
-            old = metrics.get(f"{prefix}/old_accuracy")
-            new = metrics.get(f"{prefix}/new_accuracy")
-            if old is not None and new is not None:
-                metrics[f"{prefix}/old_new_mean_accuracy"] = (old + new) / 2
-            if old is not None and self.before is not None:
-                metrics[f"{prefix}/old_accuracy_before"] = self.before
-                metrics[f"{prefix}/forgetting"] = self.before - old
-        return metrics
+
+def derived_metrics(metrics: dict[str, float], before: float | None) -> dict[str, float]:
+    """`metrics` with, per evaluated model (each <prefix>old_accuracy), the old/new mean accuracy and the
+    forgetting: `before` (the old model's old-class accuracy) minus the old-class accuracy."""
+    metrics = dict(metrics)
+    for prefix in [key.removesuffix("old_accuracy") for key in metrics if key.endswith("/old_accuracy")]:
+        old, new = metrics[f"{prefix}old_accuracy"], metrics.get(f"{prefix}new_accuracy")
+        if new is not None:
+            metrics[f"{prefix}old_new_mean_accuracy"] = (old + new) / 2
+        if before is not None:
+            metrics[f"{prefix}old_accuracy_before"] = before
+            metrics[f"{prefix}forgetting"] = before - old
+    return metrics
 
 
-def prepare(config: ml_collections.FrozenConfigDict, pretrained, splits: dict, workdir: str) -> Update | None:
-    """The update a resolved `config` describes (None unless model_init is a finished run); writes
+class Continual(base.Task):
+    """The task of a run whose config.model_init is a finished jaxclf run (see the module docstring)."""
+
+    name = "continual"
+
+    def __init__(self, config: ml_collections.FrozenConfigDict, pretrained_info: object | None,
+                 record: dict | None = None):
+        """`record`: the finished run's continual.json (`reopen`); else `splits` prepares the update, which
+        the later training hooks read."""
+        super().__init__(config, pretrained_info)
+        self.record, self.update = record, None
+        if record is not None:
+            self.plan, self.before = _recorded_plan(record), record.get("old_accuracy_before")
+
+    @classmethod
+    def applies(cls, config: ml_collections.ConfigDict, pretrained_info: object | None) -> bool:
+        return getattr(pretrained_info, "source_format", "") == "jaxclf_workdir"
+
+    @classmethod
+    def check_config(cls, config: ml_collections.ConfigDict, pretrained_info: object | None) -> list[str]:
+        return check_config(config, pretrained_info)
+
+    def splits(self, splits: dict[str, sources.LabelledSource], workdir: str) -> dict[str, sources.LabelledSource]:
+        if self.record is not None:
+            return assemble_splits(splits, self.plan, _OldData(self.record["old_data"]))
+        self.update = prepare(self.config, self.pretrained_info, splits, workdir)
+        self.plan, self.before = self.update.plan, self.update.before
+        return self.update.splits
+
+    def init_params(self, params: dict[str, np.ndarray], model) -> dict[str, np.ndarray]:
+        return self.update.fit_head(params, model.head_paths())
+
+    def class_counts(self, counts: list[int]) -> list[int]:
+        return self.update.class_counts()
+
+    def replay(self) -> base.Replay | None:
+        return base.Replay(self.update.replay, self.update.replay_rows) if self.update.replay_rows else None
+
+    def loss(self, loss: steps.Loss, class_names: tuple[str, ...]) -> steps.Loss:
+        return self.update.with_lwf(loss)
+
+    def eval_groups(self) -> dict[str, np.ndarray]:
+        return self.plan.groups()
+
+    def eval_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        return derived_metrics(metrics, self.before)
+
+    @classmethod
+    def reopen(cls, config: ml_collections.ConfigDict, workdir: str) -> Continual | None:
+        record = _read_record(workdir)
+        return None if record is None else cls(config, None, record)
+
+    def report_sections(self, source: sources.LabelledSource, log_probs: np.ndarray, labels: np.ndarray,
+                        batch_size: int) -> dict[str, dict]:
+        return {"continual": evaluation_report(self.record, source, log_probs, labels, batch_size)}
+
+    def summary_lines(self, report: dict) -> dict[str, str]:
+        return {"Old and new classes (continual learning)": summary_line(report["continual"])}
+
+
+def prepare(config: ml_collections.FrozenConfigDict, info: workdir_lib.RunInfo, splits: dict, workdir: str) -> Update:
+    """The update a resolved `config` describes, from the finished run `info` (model_init's); writes
     workdir/continual.json and, with continual.replay_per_class, workdir/exemplars/."""
-    if not pretrained or getattr(pretrained[1], "source_format", "") != "jaxclf_workdir":
-        return None
-    info, spec = pretrained[1], config.continual
+    spec = config.continual
     old_data = _OldData(info.config["data"])
     replay = _replay_source(spec.replay, info, old_data)
     plan, notes = plan_classes(info.class_names, splits["train"].class_names,
@@ -332,11 +399,9 @@ def _old_class_examples(val: sources.LabelledSource, plan: ClassPlan) -> combine
 
 def old_model_accuracy(old, source: sources.LabelledSource | None, batch_size: int) -> float | None:
     """Top-1 of the old run's model on `source` (labelled in its classes), or None without examples."""
-    from jaxclf import evaluate  # here: evaluate reports continual runs through this module
-
     if source is None:
         return None
-    log_probs, labels, _ = evaluate.predict_source(old, source, batch_size=batch_size)
+    log_probs, labels, _ = predictions.predict_source(old, source, batch_size=batch_size)
     return float(np.mean(log_probs.argmax(axis=1) == labels))
 
 
@@ -370,36 +435,25 @@ def _read_record(workdir: str) -> dict | None:
         return None
 
 
-def run_splits(config: ml_collections.ConfigDict, workdir: str) -> dict[str, sources.LabelledSource] | None:
-    """The splits a finished continual run in `workdir` trained and evaluated on (None: not a continual run)."""
-    record = _read_record(workdir)
-    if record is None:
-        return None
-    return assemble_splits(data_lib.load_splits(config.data), _recorded_plan(record), _OldData(record["old_data"]))
-
-
 def _recorded_plan(record: dict) -> ClassPlan:
     return ClassPlan(tuple(record["old_class_names"]), tuple(record["class_names"]), tuple(record["dropped"]))
 
 
-def evaluation_report(workdir: str, source: sources.LabelledSource, log_probs: np.ndarray, labels: np.ndarray,
-                      batch_size: int) -> dict | None:
-    """Old-class and new-class top-1 of a continual run on `source`, their mean, and forgetting: the old
-    model's old-class top-1 on the same images minus the updated model's (None: not a continual run)."""
-    record = _read_record(workdir)
-    if record is None:
-        return None
+def evaluation_report(record: dict, source: sources.LabelledSource, log_probs: np.ndarray, labels: np.ndarray,
+                      batch_size: int) -> dict:
+    """Old-class and new-class top-1 of the continual run `record` (its continual.json) describes on `source`,
+    their mean, and forgetting: the old model's old-class top-1 on the same images minus the updated model's."""
     plan = _recorded_plan(record)
     correct = log_probs.argmax(axis=1) == labels
     report = {"old_classes": len(plan.old_indices), "new_classes": len(plan.new_indices)}
     for group, ids in plan.groups().items():
         rows = np.isin(labels, ids)
         report[f"{group}_examples"] = int(rows.sum())
-        report[f"{group}_top1"] = float(correct[rows].mean()) if rows.any() else None
-    if report.get("old_top1") is not None and report.get("new_top1") is not None:
-        report["old_new_mean_top1"] = (report["old_top1"] + report["new_top1"]) / 2
-    report["old_top1_before"] = report["forgetting"] = None
-    if report.get("old_top1") is not None:
+        report[f"{group}_accuracy"] = float(correct[rows].mean()) if rows.any() else None
+    if report.get("old_accuracy") is not None and report.get("new_accuracy") is not None:
+        report["old_new_mean_accuracy"] = (report["old_accuracy"] + report["new_accuracy"]) / 2
+    report["old_accuracy_before"] = report["forgetting"] = None
+    if report.get("old_accuracy") is not None:
         old_run = f"{record['old_workdir']}:{record['old_step']}"
         try:
             old = workdir_lib.load_run(old_run)
@@ -407,5 +461,16 @@ def evaluation_report(workdir: str, source: sources.LabelledSource, log_probs: n
             report["note"] = f"forgetting not measured: the old run {old_run} cannot be loaded ({e})"
             return report
         before = old_model_accuracy(old, _old_class_examples(source, plan), batch_size)
-        report["old_top1_before"], report["forgetting"] = before, before - report["old_top1"]
+        report["old_accuracy_before"], report["forgetting"] = before, before - report["old_accuracy"]
     return report
+
+
+def summary_line(update: dict) -> str:
+    """One line of a continual run's old-class and new-class top-1, their mean and the forgetting."""
+    def percent(key):
+        return "n/a" if update.get(key) is None else f"{update[key]:.2%}"
+
+    line = (f"old classes ({update['old_classes']}) accuracy {percent('old_accuracy')} (before the update "
+            f"{percent('old_accuracy_before')}, forgetting {percent('forgetting')}); new classes "
+            f"({update['new_classes']}) accuracy {percent('new_accuracy')}; mean {percent('old_new_mean_accuracy')}")
+    return line + (f" ({update['note']})" if "note" in update else "")

@@ -28,8 +28,9 @@ import tempfile
 import numpy as np
 from onnxruntime import quantization
 
-from jaxclf import inference
+from jaxclf.runs import inference
 from jaxclf.data import pipeline
+from jaxclf.evaluation import splits
 
 OP_TYPES = ["Conv", "MatMul"]
 # What onnxruntime's quantizers are given, per mode (see the module docstring for why), as the sidecar records it.
@@ -63,9 +64,8 @@ class _Subset:
 
 def calibration_images(trained: inference.LoadedModel, count: int, seed: int = 0) -> np.ndarray:
     """uint8[count, H, W, 3]: `count` images drawn at random from the run's train split, after its eval ops."""
-    from jaxclf import evaluate  # evaluate imports the export side; import here, at use
 
-    _, source = evaluate.load_split(trained, "train")
+    _, source = splits.load_split(trained, "train")
     if count > len(source):
         raise inference.WorkdirError(f"--calibration {count}: the train split has only {len(source)} images")
     indices = np.sort(np.random.default_rng(seed).choice(len(source), count, replace=False))

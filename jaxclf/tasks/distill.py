@@ -9,7 +9,8 @@ mixup and cutmix (both are convex combinations per pixel), then resized with `ja
 
 Two modes (Hinton et al., 2015): "soft", T^2 * KL(softmax(t / T) || softmax(s / T)); "hard", the
 cross-entropy against the teacher's argmax. The same term, restricted to some classes, is
-Learning-without-Forgetting (Li & Hoiem, 2016): the old model's logits on the old classes.
+Learning-without-Forgetting (Li & Hoiem, 2016): the old model's logits on the old classes
+(tasks/continual.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import numpy as np
 from flax import nnx
 
 from jaxclf import config as config_lib, models, weights
+from jaxclf.tasks import base
+from jaxclf.training import steps
 
 MODES = ("soft", "hard")
 
@@ -115,24 +118,54 @@ def distillation_term(teacher: Teacher, *, weight: float, mode: str, temperature
     return term
 
 
-def load_teacher(config: ml_collections.ConfigDict, class_names: Sequence[str]) -> Teacher | None:
-    """The teacher of a resolved `config` (config.distill.*) for a student of `class_names`, or None when off.
+class Distillation(base.Task):
+    """The task of a run with config.distill.teacher (and alpha > 0): (1 - alpha) * the loss so far
+    + alpha * the distillation term on the teacher's logits."""
+
+    name = "distill"
+
+    @classmethod
+    def applies(cls, config: ml_collections.ConfigDict, pretrained_info: object | None) -> bool:
+        return bool(config.distill.teacher) and config.distill.alpha != 0
+
+    @classmethod
+    def check_config(cls, config: ml_collections.ConfigDict, pretrained_info: object | None) -> list[str]:
+        spec = config.distill
+        if not cls.applies(config, pretrained_info):
+            return []
+        if not 0 < spec.alpha <= 1:
+            raise config_lib.ConfigError(f"config.distill.alpha={spec.alpha}: use a value in [0, 1] (0: off)")
+        if spec.mode not in MODES:
+            raise config_lib.ConfigError(f"config.distill.mode={spec.mode!r}: use one of {MODES}")
+        if spec.mode == "soft" and not spec.temperature > 0:
+            raise config_lib.ConfigError(f"config.distill.temperature={spec.temperature}: use a value > 0")
+        if spec.dtype != "auto" and spec.dtype not in models.DTYPES:
+            raise config_lib.ConfigError(f"config.distill.dtype={spec.dtype!r}: use 'auto', 'float32' or 'bfloat16'")
+        return []
+
+    def loss(self, loss: steps.Loss, class_names: Sequence[str]) -> steps.Loss:
+        return with_distillation(loss, load_teacher(self.config, class_names), self.config)
+
+
+def with_distillation(loss: steps.Loss, teacher: Teacher, config: ml_collections.ConfigDict) -> steps.Loss:
+    """(1 - alpha) * `loss` + alpha * the distillation term of `teacher` (config.distill.*; the student's
+    images are normalised with config.data.mean/std); `loss` itself when alpha is 0."""
+    spec = config.distill
+    if spec.alpha == 0:
+        return loss
+    term = distillation_term(teacher, weight=spec.alpha, mode=spec.mode, temperature=spec.temperature,
+                             student_mean=config.data.mean, student_std=config.data.std)
+    return loss.scaled(1 - spec.alpha).plus("distill", term, {teacher.name: teacher.state})
+
+
+def load_teacher(config: ml_collections.ConfigDict, class_names: Sequence[str]) -> Teacher:
+    """The teacher config.distill.teacher names, for a student of `class_names`, in config.distill.dtype.
 
     A workdir teacher's classes are matched to the student's by name (they must be the same set);
     other weights must have the student's class count, in the student's order.
     """
     spec = config.distill
-    if not spec.teacher or spec.alpha == 0:
-        return None
-    if not 0 < spec.alpha <= 1:
-        raise config_lib.ConfigError(f"config.distill.alpha={spec.alpha}: use a value in [0, 1] (0: off)")
-    if spec.mode not in MODES:
-        raise config_lib.ConfigError(f"config.distill.mode={spec.mode!r}: use one of {MODES}")
-    if spec.mode == "soft" and not spec.temperature > 0:
-        raise config_lib.ConfigError(f"config.distill.temperature={spec.temperature}: use a value > 0")
     dtype = config.dtype if spec.dtype == "auto" else spec.dtype
-    if dtype not in models.DTYPES:
-        raise config_lib.ConfigError(f"config.distill.dtype={spec.dtype!r}: use 'auto', 'float32' or 'bfloat16'")
     try:
         model, info = weights.load_pretrained(spec.teacher, dtype=models.DTYPES[dtype])
     except (weights.WeightsError, ValueError, TypeError) as e:

@@ -16,8 +16,8 @@ from collections.abc import Callable
 import numpy as np
 from flax import nnx
 
-from jaxclf import inference, tree_paths
-from jaxclf.models import convnext, efficientnet, eva, resnet, resnetv2, vit
+from jaxclf.runs import inference
+from jaxclf.models import convnext, efficientnet, eva, resnet, resnetv2, tree_paths, vit
 from jaxclf.weights import bit as bit_weights, convnext as convnext_weights, efficientnet as efficientnet_weights
 from jaxclf.weights import resnet as resnet_weights, torch_names, vit as vit_weights
 

@@ -23,10 +23,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxclf import checkpoint, config as config_lib, models, peft
+from jaxclf.runs import checkpoint
+from jaxclf import config as config_lib, models
+from jaxclf.models import peft
 from jaxclf.kernels import xla_cpu
 from jaxclf.data import classes, ops as ops_lib, sources
-from jaxclf.steps import normalize_images
+from jaxclf.data.normalize import normalize_images
 
 # Shapes tried by `TrainedModel.input_size` (portrait and landscape, larger than usual crops).
 _PROBE_SHAPES = ((640, 480), (480, 640))

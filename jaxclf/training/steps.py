@@ -4,9 +4,9 @@ The model travels as an NNX graphdef (static) plus state pytrees; it is rebuilt 
 inside the jitted function, so no Python graph walk happens per step and shardings are explicit.
 Everything random in a step derives from `fold_in(key(config.seed), step)`, so a resumed run
 draws the same numbers as an uninterrupted one. The loss is a sum of terms built once from the
-config (`make_loss`); a term that is off is not in the sum, so it costs nothing. Arrays a term
-reads but does not train (a distillation teacher's variables) are `Loss.frozen`: the step takes
-them as an argument, sharded like the params.
+config by the run's tasks (`jaxclf.tasks`); a term that is off is not in the sum, so it costs
+nothing. Arrays a term reads but does not train (a distillation teacher's variables) are
+`Loss.frozen`: the step takes them as an argument, sharded like the params.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxclf import augment, distill, sharding
+from jaxclf.training import augment, sharding
+from jaxclf.data.normalize import normalize_images
 from jaxclf.kernels import xla_cpu
 
 
@@ -63,16 +64,6 @@ def create_train_state(
         ema_params=jax.tree.map(jnp.copy, params) if ema else None,
     )
     return train_graphdef, eval_graphdef, state
-
-
-def normalize_images(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
-    """uint8[B, H, W, 3] in 0..255 -> float32 (images / 255 - mean) / std, done on the device."""
-    if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"normalisation needs 3 channel means and stds, got mean={mean!r} std={std!r} "
-                         "(train.py fills an empty config.data.mean/std from the weights or ImageNet)")
-    mean = jnp.asarray(mean, jnp.float32)
-    std = jnp.asarray(std, jnp.float32)
-    return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
@@ -115,6 +106,10 @@ def weighted_cross_entropy(inputs: LossInputs) -> jax.Array:
     return jnp.sum(losses * inputs.weights) / inputs.weight_sum
 
 
+def _scaled(term: LossTerm, factor: float) -> LossTerm:
+    return lambda inputs: factor * term(inputs)
+
+
 @dataclasses.dataclass(frozen=True)
 class Loss:
     """A sum of named terms, each a function of `LossInputs` to a scalar; `class_weights` feed the example
@@ -131,36 +126,23 @@ class Loss:
         """Each term's value, by name."""
         return {name: term(inputs) for name, term in self.terms}
 
+    def plus(self, name: str, term: LossTerm, frozen: dict | None = None) -> Loss:
+        """This loss with one more term (and the fixed arrays it reads, by name)."""
+        if name in dict(self.terms) or set(frozen or {}) & set(self.frozen):
+            raise ValueError(f"the loss already has a term or frozen arrays named {name!r}")
+        return dataclasses.replace(self, terms=(*self.terms, (name, term)), frozen={**self.frozen, **(frozen or {})})
 
-def make_loss(config: ml_collections.ConfigDict, class_weights: jax.Array | None = None, *,
-              teacher: distill.Teacher | None = None, old_model: distill.Teacher | None = None) -> Loss:
-    """The training loss `config` asks for: cross-entropy against the (smoothed, mixed, class-weighted)
-    targets, plus any further term a config turns on (added here, one line each).
-
-    With a `teacher` and config.distill.alpha > 0: (1 - alpha) * cross-entropy + alpha * distillation
-    (distill.py). With an `old_model` (continual learning) and config.continual.distill_old > 0:
-    + distill_old * Learning-without-Forgetting on the old classes.
-    """
-    alpha = config.distill.alpha if teacher is not None else 0.0
-    mean, std = tuple(config.data.mean), tuple(config.data.std)
-    terms, frozen = [], {}
-    if alpha < 1:
-        terms.append(("cross_entropy", weighted_cross_entropy if alpha == 0 else _scaled(weighted_cross_entropy, 1 - alpha)))
-    if alpha > 0:
-        terms.append(("distill", distill.distillation_term(
-            teacher, weight=alpha, mode=config.distill.mode, temperature=config.distill.temperature,
-            student_mean=mean, student_std=std)))
-        frozen[teacher.name] = teacher.state
-    if old_model is not None and config.continual.distill_old > 0:
-        terms.append(("distill_old", distill.distillation_term(
-            old_model, weight=config.continual.distill_old, mode="soft", temperature=config.continual.temperature,
-            student_mean=mean, student_std=std)))
-        frozen[old_model.name] = old_model.state
-    return Loss(terms=tuple(terms), class_weights=class_weights, frozen=frozen)
+    def scaled(self, factor: float) -> Loss:
+        """`factor` times every term so far (none, when `factor` is 0)."""
+        if factor == 1:
+            return self
+        terms = () if factor == 0 else tuple((name, _scaled(term, factor)) for name, term in self.terms)
+        return dataclasses.replace(self, terms=terms)
 
 
-def _scaled(term: LossTerm, factor: float) -> LossTerm:
-    return lambda inputs: factor * term(inputs)
+def cross_entropy_loss(class_weights: jax.Array | None = None) -> Loss:
+    """Plain classification's loss: the cross-entropy against the (smoothed, mixed, class-weighted) targets."""
+    return Loss(terms=(("cross_entropy", weighted_cross_entropy),), class_weights=class_weights)
 
 
 def make_train_step(

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from jaxclf import checkpoint, preemption, progress as progress_lib, sharding, steps
-from jaxclf.data import pipeline
-from jaxclf.listeners import EvalListener, Stop
+from jaxclf.runs import checkpoint
+from jaxclf.training import preemption, sharding, steps
+from jaxclf.tracking import progress as progress_lib
+from jaxclf.training.listeners import EvalListener, Stop
 
 PREFETCH_BATCHES = 2
 
@@ -117,54 +119,34 @@ def prefetch_to_mesh(iterator, mesh: Mesh) -> Iterator[tuple[dict, bytes, int]]:
         queue.clear()
 
 
-@jax.transfer_guard_device_to_host("allow")
-def evaluate(eval_step: Callable, eval_loader: pipeline.EvalLoader, mesh: Mesh, state: steps.TrainState,
-             class_groups: Sequence[str] = ()) -> dict[str, float]:
-    """One pass over the validation set: val/{loss, accuracy, top5, examples}, and val_ema/* with an EMA;
-    for each of the eval step's `class_groups`, val/<group>_accuracy and val/<group>_examples."""
-    models_to_evaluate = {"val": state.params}
-    if state.ema_params is not None:
-        models_to_evaluate["val_ema"] = state.ema_params
-    totals = {name: steps.zero_eval_totals(mesh, class_groups) for name in models_to_evaluate}
-    for batch in progress_lib.track(eval_loader.one_pass(), "evaluating", total=eval_loader.num_batches):
-        batch = sharding.shard_batch(batch, mesh)
-        for name, params in models_to_evaluate.items():
-            totals[name] = eval_step(params, state.model_state, batch, totals[name])
-    results = {}
-    for name, sums in jax.device_get(totals).items():
-        count = sums["count"]
-        results.update({
-            f"{name}/loss": sums["loss"] / count,
-            f"{name}/accuracy": sums["top1"] / count,
-            f"{name}/top5": sums["top5"] / count,
-            f"{name}/examples": count,
-        })
-        for group in class_groups:
-            if sums[f"{group}_count"]:  # a group without validation examples has no accuracy
-                results[f"{name}/{group}_accuracy"] = sums[f"{group}_top1"] / sums[f"{group}_count"]
-                results[f"{name}/{group}_examples"] = sums[f"{group}_count"]
-    return results
+class Evaluations(Protocol):
+    """The run's evaluations, as the loop calls them (`jaxclf.evaluation.base.Evaluations`)."""
+
+    def due(self, step: int) -> bool: ...
+
+    def __call__(self, state: steps.TrainState, step: int | None = None) -> dict[str, float]: ...
 
 
 class TrainingLoop:
     """Everything around the train step, called in order each step: `next_batch`, `log`, `evaluate`, `save`.
 
-    Evaluates every `eval_every` steps and at `total_steps`; checkpoints every `checkpoint_every`
-    steps, at every evaluation, at `end_step` and on a stop; a stop signal (SIGTERM, SLURM's
-    warning) checkpoints and raises `preemption.Preempted` at the next sync point.
+    Evaluates where `evaluations` says it is due (`jaxclf.evaluation.base.Evaluations`: each
+    evaluator at its interval, all at the last step); checkpoints every `checkpoint_every` steps, at
+    every evaluation, at `end_step` and on a stop; a stop signal (SIGTERM, SLURM's warning)
+    checkpoints and raises `preemption.Preempted` at the next sync point.
     """
 
-    def __init__(self, *, train_iter, mesh: Mesh, evaluate: Callable[[steps.TrainState], dict[str, float]],
+    def __init__(self, *, train_iter, mesh: Mesh, evaluations: Evaluations,
                  checkpointer: checkpoint.Checkpointer, train_log: TrainLog, listeners: Sequence[EvalListener],
-                 signals: preemption.StopSignals, meta: dict, total_steps: int, end_step: int, log_every: int,
-                 eval_every: int, checkpoint_every: int, progress: progress_lib.TrainProgress):
+                 signals: preemption.StopSignals, meta: dict, end_step: int, log_every: int,
+                 checkpoint_every: int, progress: progress_lib.TrainProgress):
         self._batches = prefetch_to_mesh(train_iter, mesh)
         self._progress = progress
         self._first_step_started: float | None = None
-        self._evaluate, self._checkpointer, self._train_log = evaluate, checkpointer, train_log
+        self._evaluations, self._checkpointer, self._train_log = evaluations, checkpointer, train_log
         self._listeners, self._signals, self._meta = list(listeners), signals, meta
-        self._total_steps, self._end_step = total_steps, end_step
-        self._log_every, self._eval_every, self._checkpoint_every = log_every, eval_every, checkpoint_every
+        self._end_step = end_step
+        self._log_every, self._checkpoint_every = log_every, checkpoint_every
         self._data_state = None  # the data position after the newest trained batch
         self._skipped_images = 0
         self._signalled = False
@@ -206,11 +188,11 @@ class TrainingLoop:
 
     def evaluate(self, step: int, state: steps.TrainState) -> Stop | None:
         """Evaluate if due and tell every listener; a listener's Stop (or None) comes back."""
-        if self._signalled or not (step % self._eval_every == 0 or step == self._total_steps):
+        if self._signalled or not self._evaluations.due(step):
             return None
         self._train_log.flush(step)  # the training window's throughput, before evaluation time
         try:
-            metrics = self._evaluate(state)
+            metrics = self._evaluations(state, step)
         except Exception:
             if self._signals.received is None:
                 self._checkpoint(step, state, None)  # keep the training done; the evaluation's error follows

@@ -14,7 +14,7 @@ from typing import Protocol
 import ml_collections
 
 from jaxclf import config as config_lib
-from jaxclf.metrics import MetricsWriter
+from jaxclf.tracking.metrics import MetricsWriter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,8 @@ class WriteMetrics:
 
 class EarlyStopping:
     """Tracks the best value of `config.best_metric`; asks to stop after `early_stopping_patience`
-    evaluations without improvement (0: never)."""
+    evaluations without improvement (0: never). Evaluations without any metric of best_metric's
+    prefix (another evaluator's, at its own interval) are not counted."""
 
     state_key = "early_stopping"
 
@@ -55,6 +56,9 @@ class EarlyStopping:
         self.evals_since_best = saved["evals_since_best"]
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> Stop | None:
+        prefix = self._metric.rpartition("/")[0] + "/"
+        if self._metric not in metrics and not any(key.startswith(prefix) for key in metrics):
+            return None  # another evaluator's turn (config.evals): this evaluation does not rank the run
         if self._metric not in metrics:
             raise config_lib.ConfigError(
                 f"config.best_metric={self._metric!r} is not an evaluation metric; choose one of {sorted(metrics)}"

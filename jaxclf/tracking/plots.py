@@ -11,7 +11,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from jaxclf.metrics import read_metrics
+from jaxclf.tracking.metrics import read_metrics
 
 # Each curves panel and the metrics.jsonl keys it draws (those a run did not log are left out).
 CURVE_PANELS = {

@@ -19,7 +19,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxclf import config as config_lib, inference
+from jaxclf import config as config_lib
+from jaxclf.runs import inference
 
 SIDECAR_SUFFIX = ".json"
 FORMATS = ("stablehlo", "onnx")

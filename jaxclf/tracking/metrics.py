@@ -1,5 +1,5 @@
 """Metrics of a run: one JSON object per line in `workdir/metrics.jsonl` and TensorBoard event files
-in `workdir` (`tensorboard --logdir DIR`; see tfevents.py). The console shows a few (jaxclf.progress).
+in `workdir` (`tensorboard --logdir DIR`; see tfevents.py). The console shows a few (jaxclf.tracking.progress).
 
 Only process 0 writes; every other process's writer does nothing, so callers need not check.
 """
@@ -11,7 +11,7 @@ import os
 
 import jax
 
-from jaxclf.tfevents import EventWriter
+from jaxclf.tracking.tfevents import EventWriter
 
 
 class MetricsWriter:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import re
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
 
-from jaxclf import models, tree_paths
+from jaxclf import models
+from jaxclf.models import tree_paths
 
 
 class OptimConfigError(ValueError):

@@ -1,4 +1,4 @@
-"""Settle everything a config leaves open, once, before anything is built: `resolve(config, platform)`.
+"""Settle everything a config leaves open, once, before anything is built: `resolve(config, platform, check_tasks)`.
 
 The result is what a run records in config.json and what every later step reads: the compute
 dtype and kernel set for the platform, the model options and mean/std the pretrained weights
@@ -8,11 +8,12 @@ imply, and the metric that picks the best checkpoint. Nothing changes the config
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import ml_collections
 import numpy as np
 
-from jaxclf import config as config_lib, continual, kernels, models, weights
+from jaxclf import config as config_lib, kernels, models, weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,14 +25,18 @@ class Resolved:
     notes: tuple[str, ...]
 
 
-def resolve(config: ml_collections.ConfigDict, platform: str) -> Resolved:
+def resolve(config: ml_collections.ConfigDict, platform: str,
+            check_tasks: Callable[[ml_collections.ConfigDict, object], list[str]]) -> Resolved:
     """`config` with its "auto" and empty fields settled for a run on `platform` ("cpu", "gpu", ...).
+
+    `check_tasks(config, weights info)` checks the training tasks' fields and settles what they imply,
+    in place (`jaxclf.tasks.registry.check_config`); it returns notes.
 
     - dtype "auto": bfloat16 on accelerators, float32 on CPUs;
     - model.kernels ("auto" or unset): the kernel set for the platform;
     - model options the weights of `model_init` imply (e.g. a ViT's LayerNorm epsilon), where unset;
-    - data.mean/std, where empty: those stored with the weights, else ImageNet's; a finished run as
-      model_init (continual learning) gives its pp ops and mean/std (continual.keep_preprocessing);
+    - data.mean/std, where empty (and no task set them: continual.keep_preprocessing): those stored
+      with the weights, else ImageNet's;
     - best_metric: with an EMA, val/* becomes val_ema/* (the EMA weights are the ones evaluate,
       predict and export load, as in timm's train.py).
     """
@@ -39,7 +44,7 @@ def resolve(config: ml_collections.ConfigDict, platform: str) -> Resolved:
     notes = []
     pretrained = _read_model_init(config)
     with config.unlocked():
-        notes += continual.check_config(config, pretrained[1] if pretrained else None)
+        notes += check_tasks(config, pretrained[1] if pretrained else None)
     if config.dtype == "auto":
         config.dtype = "float32" if platform == "cpu" else "bfloat16"
     if config.dtype not in models.DTYPES:

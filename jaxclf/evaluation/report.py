@@ -96,7 +96,7 @@ def classification_report(log_probs: np.ndarray, labels: np.ndarray, class_names
     calib = calibration(log_probs, labels)
     return {
         "num_examples": int(len(labels)),
-        "top1": top_k_accuracy(log_probs, labels, 1),
+        "accuracy": top_k_accuracy(log_probs, labels, 1),  # top-1; the name training logs use
         "top5": top_k_accuracy(log_probs, labels, k),  # top-C with fewer than 5 classes, as in training
         "loss": mean_loss(log_probs, labels),
         "macro_f1": macro_f1(confusion),
@@ -122,15 +122,16 @@ def most_confused(confusion: np.ndarray, class_names: list[str], limit: int = 10
     return [(class_names[t], class_names[p], int(off[t, p])) for t, p in pairs if off[t, p] > 0]
 
 
-def markdown_report(report: dict, title: str) -> str:
-    """A readable summary of `classification_report`'s output (plus any run facts it was given)."""
+def markdown_report(report: dict, title: str, sections: dict[str, str] | None = None) -> str:
+    """A readable summary of `classification_report`'s output (plus any run facts it was given), with
+    `sections` ({heading: text}, e.g. the run's tasks' summary lines) after the per-class table."""
     lines = [f"# {title}", ""]
     facts = [(key, report[key]) for key in ("workdir", "split", "data", "checkpoint_step", "weights", "tta")
              if key in report]
     lines += [f"- {key}: `{value}`" for key, value in facts]
     lines += ["", "| metric | value |", "| --- | --- |"]
     lines += [f"| examples | {report['num_examples']} |"]
-    for key, name in (("top1", "top-1 accuracy"), ("top5", "top-5 accuracy"),
+    for key, name in (("accuracy", "accuracy (top-1)"), ("top5", "top-5 accuracy"),
                       ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1")):
         lines.append(f"| {name} | {report[key]:.2%} |")
     lines += [f"| loss (cross-entropy) | {report['loss']:.4f} |",
@@ -138,21 +139,10 @@ def markdown_report(report: dict, title: str) -> str:
     lines += ["## Per class", "", "| class | precision | recall | F1 | support |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {c['class']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |"
               for c in report["per_class"]]
-    if "continual" in report:
-        lines += ["", "## Old and new classes (continual learning)", "", continual_line(report["continual"])]
+    for heading, text in (sections or {}).items():
+        lines += ["", f"## {heading}", "", text]
     confused = most_confused(np.asarray(report["confusion_matrix"]), report["class_names"])
     if confused:
         lines += ["", "## Most confused (true -> predicted)", "", "| true | predicted | count |", "| --- | --- | --- |"]
         lines += [f"| {t} | {p} | {n} |" for t, p, n in confused]
     return "\n".join(lines) + "\n"
-
-
-def continual_line(update: dict) -> str:
-    """One line of a continual run's old-class and new-class top-1, their mean and the forgetting."""
-    def percent(key):
-        return "n/a" if update.get(key) is None else f"{update[key]:.2%}"
-
-    line = (f"old classes ({update['old_classes']}) top-1 {percent('old_top1')} (before the update "
-            f"{percent('old_top1_before')}, forgetting {percent('forgetting')}); new classes ({update['new_classes']}) "
-            f"top-1 {percent('new_top1')}; mean {percent('old_new_mean_top1')}")
-    return line + (f" ({update['note']})" if "note" in update else "")

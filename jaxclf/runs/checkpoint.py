@@ -18,7 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from jaxclf import tree_paths
+from jaxclf.models import tree_paths
 from jaxclf.config import ConfigError
 
 
@@ -45,6 +45,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str, keep: int, best_metric: str = "val/accuracy", best_mode: str = "max"):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self._best_metric = best_metric
         sign = 1.0 if best_mode == "max" else -1.0
         keep_best = ocp.checkpoint_managers.BestN(
             # BestN sorts ascending and keeps the last: the highest score, the earliest step of equals
@@ -80,6 +81,8 @@ class Checkpointer:
             data=grain.checkpoint.CheckpointSave(data_state),
             meta=ocp.args.JsonSave(meta),
         )
+        if metrics is not None and self._best_metric not in metrics:
+            metrics = None  # an evaluation that does not rank checkpoints (another evaluator's, config.evals)
         metrics = None if metrics is None else {"step": step, **{k: float(v) for k, v in metrics.items()}}
         self._manager.save(step, args=args, metrics=metrics, force=True)
 

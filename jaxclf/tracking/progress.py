@@ -3,7 +3,7 @@ between them on a terminal, and a word for each quiet phase (listing files, comp
 
 Drawn with tqdm. Bars appear only where stderr is a terminal (and only on process 0); elsewhere,
 e.g. under SLURM or in a log file, the same lines come out plain. Every metric still goes to
-metrics.jsonl and TensorBoard (jaxclf.metrics); the console shows the few that matter.
+metrics.jsonl and TensorBoard (jaxclf.tracking.metrics); the console shows the few that matter.
 """
 
 from __future__ import annotations

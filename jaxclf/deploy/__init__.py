@@ -1,0 +1,1 @@
+"""After training, out of JAX: ONNX graphs, int8 quantization, timm state dicts."""

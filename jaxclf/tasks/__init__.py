@@ -1,0 +1,1 @@
+"""Training tasks: what a run learns besides plain classification (distillation, continual learning), as composable objects."""

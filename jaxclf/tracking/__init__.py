@@ -1,0 +1,1 @@
+"""What a run reports while it runs: metrics.jsonl and TensorBoard events, PNG plots, console progress."""
