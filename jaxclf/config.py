@@ -119,7 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.head_regex = ""  # "": the model's head; else a regex searched in parameter paths
     c.optim.freeze = ""  # regex of parameter paths left unchanged, e.g. "^(?!fc/)" for a linear probe
 
-    # Parameter-efficient fine-tuning (jaxclf/peft.py): method "lora" trains low-rank adapters beside the
+    # Parameter-efficient fine-tuning (jaxclf/models/peft.py): method "lora" trains low-rank adapters beside the
     # layers `targets` match (regexes searched in module paths, e.g. "qkv", "proj", "fc1", "fc2" of a ViT,
     # "conv" or "layer4/.*/conv[13]" of a ResNet; never the head) and the head, nothing else; finished
     # runs are merged into plain weights when loaded (evaluate, predict, export, serve).
@@ -155,7 +155,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.nonfinite_loss = "stop"  # a NaN/Inf loss: "stop" the run, or "skip" that step's update (counted)
 
-    # (start, end): a jax.profiler trace of train steps start..end into the workdir (jaxclf/profiling.py),
+    # (start, end): a jax.profiler trace of train steps start..end into the workdir (jaxclf/training/profiling.py),
     # for TensorBoard's profile plugin or xprof; (): none.
     c.profile_steps = ()
     c.log_every_steps = 50

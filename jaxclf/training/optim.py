@@ -95,7 +95,7 @@ def lr_multipliers(optim: ml_collections.ConfigDict, model: models.Classifier):
 
 def frozen_mask(optim: ml_collections.ConfigDict, model: nnx.Module):
     """True for the parameters training leaves unchanged: those matching `optim.freeze` (a regex searched in
-    the parameter path) and, in a model holding LoRA adapters (`nnx.LoRAParam`, jaxclf/peft.py), every
+    the parameter path) and, in a model holding LoRA adapters (`nnx.LoRAParam`, jaxclf/models/peft.py), every
     parameter that is neither an adapter's nor the head's."""
     params = nnx.state(model, nnx.Param)
     pattern = re.compile(optim.freeze) if optim.freeze else None
