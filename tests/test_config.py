@@ -41,13 +41,14 @@ def test_dinov2_configs_resolve_with_the_weights_preprocessing(path, tmp_path):
     """Each DINOv2 recipe resolved against timm's files for its model (random values, 518 px, no head, as
     on the hub): 224 px kept from the config, ImageNet mean/std and the register layout from the weights."""
     timm = pytest.importorskip("timm")
+    from jaxclf.tasks import registry as task_registry
     from jaxclf.training import resolve
 
     config = config_lib.load_config(path)
     timm.models._hub.save_for_hf(timm.create_model(config.model_name, num_classes=0), str(tmp_path / "hub"),
                                  safe_serialization=True)
     config.model_init = str(tmp_path / "hub")
-    resolved = resolve.resolve(config, "cpu").config
+    resolved = resolve.resolve(config, "cpu", task_registry.check_config).config
     assert resolved.model.img_size == 224 and resolved.model_init_pos_interpolation == "bicubic"
     assert tuple(resolved.data.mean) == (0.485, 0.456, 0.406)
     assert resolved.model.get("no_embed_class", False) == ("reg4" in path)

@@ -9,6 +9,7 @@ from flax import nnx
 
 from jaxclf import config as config_lib, models, weights
 from jaxclf.models import tree_paths
+from jaxclf.tasks import registry as task_registry
 from jaxclf.training import resolve
 from jaxclf.explain import cam_stage
 from hf_cache import add_repo, offline_hub  # noqa: F401 - offline_hub is a fixture
@@ -223,7 +224,7 @@ def test_family_configs_resolve_with_their_hub_weights(config_file, repo, archit
                                  safe_serialization=True)
     add_repo(offline_hub, repo, str(tmp_path / "files"))
     config = config_lib.load_config(config_file)
-    resolved = resolve.resolve(config, "cpu")
+    resolved = resolve.resolve(config, "cpu", task_registry.check_config)
     params, info = resolved.pretrained
     assert info.model_name == config.model_name == architecture and info.num_classes == 1000
     assert tuple(resolved.config.data.mean) == mean and resolved.config.dtype == "float32"
