@@ -137,7 +137,8 @@ def test_batch_size_must_divide_over_processes(folder, monkeypatch):
 
 @pytest.mark.parametrize(
     "num_examples, processes, global_batch_size, num_workers",
-    [(23, 1, 8, 0), (23, 1, 8, 1), (23, 1, 8, 2), (23, 2, 8, 0), (23, 2, 8, 3), (23, 3, 12, 0), (2, 3, 3, 0)],
+    [(23, 1, 8, 0), (23, 1, 8, 1), (23, 1, 8, 2), (23, 2, 8, 0), pytest.param(23, 2, 8, 3, marks=pytest.mark.slow),
+     (23, 3, 12, 0), (2, 3, 3, 0)],
 )
 def test_eval_batches_are_full_and_count_every_example_once(
     folder, monkeypatch, num_examples, processes, global_batch_size, num_workers

@@ -202,7 +202,8 @@ def test_a_teacher_of_other_classes_is_named(trained_workdir):
 # (timm model, its hub name, image size): a ResNet-18 (make test-all; hub names through weights.load:
 # test_hub.py, a workdir teacher: above) and a DINOv2 ViT-S/14, a backbone fine-tuned for 4 classes, at 28 px.
 HUB_TEACHERS = [pytest.param("resnet18", "timm/resnet18.a1_in1k", 32, {}, marks=pytest.mark.slow),
-                ("vit_small_patch14_dinov2", "timm/vit_small_patch14_dinov2.lvd142m", 28, {"img_size": 28})]
+                pytest.param("vit_small_patch14_dinov2", "timm/vit_small_patch14_dinov2.lvd142m", 28, {"img_size": 28},
+                             marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("model_name,hub_name,pixels,options", HUB_TEACHERS)

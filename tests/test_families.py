@@ -174,7 +174,8 @@ SMALL_FORMS = {
 }
 
 
-@pytest.mark.parametrize("name", SMALL)
+# ConvNeXt's under make test-all: the other two families check the same downstream path by default.
+@pytest.mark.parametrize("name", [n if n != "convnext_atto" else pytest.param(n, marks=pytest.mark.slow) for n in SMALL])
 def test_a_train_step_with_fsdp_ema_bf16_layer_decay_and_frozen_stem_and_bn(name):
     """One bfloat16 step at 40 px (not the pretrained size) on 8 devices, params FSDP-split: the frozen stem
     and the BatchNorm statistics stay, the rest moves, the EMA trails the params."""

@@ -95,7 +95,8 @@ HUB_MODELS = {
                                               "eva02_tiny_patch14_224", [0.48145466, 0.4578275, 0.40821073]),
 }
 # Longer variants (the same path as timm's ViT and ResNet above), for make test-all.
-SLOW_HUB_MODELS = ("timm/mobilenetv3_small_100.lamb_in1k",)
+SLOW_HUB_MODELS = ("timm/mobilenetv3_small_100.lamb_in1k", "timm/resnet18.a1_in1k", "timm/vit_small_patch14_dinov2.lvd142m",
+                   "timm/eva02_tiny_patch14_224.mim_in22k")
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_HUB_MODELS else n
@@ -140,6 +141,7 @@ def test_new_files_under_the_same_name_are_converted_anew(offline_hub, tmp_path)
     assert not np.array_equal(first["conv1/kernel"], second["conv1/kernel"])
 
 
+@pytest.mark.slow  # the default run checks the hub path (above) and fine-tuning from converted weights (test_weights)
 def test_vit_b_config_trains_from_an_offline_cache_without_a_convert_step(digits_root, offline_hub, tmp_path):
     """`python -m jaxclf.train --config configs/vit_b.py --config.data.root=DIR` as README gives it, with
     the config's hub weights (random ViT-B/16 here) in the cache: no convert command, no network."""

@@ -132,6 +132,7 @@ def test_sigterm_checkpoints_the_current_step(digits_root, tmp_path):
     assert checkpoint.Checkpointer(str(workdir), keep=2).latest_step() == stopped_at
 
 
+@pytest.mark.slow  # the default run checks a preempted run's stderr (test_sigterm_checkpoints_the_current_step)
 def test_an_early_stopped_run_with_data_workers_ends_clean(digits_root, tmp_path):
     """Early stopping leaves the loop with batches prefetched and evaluation workers running; both are
     stopped and their shared memory unlinked before exit (a finished or pruned run leaves the same way)."""

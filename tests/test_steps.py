@@ -112,7 +112,8 @@ def _small_backbone(name: str, **options):
                                                    depth=2, width=64, num_heads=4, **options)
 
 
-@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "vit_base_patch16_siglip_224"])
+@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224",
+                                  pytest.param("vit_base_patch16_siglip_224", marks=pytest.mark.slow)])
 def test_fsdp_on_eight_devices_matches_one_device_for_todays_backbones(name):
     """Rotary attention and SwiGLU (EVA-02), attention pooling (SigLIP): sharded params give one device's steps."""
     model_cls = _small_backbone(name)

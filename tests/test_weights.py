@@ -45,7 +45,7 @@ def _save_state(model, path):
 # --- ResNet ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("depth", [18, 34, 50, *(pytest.param(d, marks=pytest.mark.slow) for d in (101, 152))])
+@pytest.mark.parametrize("depth", [18, 34, *(pytest.param(d, marks=pytest.mark.slow) for d in (50, 101, 152))])
 def test_torchvision_resnet_logits_match(depth, tmp_path):
     import torchvision
 
@@ -540,6 +540,7 @@ def test_bad_model_init_is_a_config_error(digits_root, tmp_path):
         train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
+@pytest.mark.slow  # test_bit.py converts BiT and recognises its formats in the default run
 def test_bit_file_converts_and_loads(tmp_path):
     """The BiT converters (tests/test_bit.py) reached through format detection and load_pretrained."""
     reference = randomize_norms(timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=4))
