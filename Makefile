@@ -28,7 +28,7 @@ quickstart: $(RUN_STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest -q -n 2 -m "not slow and not slurm" tests
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow and not slurm" tests
 
 test-all: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache

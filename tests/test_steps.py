@@ -112,8 +112,9 @@ def _small_backbone(name: str, **options):
                                                    depth=2, width=64, num_heads=4, **options)
 
 
-@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224",
-                                  pytest.param("vit_base_patch16_siglip_224", marks=pytest.mark.slow)])
+# make test-all: the default run checks FSDP = one device for the ViT and ResNet it shares every layer with.
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "vit_base_patch16_siglip_224"])
 def test_fsdp_on_eight_devices_matches_one_device_for_todays_backbones(name):
     """Rotary attention and SwiGLU (EVA-02), attention pooling (SigLIP): sharded params give one device's steps."""
     model_cls = _small_backbone(name)

@@ -69,7 +69,8 @@ def test_resume_equals_uninterrupted_run(digits_root, tmp_path):
     assert last_loss(str(tmp_path / "straight")) == last_loss(str(tmp_path / "resumed"))
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+# With workers in make test-all (test_data_pipeline checks the eval loader's worker passes by default).
+@pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_evaluation_counts_every_example_once(digits_root, tmp_path, num_workers):
     # 360 val images; 8 devices and batch 48 do not divide it: the last batch is padded and masked.
     # With 2 workers each batches every other image: every batch must still be full for the mesh.
