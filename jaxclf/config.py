@@ -159,6 +159,24 @@ def base_config() -> ml_collections.ConfigDict:
     # for TensorBoard's profile plugin or xprof; (): none.
     c.profile_steps = ()
     c.log_every_steps = 50
+    # Experiment trackers beside metrics.jsonl and TensorBoard: "wandb" (pip install 'jaxclf[wandb]') and/or
+    # "mlflow" ('jaxclf[mlflow]'). They get the config, every metrics.jsonl scalar, the result, the plots and
+    # evaluate's report, from a background thread (jaxclf/tracking/trackers.py; docs/training.md "Tracking").
+    c.trackers = ()
+    c.tracking = ml_collections.ConfigDict()
+    c.tracking.run_name = ""  # "": the workdir's folder name
+    c.tracking.queue_size = 1000  # calls waiting per tracker; beyond this they are dropped (and counted), never waited for
+    c.tracking.finish_timeout_s = 120.0  # at the end of a run, how long to wait for a tracker to send what it holds
+    c.tracking.wandb = ml_collections.ConfigDict()
+    c.tracking.wandb.project = "jaxclf"
+    c.tracking.wandb.entity = ""  # "": your default entity
+    c.tracking.wandb.mode = ""  # "online", "offline" (kept on disk for `wandb sync`); "": WANDB_MODE, else online
+    c.tracking.wandb.dir = ""  # where wandb/ with the run files goes; "": the workdir
+    c.tracking.wandb.tags = ()
+    c.tracking.mlflow = ml_collections.ConfigDict()
+    c.tracking.mlflow.tracking_uri = ""  # "": MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)
+    c.tracking.mlflow.experiment = "jaxclf"
+    c.tracking.mlflow.artifact_location = ""  # where a new experiment keeps its files; "": the tracking server's default
     c.eval_every_epochs = 1.0  # also evaluates at the end
     # Evaluators ({name: {"type": ..., "prefix": "NAME/", "every_epochs": eval_every_epochs, ...}}, see
     # jaxclf/evaluation); empty: {"val": {"type": "classification", "split": "val", "prefix": "val/"}}.
@@ -255,6 +273,8 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
     except (ValueError, SyntaxError):
         if current is None:
             return text  # a new free-form field given as a bare word
+        if isinstance(current, (tuple, list)):
+            return type(current)(text.split(","))  # --config.trackers=wandb,mlflow: a list of bare words
         raise ConfigError(f"config.{key}: cannot parse {text!r} as {type(current).__name__}") from None
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)

@@ -6,7 +6,8 @@ export is one command.
 
 Writes `DIR/eval/<split>/`: report.json (every metric, see evaluation/report.py), report.md (readable),
 confusion_matrix.png, reliability.png and predictions.csv (one row per image: file, true and
-predicted class, confidence); and refreshes the training curves in `DIR/plots/`. Each image is
+predicted class, confidence); and refreshes the training curves in `DIR/plots/`. A run with
+config.trackers adds the report's numbers and files to its tracked runs (W&B, MLflow). Each image is
 counted exactly once (padded, masked batches). Runs in one process, on the first device.
 """
 
@@ -27,7 +28,7 @@ from jaxclf.evaluation import registry as eval_registry, report as report_lib, s
 from jaxclf.runs import artefact as artefact_lib, inference
 from jaxclf.runs.predictions import TTA_MODES, predict_source
 from jaxclf.tasks import base as task_base, registry as task_registry
-from jaxclf.tracking import plots
+from jaxclf.tracking import plots, trackers as trackers_lib
 
 
 def evaluate(
@@ -74,8 +75,20 @@ def evaluate(
     _write_predictions(os.path.join(out_dir, "predictions.csv"), source, log_probs, labels, indices,
                        trained.class_names)
     if isinstance(trained, inference.TrainedModel):
-        plots.plot_training_curves(trained.workdir)
+        plot_paths = plots.plot_training_curves(trained.workdir)
+        _track(trained, name, report, [(os.path.join(out_dir, file), f"eval/{name}") for file in sorted(os.listdir(out_dir))]
+               + [(path, "plots") for path in plot_paths])
     return report, out_dir, summaries
+
+
+def _track(trained: inference.TrainedModel, split_name: str, report: dict, files: list[tuple[str, str]]) -> None:
+    """Add the report's numbers (as `eval/<split>/<metric>`) and files to the run's tracked runs
+    (config.trackers), continued by the ids in workdir/trackers.json."""
+    if not trained.config.trackers:
+        return
+    numbers = {key: value for key, value in report.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    with trackers_lib.start(trained.config, trained.workdir) as tracked:
+        tracked.log_summary(trained.step, {"eval": {split_name: numbers}}, files)
 
 
 def _write_predictions(path: str, source, log_probs: np.ndarray, labels: np.ndarray, indices: np.ndarray,

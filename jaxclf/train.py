@@ -27,7 +27,7 @@ from jaxclf.data import check as data_check, classes as data_classes, imbalance,
 from jaxclf.evaluation import base as eval_base, registry as eval_registry
 from jaxclf.runs import checkpoint
 from jaxclf.tasks import base as task_base, registry as task_registry
-from jaxclf.tracking import plots, progress as progress_lib
+from jaxclf.tracking import plots, progress as progress_lib, trackers as trackers_lib
 from jaxclf.tracking.metrics import MetricsWriter
 from jaxclf.training import (
     distributed,
@@ -82,10 +82,17 @@ def train_and_evaluate(
         print(note, file=sys.stderr)
     config = resolved.config
     _prepare_workdir(config, workdir)
+    trackers_lib.check(config)  # a tracker's missing library fails now, not after building
     built = build(config, resolved.pretrained, workdir, mesh)
+    tracked = trackers_lib.start(config, workdir, params=config.to_dict())
+    error = None
     try:
-        return _train(built, workdir, stop_at_step, listeners)
+        return _train(built, workdir, stop_at_step, listeners, tracked)
+    except BaseException as e:
+        error = e
+        raise
     finally:
+        tracked.close(error, interrupted=isinstance(error, preemption.Preempted))
         built.evaluations.close()  # their loaders' workers, now: at exit they would leave shared memory behind
         pipeline.finish_shared_memory_unlinks()
         built.checkpointer.close()
@@ -168,8 +175,10 @@ def _replay(run_tasks: Sequence[task_base.Task]) -> task_base.Replay | None:
     return replays[0][1] if replays else None
 
 
-def _train(built: Built, workdir: str, stop_at_step: int | None, listeners: Sequence) -> dict[str, float]:
-    """Restore or initialise, then loop; returns the last validation metrics."""
+def _train(built: Built, workdir: str, stop_at_step: int | None, listeners: Sequence,
+           tracked: trackers_lib.TrackedRun) -> dict[str, float]:
+    """Restore or initialise, then loop (every logged scalar also goes to `tracked`); returns the last
+    validation metrics."""
     config = built.config
     # Decide how to initialise. The order matters:
     # 1. Resume from the newest readable checkpoint in workdir (a preempted or restarted job).
@@ -183,7 +192,7 @@ def _train(built: Built, workdir: str, stop_at_step: int | None, listeners: Sequ
     else:
         meta = {"num_workers": pipeline.resolve_num_workers(config.data.num_workers)}
         start_step, state, train_iter = 0, built.state, built.make_train_iterator(meta["num_workers"])
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, sinks=[tracked])
     early_stopping = listeners_lib.EarlyStopping(config, meta.get(listeners_lib.EarlyStopping.state_key))
     end_step = built.total_steps if stop_at_step is None else min(stop_at_step, built.total_steps)
     progress = progress_lib.TrainProgress(built.total_steps, start_step, config.batch_size)
@@ -218,12 +227,16 @@ def _train(built: Built, workdir: str, stop_at_step: int | None, listeners: Sequ
     val_metrics = loop.last_eval_metrics
     if not val_metrics and end_step == built.total_steps:
         val_metrics = built.evaluations(state)
+    result = None
     if stop:
-        _write_result(workdir, stop.status, step=step, val_metrics=val_metrics, best=early_stopping.state())
+        result = _write_result(workdir, stop.status, step=step, val_metrics=val_metrics, best=early_stopping.state())
     elif end_step == built.total_steps:
-        _write_result(workdir, "done", step=end_step, val_metrics=val_metrics, best=early_stopping.state())
+        result = _write_result(workdir, "done", step=end_step, val_metrics=val_metrics, best=early_stopping.state())
     if jax.process_index() == 0:
-        plots.plot_training_curves(workdir)  # workdir/plots/{loss,accuracy,lr}.png
+        plot_paths = plots.plot_training_curves(workdir)  # workdir/plots/{loss,accuracy,lr}.png
+        if result:
+            files = [(os.path.join(workdir, name), "") for name in ("result.json", "config.json", "classes.json")]
+            tracked.log_summary(step, {"result": result}, files + [(path, "plots") for path in plot_paths])
     return val_metrics
 
 
@@ -232,12 +245,13 @@ def _train_compiler_options(model: models.Classifier) -> dict:
     return model.xla_cpu_train_options() if getattr(model, "kernels", "plain") == "cpu" else {}
 
 
-def _write_result(workdir: str, status: str, **fields) -> None:
-    """`workdir/result.json`: written once a run has finished, for sweeps and scripts to read."""
+def _write_result(workdir: str, status: str, **fields) -> dict:
+    """`workdir/result.json`: written once a run has finished, for sweeps and scripts to read; returns its record."""
+    record = {"status": status, **{k: _jsonable(v) for k, v in fields.items()}}
     if jax.process_index() == 0:
-        record = {"status": status, **{k: _jsonable(v) for k, v in fields.items()}}
         with open(os.path.join(workdir, "result.json"), "w") as f:
             json.dump(record, f, indent=2)
+    return record
 
 
 def _jsonable(value):
