@@ -20,7 +20,7 @@ $(RUN_STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $@
 
 $(STAMP): $(RUN_STAMP)
-	$(PY) -m pip install --quiet -e ".[test,serve,onnx,timm,search,fastjpeg]"
+	$(PY) -m pip install --quiet -e ".[test,serve,onnx,timm,search,fastjpeg,wandb,mlflow]"
 	touch $@
 
 quickstart: $(RUN_STAMP)
