@@ -165,7 +165,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.trackers = ()
     c.tracking = ml_collections.ConfigDict()
     c.tracking.run_name = ""  # "": the workdir's folder name
-    c.tracking.queue_size = 1000  # calls waiting per tracker; beyond this they are dropped (and counted), never waited for
+    c.tracking.queue_size = 1000  # calls waiting per tracker; more are dropped (and counted), never waited for
     c.tracking.finish_timeout_s = 120.0  # at the end of a run, how long to wait for a tracker to send what it holds
     c.tracking.wandb = ml_collections.ConfigDict()
     c.tracking.wandb.project = "jaxclf"
@@ -176,7 +176,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.tracking.mlflow = ml_collections.ConfigDict()
     c.tracking.mlflow.tracking_uri = ""  # "": MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)
     c.tracking.mlflow.experiment = "jaxclf"
-    c.tracking.mlflow.artifact_location = ""  # where a new experiment keeps its files; "": the tracking server's default
+    c.tracking.mlflow.artifact_location = ""  # where a new experiment keeps its files; "": the server's default
     c.eval_every_epochs = 1.0  # also evaluates at the end
     # Evaluators ({name: {"type": ..., "prefix": "NAME/", "every_epochs": eval_every_epochs, ...}}, see
     # jaxclf/evaluation); empty: {"val": {"type": "classification", "split": "val", "prefix": "val/"}}.

@@ -76,8 +76,8 @@ def evaluate(
                        trained.class_names)
     if isinstance(trained, inference.TrainedModel):
         plot_paths = plots.plot_training_curves(trained.workdir)
-        _track(trained, name, report, [(os.path.join(out_dir, file), f"eval/{name}") for file in sorted(os.listdir(out_dir))]
-               + [(path, "plots") for path in plot_paths])
+        report_files = [(os.path.join(out_dir, file), f"eval/{name}") for file in sorted(os.listdir(out_dir))]
+        _track(trained, name, report, report_files + [(path, "plots") for path in plot_paths])
     return report, out_dir, summaries
 
 
@@ -86,7 +86,8 @@ def _track(trained: inference.TrainedModel, split_name: str, report: dict, files
     (config.trackers), continued by the ids in workdir/trackers.json."""
     if not trained.config.trackers:
         return
-    numbers = {key: value for key, value in report.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    numbers = {key: value for key, value in report.items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)}
     with trackers_lib.start(trained.config, trained.workdir) as tracked:
         tracked.log_summary(trained.step, {"eval": {split_name: numbers}}, files)
 

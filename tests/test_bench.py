@@ -27,6 +27,13 @@ def test_host_overhead_bench_runs_the_training_loop(tmp_path):
     assert all(value > 0 for value in report["us_per_step"].values())
 
 
+def test_trackers_bench_times_writes_with_and_without_trackers(tmp_path):
+    report = _run_bench("trackers.py", tmp_path / "trackers.json", "--writes", "20")
+    assert set(report["results"]) == {"none", "offline", "stuck"}
+    assert all(row["us_per_write"] > 0 for row in report["results"].values())
+    assert report["results"]["offline"]["dropped"] == 0
+
+
 def test_train_step_bench_compares_jaxclf_with_timm(tmp_path):
     report = _run_bench("train_step.py", tmp_path / "train_step.json", "--models", "resnet18",
                         "--frameworks", "jaxclf,timm_eager", "--size", "32", "--batch", "2", "--steps", "1", "--rounds", "1")

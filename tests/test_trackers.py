@@ -149,13 +149,24 @@ def test_unknown_or_missing_trackers_name_the_field_and_the_extra(monkeypatch):
 
 
 def test_trackers_parse_from_the_command_line():
-    config = config_lib.load_config("configs/quickstart.py", config_lib.parse_override_args(["--config.trackers=wandb,mlflow"]))
+    overrides = config_lib.parse_override_args(["--config.trackers=wandb,mlflow"])
+    config = config_lib.load_config("configs/quickstart.py", overrides)
     assert config.trackers == ("wandb", "mlflow")
 
 
 # ---- W&B and MLflow themselves, on a tiny run that is killed and resumed, then evaluated -------------------
 
 TOTAL_STEPS = 8
+
+
+def _without_network(env: pytest.MonkeyPatch, base) -> None:
+    """Neither library phones home (MLflow's usage telemetry, W&B's error reports), and W&B's own folders
+    stay out of the home directory."""
+    env.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    env.setenv("WANDB_ERROR_REPORTING", "false")
+    env.setenv("WANDB_SILENT", "true")
+    for kind in ("CACHE", "DATA", "CONFIG"):
+        env.setenv(f"WANDB_{kind}_DIR", str(base / f"wandb_{kind.lower()}"))
 
 
 @pytest.fixture(scope="module")
@@ -175,9 +186,7 @@ def tracked_run(digits_root, tmp_path_factory):
     workdir = str(base / "run")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store only on request
-        for kind in ("CACHE", "DATA", "CONFIG"):  # W&B's own folders, out of the home directory
-            env.setenv(f"WANDB_{kind}_DIR", str(base / f"wandb_{kind.lower()}"))
-        env.setenv("WANDB_SILENT", "true")
+        _without_network(env, base)
         train.train_and_evaluate(config, workdir, stop_at_step=6, devices=jax.devices()[:1])
         shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
         assert checkpoint.Checkpointer(workdir, keep=2).latest_step() == 4
@@ -275,6 +284,7 @@ def test_a_failing_mlflow_warns_once_and_the_run_ends_with_the_same_metrics(digi
 
     original = MlflowClient.log_batch
     monkeypatch.setattr(MlflowClient, "log_batch", network_down)
+    _without_network(monkeypatch, tmp_path)
     config.trackers = ("mlflow",)
     config.tracking.mlflow.tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
     config.tracking.mlflow.artifact_location = str(tmp_path / "mlartifacts")

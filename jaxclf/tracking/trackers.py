@@ -30,7 +30,8 @@ from jaxclf import config as config_lib
 from jaxclf.tracking import progress
 
 STATE_FILE = "trackers.json"
-# name -> (module defining `make(options, run_name, workdir) -> Tracker`, the library it imports, the extra installing it)
+# name -> (module defining `make(options, run_name, workdir) -> Tracker`, the library it imports,
+#          the extra installing it)
 TRACKERS = {
     "wandb": ("jaxclf.tracking.wandb_tracker", "wandb", "wandb"),
     "mlflow": ("jaxclf.tracking.mlflow_tracker", "mlflow", "mlflow"),
@@ -92,8 +93,8 @@ def start(config: ml_collections.ConfigDict, workdir: str, params: Mapping | Non
 
 
 class TrackedRun:
-    """The run's trackers as one object: `write` is a MetricsWriter sink; `log_result` and `log_files`
-    report the end; `close` waits (at most finish_timeout_s) for each tracker to send what it holds."""
+    """The run's trackers as one object: `write` is a MetricsWriter sink; `log_summary` and `log_files`
+    report the outcome; `close` waits (at most finish_timeout_s) for each tracker to send what it holds."""
 
     def __init__(self, workers: Sequence[_Worker], finish_timeout_s: float):
         self._workers, self._timeout = list(workers), finish_timeout_s
@@ -178,10 +179,10 @@ class _Worker:
         except Exception as e:  # noqa: BLE001 - a tracker never stops training
             self._warn_once(f"could not start ({type(e).__name__}: {e}); the run goes on without it")
             return self._drain()
+        last_steps = dict(saved.get("last_steps", {})) if run_id == saved.get("run_id") else {}
         if run_id != saved.get("run_id"):
-            self._state.update(self.name, {"run_id": run_id, "last_steps": {}})
             self._call("log_params", self._params)
-        last_steps = dict(self._state.get(self.name).get("last_steps", {}))
+            self._save(run_id, last_steps)
         while True:
             method, args = self._queue.get()
             if self.dropped:
@@ -194,7 +195,7 @@ class _Worker:
                 if not scalars or not self._call(method, step, scalars):
                     continue
                 last_steps.update(dict.fromkeys(scalars, step))
-                self._state.update(self.name, {"run_id": run_id, "last_steps": last_steps})
+                self._save(run_id, last_steps)
             else:
                 self._call(method, *args)
                 if method == "close":
@@ -209,6 +210,14 @@ class _Worker:
             self.failed += 1
             self._warn_once(f"{method} failed ({type(e).__name__}: {e}); the run goes on, later failures are counted")
             return False
+
+    def _save(self, run_id: str, last_steps: dict[str, int]) -> None:
+        """Record the run id and the steps logged in trackers.json; a failure (disk full) warns like a tracker's."""
+        try:
+            self._state.update(self.name, {"run_id": run_id, "last_steps": last_steps})
+        except OSError as e:
+            self.failed += 1
+            self._warn_once(f"cannot write {self._state.path} ({e}); a resume may log steps again")
 
     def _drain(self) -> None:
         """Discard what arrives until close, so that submit never finds a full queue of an absent tracker."""
@@ -228,7 +237,7 @@ class _StateFile:
     """workdir/trackers.json: {tracker: {"run_id": ..., "last_steps": {metric: step}}}, shared by the workers."""
 
     def __init__(self, path: str):
-        self._path, self._lock = path, threading.Lock()
+        self.path, self._lock = path, threading.Lock()
 
     def get(self, name: str) -> dict:
         with self._lock:
@@ -238,15 +247,15 @@ class _StateFile:
         with self._lock:
             state = self._read()
             state[name] = entry
-            tmp = f"{self._path}.tmp"
+            tmp = f"{self.path}.tmp"
             with open(tmp, "w") as f:
                 json.dump(state, f, indent=1)
-            os.replace(tmp, self._path)  # a kill mid-write leaves the previous file whole
+            os.replace(tmp, self.path)  # a kill mid-write leaves the previous file whole
 
     def _read(self) -> dict:
-        if not os.path.exists(self._path):
+        if not os.path.exists(self.path):
             return {}
-        with open(self._path) as f:
+        with open(self.path) as f:
             return json.load(f)
 
 
