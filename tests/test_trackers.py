@@ -137,6 +137,15 @@ def test_a_stuck_tracker_never_blocks_the_writer(recording, tmp_path):
     assert run._workers[0].dropped >= 50 - 1 - 3
 
 
+def test_only_process_0_tracks(recording, tmp_path, monkeypatch):
+    monkeypatch.setattr(trackers.jax, "process_index", lambda: 1)
+    tracker = RecordingTracker()
+    run = recording(tracker, tmp_path)
+    run.write(1, {"train/loss": 1.0})
+    run.close()
+    assert tracker.opened_with == [] and tracker.calls == [] and not os.path.exists(tmp_path / trackers.STATE_FILE)
+
+
 def test_unknown_or_missing_trackers_name_the_field_and_the_extra(monkeypatch):
     config = config_lib.base_config()
     config.trackers = ("neptune",)
