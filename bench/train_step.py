@@ -6,7 +6,8 @@ Every (framework, model) measurement runs in a fresh subprocess (own peak memory
 and the frameworks alternate within each round, so machine noise hits them alike. Each measures
 the full step: forward, backward and an SGD-momentum update, on the same batch size, image size
 and thread count. Prints a table (median images/s over rounds, ratio to timm eager, first-step
-time including compilation, peak RSS and, on GPUs, peak device memory; for jaxclf also XLA's FLOP
+time including compilation, peak RSS, CPU time per image (all threads: less sensitive to a loaded
+machine than wall time) and, on GPUs, peak device memory; for jaxclf also XLA's FLOP
 count per image, the FLOP/s reached and, on GPUs of known peak, model FLOP utilisation) and writes
 JSON (after each model, so a run cut short keeps what it measured). On a GPU it runs unchanged:
 bf16 (timm under autocast, channels-last, TF32). `bench/gpu.sh` holds the GPU settings.
@@ -55,12 +56,13 @@ def measure_jaxclf(model_name: str, batch: int, size: int, steps: int, kernels: 
     state, metrics = compiled(state, batch_data)
     jax.block_until_ready(metrics)
     first = time.perf_counter() - start
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         state, metrics = compiled(state, batch_data)
     jax.block_until_ready(metrics)
     images_per_sec = steps * batch / (time.perf_counter() - start)
-    record = {"images_per_sec": images_per_sec, "first_step_s": first, "device": jax.devices()[0].device_kind}
+    record = {"images_per_sec": images_per_sec, "first_step_s": first, "device": jax.devices()[0].device_kind,
+              "cpu_ms_per_image": 1e3 * (time.process_time() - cpu_start) / (steps * batch)}
     memory = jax.devices()[0].memory_stats() if on_gpu else None
     if memory and "peak_bytes_in_use" in memory:
         record["peak_device_mb"] = memory["peak_bytes_in_use"] / 2**20
@@ -170,12 +172,13 @@ def measure_timm(model_name: str, batch: int, size: int, steps: int, compiled: b
     step().item()
     sync()
     first = time.perf_counter() - start
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         loss = step()
     loss.item()
     sync()
-    record = {"images_per_sec": steps * batch / (time.perf_counter() - start), "first_step_s": first}
+    record = {"images_per_sec": steps * batch / (time.perf_counter() - start), "first_step_s": first,
+              "cpu_ms_per_image": 1e3 * (time.process_time() - cpu_start) / (steps * batch)}
     if device == "cuda":
         record["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return record
@@ -254,7 +257,7 @@ def main() -> None:
 def _write(results: dict, args) -> None:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"settings": vars(args), "results": results}, f, indent=2)
+        json.dump({"settings": vars(args), "load_average": os.getloadavg(), "results": results}, f, indent=2)
 
 
 def _summary(records: list[dict]) -> dict:
@@ -270,14 +273,15 @@ def _summary(records: list[dict]) -> dict:
         **({"peak_device_mb": max(r["peak_device_mb"] for r in good)} if "peak_device_mb" in good[0] else {}),
         # jaxclf only: XLA's FLOP count, the FLOP/s reached, and model FLOP utilisation on known GPUs.
         **{k: good[0][k] for k in ("device", "gflops_per_image") if k in good[0]},
-        **{k: statistics.median(r[k] for r in good) for k in ("achieved_tflops", "mfu") if k in good[0]},
+        **{k: statistics.median(r[k] for r in good) for k in ("achieved_tflops", "mfu", "cpu_ms_per_image")
+           if k in good[0]},
     }
 
 
 def _print_table(results: dict, args) -> None:
     print(f"\nbatch {args.batch}, {args.size} px, {args.threads} threads, median of {args.rounds} rounds")
     header = (f"{'model':<24}{'framework':<15}{'img/s':>9}{'vs eager':>10}{'1st step s':>12}{'peak MB':>9}{'dev MB':>8}"
-              f"{'GFLOP/img':>11}{'TFLOP/s':>9}{'MFU':>7}")
+              f"{'GFLOP/img':>11}{'TFLOP/s':>9}{'MFU':>7}{'CPU-ms/img':>11}")
     print(header)
     print("-" * len(header))
     for model, by_framework in results.items():
@@ -291,6 +295,7 @@ def _print_table(results: dict, args) -> None:
                 f"{model:<24}{framework:<15}{r['images_per_sec']:>9.2f}{ratio:>10}"
                 f"{r['first_step_s']:>12.1f}{r['peak_rss_mb']:>9.0f}{_cell(r, 'peak_device_mb', 8, '.0f')}"
                 f"{_cell(r, 'gflops_per_image', 11, '.1f')}{_cell(r, 'achieved_tflops', 9, '.3f')}{_cell(r, 'mfu', 7, '.1%')}"
+                f"{_cell(r, 'cpu_ms_per_image', 11, '.1f')}"
             )
 
 

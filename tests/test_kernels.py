@@ -208,6 +208,36 @@ def test_cpu_convolution_equals_lax_forward_and_backward(shape, kernel, stride, 
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "shape, kernel, stride, padding",
+    [
+        ((2, 6, 6, 8), 3, 1, ((1, 1), (1, 1))),  # MobileNet/EfficientNet 3x3
+        ((2, 7, 5, 8), 5, 2, ((2, 2), (2, 2))),  # strided 5x5 on an odd, non-square map
+        ((2, 8, 8, 8), 3, 2, "SAME"),  # the tf_ ports' "same" padding: more at the bottom/right
+        ((2, 9, 9, 4), 7, 1, ((3, 3), (3, 3))),  # ConvNeXt's 7x7
+        ((1, 2, 2, 4), 7, 1, ((3, 3), (3, 3))),  # a map smaller than the kernel
+    ],
+)
+def test_cpu_depthwise_convolution_equals_lax_forward_and_backward(shape, kernel, stride, padding):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, 1, shape[-1])), jnp.float32)
+
+    def depthwise(x, w):
+        dims = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+        return layers.conv_general_dilated(x, w, (stride, stride), padding, feature_group_count=shape[-1],
+                                           dimension_numbers=dims)
+
+    ours, reference = _under("cpu", depthwise), _under("plain", depthwise)
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(ours)(x, w))  # the taps, not XLA's grouped conv
+    np.testing.assert_allclose(ours(x, w), reference(x, w), rtol=1e-5, atol=1e-5)
+    probe = jnp.asarray(rng.normal(size=reference(x, w).shape), jnp.float32)
+    loss = lambda f: lambda x, w: jnp.sum(f(x, w) * probe)
+    grads = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, w)
+    for g, e in zip(grads, jax.grad(loss(reference), argnums=(0, 1))(x, w)):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("features_in, features_out", [(8, 24), (24, 8)])
 def test_cpu_linear_equals_lax_forward_and_backward(features_in, features_out):
     rng = np.random.default_rng(features_in)

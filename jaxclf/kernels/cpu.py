@@ -17,19 +17,22 @@ SMALL_MAP_PIXELS = 4
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding, **kwargs: Any) -> jax.Array:
-    """`jax.lax.conv_general_dilated`; NHWC convs that are unpadded 1x1 run as `pointwise_conv`, and
-    those onto maps of <= 2x2 pixels as im2col + matmul (XLA:CPU runs such convs 8-16x slower than
-    their FLOPs warrant)."""
-    plain = (
-        kwargs.get("feature_group_count", 1) == 1
-        and all(d == 1 for d in kwargs.get("lhs_dilation") or (1, 1))
+    """`jax.lax.conv_general_dilated`; NHWC depthwise convs run as `depthwise_conv`, unpadded 1x1 convs as
+    `pointwise_conv`, and those onto maps of <= 2x2 pixels as im2col + matmul (XLA:CPU runs such convs
+    8-16x slower than their FLOPs warrant)."""
+    simple = (
+        all(d == 1 for d in kwargs.get("lhs_dilation") or (1, 1))
         and all(d == 1 for d in kwargs.get("rhs_dilation") or (1, 1))
-        and not isinstance(padding, str)
         and kwargs.get("dimension_numbers") == jax.lax.conv_dimension_numbers(
             lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")
         )
     )
-    if not plain:
+    groups = kwargs.get("feature_group_count", 1)
+    if simple and groups == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[2] == 1:
+        if isinstance(padding, str):
+            padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+        return depthwise_conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)), kwargs.get("precision"))
+    if not simple or groups != 1 or isinstance(padding, str):
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
     if rhs.shape[:2] == (1, 1) and all(tuple(p) == (0, 0) for p in padding):
         return pointwise_conv(lhs, rhs, tuple(window_strides), kwargs.get("precision"))
@@ -51,6 +54,28 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
         axis=-1,
     )  # [B, out_h, out_w, kh * kw * C], ordered like rhs.reshape(kh * kw * C, O)
     return jnp.dot(patches, rhs.reshape(kh * kw * channels, out_channels), precision=kwargs.get("precision"))
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding, precision=None) -> jax.Array:
+    """Depthwise conv (one filter per channel) as a sum of the kernel's shifted taps: x [B, H, W, C], kernel
+    [kh, kw, 1, C], explicit `padding` ((top, bottom), (left, right)) -> [B, H', W', C]. XLA:CPU's grouped
+    convolution runs 10-20x slower forward and 3-6x slower with its gradient (bench/README.md, "Depthwise
+    convolution"); this form's gradient is jax's own. 16-bit inputs accumulate in float32, as a convolution does."""
+    del precision  # elementwise products: no reduced-precision matmul to select
+    (top, bottom), (left, right) = padding
+    kh, kw = kernel.shape[:2]
+    sh, sw = strides
+    out_h = (x.shape[1] + top + bottom - kh) // sh + 1
+    out_w = (x.shape[2] + left + right - kw) // sw + 1
+    accumulate = jnp.promote_types(x.dtype, jnp.float32)
+    padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))).astype(accumulate)
+    weights = kernel.astype(accumulate)
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            tap = padded[:, i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw, :] * weights[i, j, 0]
+            out = tap if out is None else out + tap
+    return out.astype(jnp.result_type(x.dtype, kernel.dtype))
 
 
 def pointwise_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1), precision=None) -> jax.Array:
