@@ -213,6 +213,12 @@ def test_representation_evaluators_run_during_training_at_their_interval(digits_
     assert [r["step"] for r in records if "few/1shot" in r] == [4]
     last = next(r for r in records if "few/5shot" in r)
     assert 0.25 < last["few/5shot"] <= 1 and last["few/1shot_std"] >= 0 and last["knn/examples"] > 0
+    # The finished run as weights: the same kNN numbers from jaxclf.evaluate, with no training.
+    out = tmp_path / "table.json"
+    assert evaluate.main(["--model_init", f"{tmp_path}:last", "--data.root", digits_root, "--evals", "knn",
+                          "--out", str(out), "--config.batch_size=16", f"--config.data.classes={FOUR_CLASSES!r}"]) == 0
+    again = json.loads(out.read_text())["backbones"][f"{tmp_path}:last"]
+    assert again["knn/accuracy"] == last["knn/accuracy"] and again["knn/top5"] == last["knn/top5"]
 
 
 def _backbones(names, folder, write):

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxclf import config as config_lib
 from jaxclf.data import pipeline, sources
 from jaxclf.data.normalize import normalize_images
 from jaxclf.kernels import xla_cpu
@@ -79,8 +80,11 @@ class FeatureStore:
                 num_workers=config.data.num_workers, bad_images=config.data.bad_images,
                 max_image_pixels=config.data.max_image_pixels,
             )
-        found = extract(self._fn, params, model_state, self._splits[split], self._loaders[split], self._mesh,
-                        description=f"features of {split}")
+        try:
+            found = extract(self._fn, params, model_state, self._splits[split], self._loaders[split], self._mesh,
+                            description=f"features of {split}")
+        except NotImplementedError as e:  # a model of the user's own without the Classifier split
+            raise config_lib.ConfigError(f"config.evals: the representation evaluators read pooled features; {e}") from None
         self._entries.append((params, split, found))
         return found
 
