@@ -161,8 +161,9 @@ def _compare_backbones(args: argparse.Namespace, overrides: list[str]) -> int:
 def format_table(results: dict[str, dict[str, float]], columns: list[str]) -> str:
     """A Markdown table: one row per backbone, one column per metric (blank where a backbone lacks it)."""
     def cell(value):
-        return "" if value is None else (f"{value:.4f}" if isinstance(value, float) and not value.is_integer()
-                                         else f"{value:g}")
+        if value is None:
+            return ""
+        return f"{int(value)}" if float(value).is_integer() else f"{value:.4f}"
     lines = ["| backbone | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
     lines += [f"| {name} | " + " | ".join(cell(metrics.get(c)) for c in columns) + " |"
               for name, metrics in results.items()]
