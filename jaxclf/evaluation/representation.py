@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import abc
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -29,6 +30,7 @@ class RepresentationEvaluator(base.Evaluator):
         """A ConfigError naming config.evals.<name>.<key> and its value."""
         return config_lib.ConfigError(f"config.evals.{self.name}.{key}={self.spec[key]!r}: {problem}")
 
+    @jax.transfer_guard_device_to_host("allow")  # the training loop disallows implicit fetches (GPU)
     def evaluate(self, variants: dict[str, nnx.State], model_state: nnx.State) -> dict[str, dict[str, float]]:
         store = self.context.features
         results = {}
