@@ -57,15 +57,15 @@ def evaluate_backbone(config: ml_collections.ConfigDict, pp_eval_given: bool,
     if not config.model_init:
         raise config_lib.ConfigError("config.model_init: name the weights to evaluate")
     try:
-        info = weights.load(config.model_init)[1]
+        pretrained = weights.load(config.model_init)
     except weights.WeightsError as e:
         raise config_lib.ConfigError(f"config.model_init={config.model_init!r}: {e}") from None
     config = ml_collections.ConfigDict(config.to_dict())
-    config.model_name = info.model_name
+    config.model_name = pretrained[1].model_name
     if not pp_eval_given:
-        config.data.pp_eval = eval_preprocessing(info)
+        config.data.pp_eval = eval_preprocessing(pretrained[1])
     mesh = sharding.make_mesh(devices)
-    resolved = resolve_lib.resolve(config, mesh.devices.flat[0].platform, task_registry.check_config)
+    resolved = resolve_lib.resolve(config, mesh.devices.flat[0].platform, task_registry.check_config, pretrained)
     config = resolved.config
     splits = data_lib.load_splits(config.data)
     sharding.check_batch_size(config.eval_batch_size or config.batch_size, mesh, "eval_batch_size")
