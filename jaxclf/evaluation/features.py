@@ -49,6 +49,15 @@ def make_feature_fn(graphdef: nnx.GraphDef, mesh: Mesh, state_sharding, *, mean:
                    compiler_options=xla_cpu.compiler_options(mesh.devices.flat[0].platform))
 
 
+def eval_loader(source: sources.LabelledSource, config) -> pipeline.EvalLoader:
+    """An `EvalLoader` of `source` as a resolved config sets evaluation up (pp_eval, eval batch size, workers)."""
+    return pipeline.EvalLoader(
+        source, config.data.pp_eval, global_batch_size=config.eval_batch_size or config.batch_size,
+        num_workers=config.data.num_workers, bad_images=config.data.bad_images,
+        max_image_pixels=config.data.max_image_pixels,
+    )
+
+
 class FeatureStore:
     """The features of each split a run's evaluators ask for, computed once per (params, split).
 
@@ -74,12 +83,7 @@ class FeatureStore:
             if entry_params is params and entry_split == split:
                 return found
         if split not in self._loaders:
-            config = self._config
-            self._loaders[split] = pipeline.EvalLoader(
-                self._splits[split], config.data.pp_eval, global_batch_size=config.eval_batch_size or config.batch_size,
-                num_workers=config.data.num_workers, bad_images=config.data.bad_images,
-                max_image_pixels=config.data.max_image_pixels,
-            )
+            self._loaders[split] = eval_loader(self._splits[split], self._config)
         try:
             found = extract(self._fn, params, model_state, self._splits[split], self._loaders[split], self._mesh,
                             description=f"features of {split}")
