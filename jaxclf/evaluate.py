@@ -139,7 +139,8 @@ def _compare_backbones(args: argparse.Namespace, overrides: list[str]) -> int:
     """`--model_init` mode: the metrics of each named backbone, one table (stdout) and `args.out` (JSON)."""
     names = [name for item in args.model_init for name in item.split(",") if name]
     evals = [name for name in args.evals.split(",") if name]
-    overrides = ([f"data.root={args.data_root}"] if args.data_root else []) + overrides
+    overrides = ([f"data.root={args.data_root}"] if args.data_root else []) + (
+        [f"eval_batch_size={args.batch_size}"] if args.batch_size else []) + overrides
     pp_eval_given = any(o.startswith("data.pp_eval=") for o in overrides)
     results = {}
     for name in names:

@@ -231,7 +231,7 @@ def _backbones(names, folder, write):
 
 def _compare(model_inits, root, out, *extra):
     return evaluate.main(["--model_init", ",".join(model_inits), "--data.root", root, "--evals", "knn,fewshot",
-                          "--out", str(out), "--config.batch_size=16", "--config.evals.fewshot.shots=(1,5)",
+                          "--out", str(out), "--batch_size", "16", "--config.evals.fewshot.shots=(1,5)",
                           "--config.data.num_workers=0", f"--config.data.classes={FOUR_CLASSES!r}", *extra])
 
 
