@@ -179,7 +179,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.tracking.mlflow.artifact_location = ""  # where a new experiment keeps its files; "": the server's default
     c.eval_every_epochs = 1.0  # also evaluates at the end
     # Evaluators ({name: {"type": ..., "prefix": "NAME/", "every_epochs": eval_every_epochs, ...}}, see
-    # jaxclf/evaluation); empty: {"val": {"type": "classification", "split": "val", "prefix": "val/"}}.
+    # jaxclf/evaluation: classification, and knn, fewshot, linear_probe on frozen features, docs/backbones.md);
+    # empty: {"val": {"type": "classification", "split": "val", "prefix": "val/"}}.
     c.evals = ml_collections.ConfigDict()
     c.checkpoint_every_steps = 0  # 0: at every evaluation; always at the end and on a stop signal
     c.keep_checkpoints = 2  # the latest N, plus the best by best_metric

@@ -9,6 +9,11 @@ confusion_matrix.png, reliability.png and predictions.csv (one row per image: fi
 predicted class, confidence); and refreshes the training curves in `DIR/plots/`. A run with
 config.trackers adds the report's numbers and files to its tracked runs (W&B, MLflow). Each image is
 counted exactly once (padded, masked batches). Runs in one process, on the first device.
+
+Or pretrained weights with no training, `--model_init WEIGHTS[,WEIGHTS...] --data.root DIR [--evals knn,fewshot]
+[--config.a.b=VALUE ...]` (see jaxclf/evaluation/backbones.py): the representation evaluators on each
+backbone's frozen features, over every local device; one table, rows backbones and columns metrics,
+printed and written to `--out` (JSON).
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from jaxclf import config as config_lib
 from jaxclf.data import sources
-from jaxclf.evaluation import registry as eval_registry, report as report_lib, splits as splits_lib
+from jaxclf.evaluation import (backbones, registry as eval_registry, report as report_lib,
+                               splits as splits_lib)
 from jaxclf.runs import artefact as artefact_lib, inference
 from jaxclf.runs.predictions import TTA_MODES, predict_source
 from jaxclf.tasks import base as task_base, registry as task_registry
@@ -115,7 +122,21 @@ def _run(argv: Sequence[str]) -> int:
     parser.add_argument("--split", default="val", help="train, val or test of the run's data, or a folder PATH/<class>/<images>")
     parser.add_argument("--tta", default="none", choices=TTA_MODES, help="flip: average with the mirrored image")
     parser.add_argument("--batch_size", type=int, default=0, help="0: the run's eval_batch_size (or batch_size)")
-    args = parser.parse_args(argv)
+    bare = parser.add_argument_group("pretrained weights with no training (instead of --workdir / --artefact)")
+    bare.add_argument("--model_init", action="append", default=[], metavar="WEIGHTS",
+                      help="a workdir, weights file or folder, or hub name; several comma-separated or repeated")
+    bare.add_argument("--data.root", dest="data_root", default="", metavar="DIR", help="the data (config.data.root)")
+    bare.add_argument("--evals", default="knn,fewshot,linear_probe",
+                      help="evaluator types, comma-separated (each under config.evals.<type>)")
+    bare.add_argument("--out", default="backbones.json", help="where the table of metrics goes, as JSON")
+    args, rest = parser.parse_known_args(argv)
+    overrides = config_lib.parse_override_args(rest)
+    if args.model_init:
+        if args.workdir or args.artefact:
+            raise config_lib.ConfigError("give --model_init (weights with no training) or --workdir / --artefact")
+        return _compare_backbones(args, overrides)
+    if overrides:
+        raise config_lib.ConfigError(f"--config.{overrides[0]}: config overrides go with --model_init only")
     trained = artefact_lib.load_from_args(args)
     report, out_dir, summaries = evaluate(trained, args.split, batch_size=args.batch_size, tta=args.tta)
     print(f"accuracy {report['accuracy']:.2%}  top-5 {report['top5']:.2%}  loss {report['loss']:.4f}  "
@@ -126,6 +147,42 @@ def _run(argv: Sequence[str]) -> int:
         print(line)
     print(f"wrote {out_dir}/report.json, report.md, confusion_matrix.png, reliability.png, predictions.csv")
     return 0
+
+
+def _compare_backbones(args: argparse.Namespace, overrides: list[str]) -> int:
+    """`--model_init` mode: the metrics of each named backbone, one table (stdout) and `args.out` (JSON)."""
+    names = [name for item in args.model_init for name in item.split(",") if name]
+    evals = [name for name in args.evals.split(",") if name]
+    overrides = ([f"data.root={args.data_root}"] if args.data_root else []) + (
+        [f"eval_batch_size={args.batch_size}"] if args.batch_size else []) + overrides
+    pp_eval_given = any(o.startswith("data.pp_eval=") for o in overrides)
+    results = {}
+    for name in names:
+        config = backbones.backbone_config(name, evals, overrides)
+        results[name] = backbones.evaluate_backbone(config, pp_eval_given)
+    named = list(dict.fromkeys(metric for metrics in results.values() for metric in metrics))
+    # In the order --evals names the evaluators (config.evals iterates alphabetically).
+    columns = sorted(named, key=lambda metric: evals.index(metric.split("/")[0]) if metric.split("/")[0] in evals
+                     else len(evals))
+    print(format_table(results, columns))
+    record = {"data": args.data_root, "evals": evals, "overrides": overrides, "columns": columns, "backbones": results}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(record, f, indent=2)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def format_table(results: dict[str, dict[str, float]], columns: list[str]) -> str:
+    """A Markdown table: one row per backbone, one column per metric (blank where a backbone lacks it)."""
+    def cell(value):
+        if value is None:
+            return ""
+        return f"{int(value)}" if float(value).is_integer() else f"{value:.4f}"
+    lines = ["| backbone | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
+    lines += [f"| {name} | " + " | ".join(cell(metrics.get(c)) for c in columns) + " |"
+              for name, metrics in results.items()]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

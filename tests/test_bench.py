@@ -116,3 +116,11 @@ def test_lora_bench_reports_what_each_way_trains_and_keeps(tmp_path):
         assert full["trainable_fraction"] == 1.0 > lora["trainable_fraction"] > probe["trainable_fraction"] > 0
         assert full["optimizer_state_bytes"] > lora["optimizer_state_bytes"] > probe["optimizer_state_bytes"]
         assert full["step_time_vs_full"] == 1.0 and all(w["step_s"] > 0 for w in ways.values())
+
+
+def test_representations_bench_agrees_with_scikit_learn(tmp_path):
+    report = _run_bench("representations.py", tmp_path / "representations.json")
+    for name, row in report["results"].items():
+        if "reference" in row:
+            assert abs(row["jaxclf"] - row["reference"]) <= 0.005, name
+    assert report["results"]["knn k=20 T=0.07"]["max_relative_score_difference"] < 1e-4

@@ -18,7 +18,7 @@ from test_models import CONVNEXTS, EFFICIENTNETS, MOBILENETV3S
 
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
-from torch_reference import randomize_norms, torch_logits  # noqa: E402
+from torch_reference import randomize_norms, torch_logits, torch_pre_logits  # noqa: E402
 
 # One small size per family, for the tests that build and run models.
 SMALL = ["efficientnet_b0", "mobilenetv3_small_100", "convnext_atto"]
@@ -94,6 +94,8 @@ def test_timm_logits_match(name, size, tmp_path):
     assert info.num_classes == 7 and info.source_format.startswith("timm_")
     images = _images(size)
     _assert_close(_logits(model, images), torch_logits(reference, images))
+    pooled = _jitted(model, lambda m, x: m.pooled_features(m.forward_features(x)), images)
+    _assert_close(np.asarray(pooled), torch_pre_logits(reference, images))
 
 
 @pytest.mark.parametrize("torchvision_name,name,source_format", [

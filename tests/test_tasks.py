@@ -114,7 +114,7 @@ def test_evaluators_run_at_their_own_intervals_under_their_prefixes(digits_root,
 
 
 @pytest.mark.parametrize("evals, message", [
-    ({"val": {"type": "knn"}}, "one of \\['classification'\\]"),
+    ({"val": {"type": "knm"}}, "one of \\['classification', 'fewshot', 'knn', 'linear_probe'\\]"),
     ({"val": {"type": "classification", "splt": "val"}}, "\\['splt'\\] are not options"),
     ({"val": {"type": "classification", "split": "test"}}, "split='test'"),
 ])

@@ -16,7 +16,7 @@ from jaxclf import config as config_lib, load_pretrained, train, weights
 from jaxclf.models import tree_paths
 from jaxclf import models as jaxclf_models
 from jaxclf.weights import files, surgery
-from torch_reference import randomize_norms, randomize_vectors, torch_logits
+from torch_reference import randomize_norms, randomize_vectors, torch_logits, torch_pre_logits
 
 timm = pytest.importorskip("timm")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,6 +66,7 @@ def test_timm_resnet_safetensors_logits_match(tmp_path):
     assert info.source_format == "torchvision"  # timm's ResNet names are torchvision's
     images = _images(48)
     _assert_close(model(images), torch_logits(reference, images))
+    _assert_close(model.pooled_features(model.forward_features(images)), torch_pre_logits(reference, images))
 
 
 def test_hf_resnet_logits_match(tmp_path):
@@ -299,7 +300,7 @@ def test_timm_backbone_without_classifier_gets_a_zero_head(tmp_path, capsys):
     assert info.num_classes == 0 and "a new head of zeros for 3 classes" in capsys.readouterr().out
     assert not model.head.kernel[...].any() and not model.head.bias[...].any()
     images = _images(28)
-    _assert_close(model.pool(model.forward_features(images)), torch_logits(reference, images))
+    _assert_close(model.pooled_features(model.forward_features(images)), torch_logits(reference, images))
 
 
 def _hf_dinov2(transformers):
@@ -348,7 +349,7 @@ def test_hf_tower_features_and_pooled_output_match(tower, tmp_path):
     features = model.forward_features(images)
     if tower != "CLIPVisionModel":
         _assert_close(features, out.last_hidden_state.numpy())
-    _assert_close(model.pool(features), out.pooler_output.numpy())
+    _assert_close(model.pooled_features(features), out.pooler_output.numpy())
     assert not np.asarray(model(images)).any()
 
 

@@ -36,3 +36,10 @@ def torch_logits(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         out = model(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))))
     return (out.logits if hasattr(out, "logits") else out).numpy()
+
+
+def torch_pre_logits(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
+    """A timm model's pooled features before its classifier (`forward_head(pre_logits=True)`) on NHWC images."""
+    with torch.no_grad():
+        features = model.forward_features(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))))
+        return model.forward_head(features, pre_logits=True).numpy()

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 from jaxclf import config as config_lib
 from jaxclf.data import sources
+from jaxclf.evaluation import features as features_lib
 
 # The spec keys every evaluator reads; its own keys come on top (`Evaluator.options`).
 COMMON_KEYS = ("type", "prefix", "every_epochs", "every_steps")
@@ -30,7 +31,8 @@ COMMON_KEYS = ("type", "prefix", "every_epochs", "every_steps")
 class EvalContext:
     """What evaluators are built from: the run's resolved config and splits, the model's eval graphdef with the
     layout of its variables on `mesh` (`state_sharding.params`, `.model_state`), the class groups the
-    run's tasks count top-1 on, and the training's steps per epoch (for `every_epochs`; 0 outside training)."""
+    run's tasks count top-1 on, the training's steps per epoch (for `every_epochs`; 0 outside training), and
+    the frozen-feature store the representation evaluators share (`registry.build` makes one)."""
 
     config: ml_collections.FrozenConfigDict
     mesh: Mesh
@@ -39,6 +41,7 @@ class EvalContext:
     splits: dict[str, sources.LabelledSource]
     class_groups: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     steps_per_epoch: int = 0
+    features: features_lib.FeatureStore | None = None
 
 
 class Evaluator(abc.ABC):

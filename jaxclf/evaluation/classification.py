@@ -7,8 +7,7 @@ import jax
 from flax import nnx
 
 from jaxclf import config as config_lib
-from jaxclf.data import pipeline
-from jaxclf.evaluation import base
+from jaxclf.evaluation import base, features
 from jaxclf.tracking import progress as progress_lib
 from jaxclf.training import sharding, steps
 
@@ -30,11 +29,7 @@ class Classification(base.Evaluator):
             context.graphdef, context.mesh, context.state_sharding, mean=tuple(config.data.mean),
             std=tuple(config.data.std), class_groups=context.class_groups,
         )
-        self._loader = pipeline.EvalLoader(
-            context.splits[split], config.data.pp_eval, global_batch_size=config.eval_batch_size or config.batch_size,
-            num_workers=config.data.num_workers, bad_images=config.data.bad_images,
-            max_image_pixels=config.data.max_image_pixels,
-        )
+        self._loader = features.eval_loader(context.splits[split], config)
 
     def close(self) -> None:
         self._loader.close()

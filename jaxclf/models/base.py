@@ -47,15 +47,16 @@ def _under_own_kernels(method: Callable) -> Callable:
 class Classifier(nnx.Module):
     """Base of every registered model. Parameter paths are '/'-joined, e.g. `blocks/3/attn/qkv/kernel`.
 
-    A model computes `forward_head(forward_features(images))`: features are what a probe, a teacher or
-    Grad-CAM reads, the head maps them to logits. Override what differs from the other defaults; the
+    A model computes `forward_head(forward_features(images))`: features are what a teacher or Grad-CAM
+    reads, the head maps them to logits; `pooled_features` is the part of the head before the classifier
+    layer (what representation evaluators, kNN and probes, read). Override what differs from the other defaults; the
     trainer, the optimizer and the weight loaders ask the model rather than matching names. Every
     forward method a subclass defines runs under the model's kernel set (`kernels`, set by `create`;
     plain JAX for a model built directly).
     """
 
     kernels: str = "plain"
-    _FORWARD_METHODS = ("__call__", "forward_features", "forward_head")
+    _FORWARD_METHODS = ("__call__", "forward_features", "forward_head", "pooled_features")
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -74,6 +75,11 @@ class Classifier(nnx.Module):
     def forward_head(self, features: jax.Array) -> jax.Array:
         """`forward_features`' output -> logits float32[B, num_classes] (pooling, head)."""
         raise NotImplementedError(f"{type(self).__name__} must define forward_head(features)")
+
+    def pooled_features(self, features: jax.Array) -> jax.Array:
+        """`forward_features`' output -> the pooled pre-logits float32[B, D] the classifier layer reads (timm's
+        `forward_head(pre_logits=True)`)."""
+        raise NotImplementedError(f"{type(self).__name__} must define pooled_features(features)")
 
     def head_paths(self) -> tuple[str, ...]:
         """Path prefixes of the classifier layer's params (reset for a new class count, `optim.head_lr_mult`)."""

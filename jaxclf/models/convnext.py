@@ -103,7 +103,11 @@ class Head(nnx.Module):
         self.fc = _linear(dim, num_classes, rngs=rngs, dtype=jnp.float32)
 
     def __call__(self, features: jax.Array) -> jax.Array:
-        return self.fc(self.drop(self.norm(jnp.mean(features.astype(jnp.float32), axis=(1, 2)))))
+        return self.fc(self.drop(self.pool(features)))
+
+    def pool(self, features: jax.Array) -> jax.Array:
+        """[B, h, w, C] -> the normalised global average float32[B, C] (timm's pre-logits)."""
+        return self.norm(jnp.mean(features.astype(jnp.float32), axis=(1, 2)))
 
 
 class ConvNeXt(Classifier):
@@ -156,6 +160,10 @@ class ConvNeXt(Classifier):
         for stage in self.stages[from_stage:]:
             features = stage(features)
         return self.head(features)
+
+    def pooled_features(self, features: jax.Array) -> jax.Array:
+        """The map after the last stage -> the head's normalised average float32[B, C]."""
+        return self.head.pool(features)
 
     def head_paths(self) -> tuple[str, ...]:
         return ("head/fc",)

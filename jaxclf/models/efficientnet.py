@@ -283,13 +283,18 @@ class EfficientNet(Classifier):
                 for block in group:
                     features = block(features)
             features = self._pre_pool(features)
-        return self._pooled_head(jnp.mean(features.astype(jnp.float32), axis=(1, 2)))
+        return self.classifier(self.head_drop(self.pooled_features(features)))
+
+    def pooled_features(self, features: jax.Array) -> jax.Array:
+        """The map after all stages -> what the classifier reads, float32[B, D]: its global average
+        (MobileNetV3: then its conv_head and activation)."""
+        return self._after_pool(jnp.mean(features.astype(jnp.float32), axis=(1, 2)))
 
     def _pre_pool(self, x: jax.Array) -> jax.Array:
         return ACTIVATIONS[self.act](self.bn2(self.conv_head(x)))
 
-    def _pooled_head(self, pooled: jax.Array) -> jax.Array:
-        return self.classifier(self.head_drop(pooled))
+    def _after_pool(self, pooled: jax.Array) -> jax.Array:
+        return pooled
 
     def head_paths(self) -> tuple[str, ...]:
         return ("classifier",)
@@ -325,9 +330,8 @@ class MobileNetV3(EfficientNet):
     def _pre_pool(self, x: jax.Array) -> jax.Array:
         return x
 
-    def _pooled_head(self, pooled: jax.Array) -> jax.Array:
-        hidden = ACTIVATIONS[self.act](self.conv_head(pooled[:, None, None, :]))[:, 0, 0]
-        return self.classifier(self.head_drop(hidden.astype(jnp.float32)))
+    def _after_pool(self, pooled: jax.Array) -> jax.Array:
+        return ACTIVATIONS[self.act](self.conv_head(pooled[:, None, None, :]))[:, 0, 0].astype(jnp.float32)
 
     def layer_id(self, path: str) -> int:
         return self.num_blocks + 1 if path.split("/")[0] == "conv_head" else super().layer_id(path)

@@ -155,7 +155,11 @@ class ResNet(Classifier):
         for name in STAGES[from_stage:]:
             for blk in getattr(self, name):
                 features = blk(features)
-        return self.fc(jnp.mean(features.astype(jnp.float32), axis=(1, 2)))
+        return self.fc(self.pooled_features(features))
+
+    def pooled_features(self, features: jax.Array) -> jax.Array:
+        """The map after the last stage [B, h, w, C] -> its global average float32[B, C]."""
+        return jnp.mean(features.astype(jnp.float32), axis=(1, 2))
 
     def head_paths(self) -> tuple[str, ...]:
         return ("fc",)

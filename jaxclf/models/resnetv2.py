@@ -120,14 +120,14 @@ class Stage(nnx.Module):
 
 
 class Head(nnx.Module):
-    """Linear classifier on the average-pooled features, in float32. x: [B, H, W, C] -> [B, classes]."""
+    """Linear classifier on the average-pooled features, in float32. pooled: [B, C] -> [B, classes]."""
 
     def __init__(self, features: int, num_classes: int, *, rngs: nnx.Rngs):
         self.fc = nnx.Linear(features, num_classes, kernel_init=_head_init, bias_init=nnx.initializers.zeros,
                              dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc(jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
+    def __call__(self, pooled: jax.Array) -> jax.Array:
+        return self.fc(pooled)
 
 
 class ResNetV2(Classifier):
@@ -172,7 +172,11 @@ class ResNetV2(Classifier):
             for stage in self.stages[from_stage:]:
                 features = stage(features)
             features = nnx.relu(self.norm(features))
-        return self.head(features)
+        return self.head(self.pooled_features(features))
+
+    def pooled_features(self, features: jax.Array) -> jax.Array:
+        """The map after the final norm + ReLU [B, h, w, C] -> its global average float32[B, C]."""
+        return jnp.mean(features.astype(jnp.float32), axis=(1, 2))
 
     def layer_id(self, path: str) -> int:
         parts = path.split("/")

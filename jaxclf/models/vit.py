@@ -272,7 +272,7 @@ class VisionTransformer(Classifier):
             x = blk(x)
         return x
 
-    def pool(self, features: jax.Array) -> jax.Array:
+    def pooled_features(self, features: jax.Array) -> jax.Array:
         """tokens [B, N, width] -> the head's input float32[B, width] (timm's `forward_head(pre_logits=True)`)."""
         if self.global_pool == "avg":
             x = self.fc_norm(jnp.mean(features[:, self.num_prefix_tokens:], axis=1))
@@ -285,7 +285,7 @@ class VisionTransformer(Classifier):
 
     def forward_head(self, features: jax.Array) -> jax.Array:
         """tokens [B, N, width] (`forward_features`) -> logits float32[B, num_classes]."""
-        return self.head(self.head_drop(self.pool(features)))
+        return self.head(self.head_drop(self.pooled_features(features)))
 
     def _embed(self, images: jax.Array) -> jax.Array:
         """images [B, img_size, img_size, 3] -> tokens [B, N, width]: prefix tokens, patches, position embedding."""

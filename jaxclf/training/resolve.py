@@ -26,8 +26,10 @@ class Resolved:
 
 
 def resolve(config: ml_collections.ConfigDict, platform: str,
-            check_tasks: Callable[[ml_collections.ConfigDict, object], list[str]]) -> Resolved:
+            check_tasks: Callable[[ml_collections.ConfigDict, object], list[str]],
+            pretrained: tuple[dict[str, np.ndarray], weights.Pretrained] | None = None) -> Resolved:
     """`config` with its "auto" and empty fields settled for a run on `platform` ("cpu", "gpu", ...).
+    `pretrained`: `config.model_init`'s weights when the caller has read them already (else read here).
 
     `check_tasks(config, weights info)` checks the training tasks' fields and settles what they imply,
     in place (`jaxclf.tasks.registry.check_config`); it returns notes.
@@ -42,7 +44,7 @@ def resolve(config: ml_collections.ConfigDict, platform: str,
     """
     config = ml_collections.ConfigDict(config.to_dict())
     notes = []
-    pretrained = _read_model_init(config)
+    pretrained = pretrained or _read_model_init(config)
     with config.unlocked():
         notes += check_tasks(config, pretrained[1] if pretrained else None)
     if config.dtype == "auto":
