@@ -1,6 +1,6 @@
 """An exported model loaded back behind the interface of a trained run: `load_artefact(PATH)`.
 
-`jaxclf.export` writes an artefact (StableHLO, ONNX, ONNX int8, TFLite, TFLite int8) and `PATH.json` beside it; the
+`jaxclf.export` writes an artefact (StableHLO, ONNX, TFLite, their int8) and `PATH.json` beside it; the
 sidecar records the run's config, class names and input contract. `load_artefact` returns an
 `Artefact` that stands in for `inference.TrainedModel` wherever a tool only runs the model
 (`class_names`, `logits`, `load_image` through the run's eval preprocessing, `input_size`,
