@@ -5,12 +5,13 @@ Needs .venv-litert (`make litert-venv`): the converter's own environment."""
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter
 
 from jaxclf import evaluate, export
-from jaxclf.deploy import litert
+from jaxclf.deploy import jaxprs, litert
 from jaxclf.runs import artefact, inference
 from tests.model_helpers import with_random_values
 from tests.test_export import ONNX_MODELS, _images, _in_memory
@@ -93,3 +94,27 @@ def test_a_missing_converter_is_named_and_nothing_is_written(trained_workdir, tm
     assert export.main(["--workdir", trained_workdir, "--format", "tflite", "--out", str(out), "--image_size", "16"]) == 1
     assert f"{litert.PYTHON_VARIABLE}={tmp_path / 'no-python'} is not an executable Python" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "m.tflite.json").exists()
+
+
+def test_a_linear_on_feature_maps_is_rewritten_as_a_1x1_convolution():
+    """What lets ConvNeXt convert: the NHWC x [C, O] product, inside nested jit and custom_jvp (relu), becomes a
+    convolution with the same values; a rank-3 product (a ViT's tokens) is left as it is."""
+    kernel = np.random.default_rng(0).normal(size=(8, 5)).astype(np.float32)
+
+    @jax.jit
+    def block(x):
+        return jax.nn.relu(x) @ kernel
+
+    def model(x):
+        return block(x), block(x[:, 0])
+
+    x = np.random.default_rng(1).normal(size=(2, 3, 4, 8)).astype(np.float32)
+    traced = jax.make_jaxpr(model)(x)
+
+    def rewritten(images):
+        return jaxprs.evaluate(traced.jaxpr, traced.consts, [images], litert._linear_as_conv)
+
+    primitives = [eqn.primitive.name for eqn in jax.make_jaxpr(rewritten)(x).jaxpr.eqns]
+    assert primitives.count("conv_general_dilated") == 1 and primitives.count("dot_general") == 1
+    for got, expected in zip(jax.jit(rewritten)(x), model(x)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
