@@ -114,7 +114,7 @@ def quantize(model: bytes, calibration: np.ndarray | None = None, input_name: st
             batch = _input_batch(model)
             samples = [{input_name: calibration[i : i + batch]} for i in range(0, len(calibration) - batch + 1, batch)]
             result = engine.calibrate({"serving_default": samples})
-        return bytes(engine.quantize(result, enable_progress_report=False).quantized_model)
+        return bytes(engine.quantize(result, enable_progress_bar=False, enable_progress_report=False).quantized_model)
 
 
 def _input_batch(model: bytes) -> int:
