@@ -152,7 +152,7 @@ def sidecar(trained: inference.TrainedModel, fmt: str, path: str, height: int, w
         "class_names": list(trained.class_names),
         "input": model_input,
         "output": {"name": "logits", "shape": [model_input["shape"][0], len(trained.class_names)], "dtype": "float32",
-                   "note": "logits; softmax them for probabilities"},
+                   "note": "logits; softmax them for probabilities", **_integer_output(extra)},
         "preprocessing": {
             "before_the_model": after_decode or "none (images must already be the input size)",
             "pp_eval": trained.config.data.pp_eval,
@@ -168,6 +168,15 @@ def sidecar(trained: inference.TrainedModel, fmt: str, path: str, height: int, w
         "run_config": json.loads(trained.config.to_json_best_effort()),
         **extra,
     }
+
+
+def _integer_output(extra: dict) -> dict:
+    """The output entries of a full-integer model: its integer type, and how to get the logits back."""
+    quantized = (extra.get("quantization") or {}).get("output")
+    if not quantized:
+        return {}
+    return {"dtype": quantized["dtype"], "note": f"quantized logits: logits = (output - {quantized['zero_point']}) * "
+                                                 f"{quantized['scale']:.9g}; softmax them for probabilities"}
 
 
 def export(trained: inference.TrainedModel, fmt: str, out: str, *, image_size: int | None = None,

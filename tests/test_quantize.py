@@ -93,9 +93,11 @@ def test_tflite_int8_runs_and_keeps_the_accuracy(learned_workdir, tmp_path, cali
     assert export.main(["--workdir", learned_workdir, "--format", "tflite", "--out", out, "--image_size", "16",
                         "--quantize", "int8", "--calibration", str(calibration)]) == 0
     with open(out + ".json") as f:
-        record = json.load(f)["quantization"]
+        sidecar = json.load(f)
+    record = sidecar["quantization"]
     mode = "static" if calibration else "dynamic"
     assert record["mode"] == mode and record["recipe"] == litert.RECIPES[mode]
+    assert sidecar["output"]["dtype"] == ("int8" if calibration else "float32")
     assert os.path.getsize(out) == record["size_bytes"]["int8"] < record["size_bytes"]["float32"] / 2
     interpreter = Interpreter(model_path=out)
     assert interpreter.get_input_details()[0]["dtype"] == np.uint8  # the input contract stays uint8 images
