@@ -8,8 +8,13 @@ HASH := $(shell cksum pyproject.toml | cut -d' ' -f1)
 RUN_STAMP := $(VENV)/.installed-run-$(HASH)
 STAMP := $(VENV)/.installed-test-$(HASH)
 WORKDIR ?= runs/quickstart
+# TFLite conversion (jaxclf.export --format tflite): litert-converter in an environment of its own, since its xdsl
+# pins typing-extensions below the project's stack; jaxclf.deploy.litert finds it here (or at $$JAXCLF_LITERT_PYTHON).
+LITERT_VENV := .venv-litert
+LITERT_CONVERTER_VERSION := 0.5.0
+LITERT_STAMP := $(LITERT_VENV)/.installed-litert-converter-$(LITERT_CONVERTER_VERSION)
 
-.PHONY: install quickstart test test-all test-slurm test-browser clean
+.PHONY: install litert-venv quickstart test test-all test-slurm test-browser clean
 
 install: $(STAMP)
 
@@ -20,17 +25,24 @@ $(RUN_STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $@
 
 $(STAMP): $(RUN_STAMP)
-	$(PY) -m pip install --quiet -e ".[test,serve,onnx,timm,search,fastjpeg,wandb,mlflow]"
+	$(PY) -m pip install --quiet -e ".[test,serve,onnx,litert,timm,search,fastjpeg,wandb,mlflow]"
 	touch $@
+
+litert-venv: $(LITERT_STAMP)
+
+$(LITERT_STAMP):
+	test -x $(LITERT_VENV)/bin/python || $(PYTHON) -m venv $(LITERT_VENV)
+	$(LITERT_VENV)/bin/python -m pip install --quiet "litert-converter==$(LITERT_CONVERTER_VERSION)"
+	rm -f $(LITERT_VENV)/.installed-* && touch $@
 
 quickstart: $(RUN_STAMP)
 	$(PY) -m jaxclf.train --config configs/quickstart.py --workdir $(WORKDIR)
 
-test: $(STAMP)
+test: $(STAMP) $(LITERT_STAMP)
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow and not slurm" tests
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(LITERT_STAMP)
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -n 2 -m "not slurm" tests
 

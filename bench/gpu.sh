@@ -2,9 +2,10 @@
 # Everything we measure on a GPU, in one go (a lent GPU is rare and its time short):
 # the train-step benchmark at GPU settings (bf16, batch 128) for the four models, the whole
 # training loop on a JPEG folder against the step alone (ResNet-50, ViT-B/16), and the
-# quickstart trained on the GPU (bf16 by config.dtype="auto") as an end-to-end check of the loop.
-#   bash bench/gpu.sh [OUT_DIR]        # writes train_step_gpu_{large,small}.json, train_loop_gpu.json to OUT_DIR
-#   GPU_PARTS=train_loop bash bench/gpu.sh   # only some parts (train_step, train_loop, quickstart; default all)
+# quickstart trained on the GPU (bf16 by config.dtype="auto") as an end-to-end check of the loop, and
+# TensorRT engines (fp16, int8) built from the ONNX export against JAX on the same GPU.
+#   bash bench/gpu.sh [OUT_DIR]        # writes train_step_gpu_{large,small}.json, train_loop_gpu.json, tensorrt_gpu.json
+#   GPU_PARTS=train_loop bash bench/gpu.sh   # only some parts (train_step, train_loop, quickstart, tensorrt; default all)
 # Needs jax with CUDA, flax, optax, orbax, torch, timm, plus ml_collections and grain. On the
 # workplace's lent GPUs only ml_collections, grain, array_record and portpicker are missing (and
 # simplejpeg, opencv-python-headless for train_loop's fast input): carry them as wheels, and not flax
@@ -15,7 +16,7 @@ out=${1:-bench/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
-parts=",${GPU_PARTS:-train_step,train_loop,quickstart},"
+parts=",${GPU_PARTS:-train_step,train_loop,quickstart,tensorrt},"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 $python -c "import jax, flax, torch, timm; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'torch', torch.__version__, 'timm', timm.__version__)"
 $python -c "import os, simplejpeg, cv2; print('fast input: simplejpeg', simplejpeg.__version__, 'opencv', cv2.__version__, 'cores', len(os.sched_getaffinity(0)))" \
@@ -51,4 +52,18 @@ fi
 if [[ $parts == *,quickstart,* ]]; then
 timeout "${TRAIN_S:-60}" $python -m jaxclf.train --config configs/quickstart.py --workdir /tmp/jaxclf_gpu_quickstart \
   --config.num_epochs=5 2>&1 | grep -v "leaked shared_memory" | tail -25
+fi
+
+if [[ $parts == *,tensorrt,* ]]; then
+# TensorRT from the ONNX export (bench/tensorrt_bench.py): fp16 and QDQ int8 engines, logits and latency against
+# JAX on the GPU. Needs the tensorrt package, which the lent GPUs lack and which cannot be carried (PyPI's
+# tensorrt-cu13-libs is a stub that downloads the libraries from NVIDIA's index): without it, or without a
+# GPU, the script says so, writes {"skipped": reason} and exits 0.
+# The package is checked first here, so that a GPU without it spends no time on the exports.
+if (cd /tmp && $python -c "import tensorrt" 2>/dev/null); then
+  timeout "${TENSORRT_S:-300}" $python bench/tensorrt_bench.py --models resnet18,mobilenetv3_large_100 \
+    --out "$out/tensorrt_gpu.json"
+else
+  echo "tensorrt: skipped: the tensorrt package is not installed for $python"
+fi
 fi

@@ -1,6 +1,6 @@
 """Evaluate a trained run: `python -m jaxclf.evaluate --workdir DIR [--split val|test|PATH] [--checkpoint best|last|STEP] [--tta flip]`.
 
-Or an exported model, `--artefact PATH` instead of `--workdir` (StableHLO, ONNX, ONNX int8; see
+Or an exported model, `--artefact PATH` instead of `--workdir` (StableHLO, ONNX, TFLite, their int8; see
 jaxclf.runs.artefact): the same report, written to `PATH.eval/<split>/`, so the accuracy cost of an
 export is one command.
 

@@ -1,14 +1,16 @@
-"""Export a trained run for deployment: `python -m jaxclf.export --workdir DIR --format stablehlo|onnx --out PATH`.
+"""Export a trained run for deployment: `python -m jaxclf.export --workdir DIR --format stablehlo|onnx|tflite --out PATH`.
 
-Both formats take `uint8[B, H, W, 3]` RGB images (NHWC) that have had the run's eval
+The program formats take `uint8[B, H, W, 3]` RGB images (NHWC) that have had the run's eval
 preprocessing after decoding (the ops of data.pp_eval after `decode`, e.g. resize_small(256) and
-central_crop(224)), with any batch size B, and return `float32[B, num_classes]` logits (softmax
+central_crop(224)), with any batch size B (tflite: B = 1), and return `float32[B, num_classes]` logits (softmax
 them for probabilities). Normalisation with the run's mean/std is part of the exported program.
 `PATH.json` beside the artefact records the class names, input shape and preprocessing.
 
 - stablehlo: `jax.export` serialized bytes; load with
   `jax.export.deserialize(open(PATH, "rb").read()).call(images)` (lowered for --platforms).
 - onnx: opset 18, written from the jaxpr by jaxclf.deploy.onnx_graph (the `onnx` extra); run with onnxruntime.
+- tflite: a LiteRT flatbuffer for phones (jaxclf.deploy.litert: StableHLO through litert-converter, which
+  `make litert-venv` installs in its own environment); run with ai-edge-litert's interpreter (the `litert` extra).
 - timm: ResNet, ViT and BiT as a timm-named `.safetensors` state dict (jaxclf.deploy.timm_export); the
   sidecar and the output give the `timm.create_model(...)` call that loads it. It takes float
   NCHW images normalised with the sidecar's mean/std, as timm models do.
@@ -32,11 +34,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxclf.deploy import timm_export
+from jaxclf.deploy import litert, timm_export
+from jaxclf.deploy.calibration import calibration_images
 from jaxclf.evaluation import splits
 from jaxclf.runs import artefact as artefact_lib, inference, predictions
 
-FORMATS = ("stablehlo", "onnx", "timm")
+FORMATS = ("stablehlo", "onnx", "tflite", "timm")
+QUANTIZED_FORMATS = ("onnx", "tflite")
 QUANTIZATIONS = ("", "int8")
 
 
@@ -86,6 +90,14 @@ def export_onnx(trained: inference.TrainedModel, height: int, width: int) -> byt
     return proto.SerializeToString()
 
 
+def export_tflite(trained: inference.TrainedModel, height: int, width: int, batch_size: int = 1) -> bytes:
+    """LiteRT flatbuffer of `trained.apply` (its plain-kernel formulation, as for ONNX) for a fixed batch size."""
+    try:
+        return litert.to_tflite(with_plain_kernels(trained).apply, height, width, batch_size)
+    except litert.ConversionError as e:
+        raise ExportError(f"cannot export {trained.config.model_name} to TFLite: {e}") from None
+
+
 def with_plain_kernels(trained: inference.TrainedModel) -> inference.TrainedModel:
     """`trained` computing with the plain kernel set (the same params; kernel sets change formulations only)."""
     if getattr(trained.model, "kernels", "plain") == "plain":
@@ -131,15 +143,16 @@ def sidecar(trained: inference.TrainedModel, fmt: str, path: str, height: int, w
                        "layout": "NCHW, RGB, normalised: (image / 255 - mean) / std"}
         normalisation = "before the model, by the caller: (image / 255 - mean) / std"
     else:
-        model_input = {"name": "images", "shape": ["B", height, width, 3], "dtype": "uint8", "layout": "NHWC, RGB"}
+        batch = 1 if fmt == "tflite" else "B"  # a LiteRT model's batch is fixed when it is converted
+        model_input = {"name": "images", "shape": [batch, height, width, 3], "dtype": "uint8", "layout": "NHWC, RGB"}
         normalisation = "inside the exported program: (image / 255 - mean) / std"
     return {
         "format": fmt,
         "file": os.path.basename(path),
         "class_names": list(trained.class_names),
         "input": model_input,
-        "output": {"name": "logits", "shape": ["B", len(trained.class_names)], "dtype": "float32",
-                   "note": "logits; softmax them for probabilities"},
+        "output": {"name": "logits", "shape": [model_input["shape"][0], len(trained.class_names)], "dtype": "float32",
+                   "note": "logits; softmax them for probabilities", **_integer_output(extra)},
         "preprocessing": {
             "before_the_model": after_decode or "none (images must already be the input size)",
             "pp_eval": trained.config.data.pp_eval,
@@ -157,20 +170,30 @@ def sidecar(trained: inference.TrainedModel, fmt: str, path: str, height: int, w
     }
 
 
+def _integer_output(extra: dict) -> dict:
+    """The output entries of a full-integer model: its integer type, and how to get the logits back."""
+    quantized = (extra.get("quantization") or {}).get("output")
+    if not quantized:
+        return {}
+    return {"dtype": quantized["dtype"], "note": f"quantized logits: logits = (output - {quantized['zero_point']}) * "
+                                                 f"{quantized['scale']:.9g}; softmax them for probabilities"}
+
+
 def export(trained: inference.TrainedModel, fmt: str, out: str, *, image_size: int | None = None,
            platforms: Sequence[str] | None = None, tolerance: float = 1e-4, quantize: str = "",
            calibration: int = 0) -> dict:
     """Write the artefact to `out` and its sidecar to `out + ".json"` after checking it; return the sidecar.
 
-    `quantize="int8"` (onnx only) writes the int8 model instead: dynamic, or static with `calibration`
-    images of the train split; the sidecar's `quantization` holds sizes and val accuracy before and after.
+    `quantize="int8"` (onnx, tflite) writes the int8 model instead: dynamic, or static with `calibration`
+    images of the train split; the sidecar's `quantization` holds sizes, val accuracy before and after, and
+    how often the int8 model's top-1 agrees with the float32 model's.
     """
     if fmt not in FORMATS:
         raise inference.WorkdirError(f"--format {fmt}: use one of {FORMATS}")
     if quantize not in QUANTIZATIONS:
         raise inference.WorkdirError(f"--quantize {quantize}: use one of {QUANTIZATIONS[1:]}")
-    if quantize and fmt != "onnx":
-        raise inference.WorkdirError(f"--quantize {quantize} needs --format onnx (not {fmt})")
+    if quantize and fmt not in QUANTIZED_FORMATS:
+        raise inference.WorkdirError(f"--quantize {quantize} needs --format onnx or tflite (not {fmt})")
     if calibration and not quantize:
         raise inference.WorkdirError("--calibration N needs --quantize int8 (it calibrates static int8 quantization)")
     height, width = resolve_image_size(trained, image_size)
@@ -182,7 +205,7 @@ def export(trained: inference.TrainedModel, fmt: str, out: str, *, image_size: i
     else:
         artefact, extra = _checked_program(trained, fmt, height, width, platforms, tolerance)
         if quantize:
-            artefact, extra["quantization"] = _quantized(trained, artefact, height, width, calibration)
+            artefact, extra["quantization"] = _quantized(trained, fmt, artefact, height, width, calibration)
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "wb") as f:
             f.write(artefact)
@@ -194,13 +217,16 @@ def export(trained: inference.TrainedModel, fmt: str, out: str, *, image_size: i
 
 def _checked_program(trained: inference.TrainedModel, fmt: str, height: int, width: int,
                      platforms: Sequence[str] | None, tolerance: float) -> tuple[bytes, dict]:
-    """The stablehlo or onnx artefact's bytes, checked against the JAX model where it runs here."""
+    """The stablehlo, onnx or tflite artefact's bytes, checked against the JAX model where it runs here."""
     extra = {}
     if fmt == "stablehlo":
         platforms = list(platforms or [jax.export.default_export_platform()])
         artefact = export_stablehlo(trained, height, width, platforms)
         extra["platforms"] = platforms
         runner = artefact_lib.stablehlo_runner if jax.export.default_export_platform() in platforms else None
+    elif fmt == "tflite":
+        artefact = export_tflite(trained, height, width)
+        runner = artefact_lib.tflite_runner
     else:
         artefact = export_onnx(trained, height, width)
         runner = artefact_lib.onnx_runner
@@ -217,37 +243,52 @@ def _checked_program(trained: inference.TrainedModel, fmt: str, height: int, wid
     return artefact, extra
 
 
-def _quantized(trained: inference.TrainedModel, model: bytes, height: int, width: int,
+def _quantized(trained: inference.TrainedModel, fmt: str, model: bytes, height: int, width: int,
                calibration: int) -> tuple[bytes, dict]:
-    """(int8 ONNX bytes, what the quantization did: mode, sizes, val accuracy of float32 and int8)."""
-    try:
-        from jaxclf.deploy import quantize
-    except ImportError:
-        raise ExportError("int8 quantization needs onnxruntime: pip install -e '.[onnx]'") from None
-    images = quantize.calibration_images(trained, calibration) if calibration else None
-    int8 = quantize.quantize(model, images)
+    """(int8 model bytes, what the quantization did: mode, settings, sizes, val accuracy and agreement)."""
+    images = calibration_images(trained, calibration) if calibration else None
     mode = "static" if calibration else "dynamic"
-    record = {"mode": mode, "calibration_images": calibration, "quantized_ops": quantize.OP_TYPES,
-              "settings": quantize.SETTINGS[mode], "size_bytes": {"float32": len(model), "int8": len(int8)}}
-    record["val_accuracy"] = _val_accuracy(trained, {"float32": model, "int8": int8}, height, width)
+    record = {"mode": mode, "calibration_images": calibration}
+    if fmt == "tflite":
+        try:
+            int8 = litert.quantize(model, images)
+        except litert.ConversionError as e:
+            raise ExportError(str(e)) from None
+        record.update(recipe=litert.RECIPES[mode], output=litert.output_quantization(int8))
+    else:
+        try:
+            from jaxclf.deploy import quantize
+        except ImportError:
+            raise ExportError("int8 quantization needs onnxruntime: pip install -e '.[onnx]'") from None
+        int8 = quantize.quantize(model, images)
+        record.update(quantized_ops=quantize.OP_TYPES, settings=quantize.SETTINGS[mode])
+    record["size_bytes"] = {"float32": len(model), "int8": len(int8)}
+    record["val_accuracy"], record["val_agreement"] = _val_accuracy(trained, fmt, {"float32": model, "int8": int8},
+                                                                    height, width)
     return int8, record
 
 
-def _val_accuracy(trained: inference.TrainedModel, models: dict[str, bytes], height: int, width: int) -> dict | str:
-    """Top-1 on the run's val split of each ONNX model in `models` (a note instead where there is no val split)."""
+RUNNERS = {"onnx": artefact_lib.onnx_runner, "tflite": artefact_lib.tflite_runner}
+
+
+def _val_accuracy(trained: inference.TrainedModel, fmt: str, models: dict[str, bytes], height: int,
+                  width: int) -> tuple[dict | str, float | None]:
+    """(top-1 on the run's val split of each model in `models`, the share of val images where the int8 and float32
+    top-1 agree); a note and None instead where there is no val split."""
 
     try:
         _, source = splits.load_split(trained, "val")
     except inference.USER_ERRORS as e:
-        return f"not measured: {e}"
-    record = {"format": "onnx", "class_names": list(trained.class_names), "input": {"shape": ["B", height, width, 3]}}
+        return f"not measured: {e}", None
+    record = {"format": fmt, "class_names": list(trained.class_names), "input": {"shape": ["B", height, width, 3]}}
     batch_size = trained.config.eval_batch_size or trained.config.batch_size
-    accuracy = {}
+    accuracy, predicted = {}, {}
     for name, model in models.items():
-        runner = artefact_lib.Artefact("", record, trained.config, artefact_lib.onnx_runner(model))
-        log_probs, labels, _ = predictions.predict_source(runner, source, batch_size=batch_size)
+        runner = artefact_lib.Artefact("", record, trained.config, RUNNERS[fmt](model))
+        log_probs, labels, indices = predictions.predict_source(runner, source, batch_size=batch_size)
         accuracy[name] = float(np.mean(log_probs.argmax(axis=1) == labels))
-    return accuracy
+        predicted[name] = log_probs.argmax(axis=1)[np.argsort(indices)]
+    return accuracy, float(np.mean(predicted["int8"] == predicted["float32"]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -268,7 +309,8 @@ def _run(argv: Sequence[str]) -> int:
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest logit difference accepted in the check, relative to the largest logit")
     parser.add_argument("--quantize", default="", choices=QUANTIZATIONS[1:],
-                        help="onnx: write the int8 model (onnxruntime quantization); prints size and val accuracy before/after")
+                        help="onnx, tflite: write the int8 model (onnxruntime / ai-edge-quantizer); prints size, val "
+                             "accuracy before/after and their top-1 agreement")
     parser.add_argument("--calibration", type=int, default=0, metavar="N",
                         help="with --quantize: 0 for dynamic quantization, N > 0 for static with N train images")
     args = parser.parse_args(argv)
@@ -301,7 +343,8 @@ def _summary(out: str, record: dict) -> str:
     if quantization:
         sizes, accuracy = quantization["size_bytes"], quantization["val_accuracy"]
         lines.append(f"int8 ({quantization['mode']}): {sizes['float32'] / 2**20:.2f} MiB -> {sizes['int8'] / 2**20:.2f} MiB")
-        lines.append(f"val accuracy: float32 {accuracy['float32']:.2%}, int8 {accuracy['int8']:.2%}"
+        lines.append(f"val accuracy: float32 {accuracy['float32']:.2%}, int8 {accuracy['int8']:.2%}, "
+                     f"top-1 agreement {quantization['val_agreement']:.2%}"
                      if isinstance(accuracy, dict) else f"val accuracy {accuracy}")
     return "\n".join(lines)
 

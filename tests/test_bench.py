@@ -4,6 +4,7 @@ Slow (torch subprocesses): `make test-all` runs them, `make test` does not.
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -72,14 +73,15 @@ def test_serve_bench_loads_both_servers(tmp_path, trained_workdir, digits_root):
     assert report["table"][0]["no_batching"]["mean_batch_images"] == 1
 
 
-def test_inference_bench_times_jax_onnx_and_int8(tmp_path):
+def test_inference_bench_times_jax_onnx_tflite_and_int8(tmp_path):
     report = _run_bench("inference.py", tmp_path / "inference.json", "--models", "resnet18", "--size", "32",
                         "--batch", "2", "--rounds", "1", "--latency_calls", "1", "--throughput_calls", "1",
                         "--calibration", "2")
     measured = report["results"]["resnet18"]["runtimes"]
-    assert set(measured) == {"jax", "onnx_fp32", "onnx_int8_dynamic", "onnx_int8_static"}
+    assert set(measured) == {"jax", "onnx_fp32", "onnx_int8_dynamic", "onnx_int8_static", "tflite_fp32", "tflite_int8"}
     assert all(entry["latency_ms"] > 0 and entry["images_per_sec"] > 0 for entry in measured.values())
     assert measured["onnx_int8_static"]["file_mib"] < measured["onnx_fp32"]["file_mib"] / 3
+    assert measured["tflite_int8"]["file_mib"] < measured["tflite_fp32"]["file_mib"] / 3
     assert "| resnet18 32px | onnx_fp32 |" in report["table"]
 
 
@@ -124,3 +126,19 @@ def test_representations_bench_agrees_with_scikit_learn(tmp_path):
         if "reference" in row:
             assert abs(row["jaxclf"] - row["reference"]) <= 0.005, name
     assert report["results"]["knn k=20 T=0.07"]["max_relative_score_difference"] < 1e-4
+
+
+def test_tensorrt_bench_exports_and_skips_without_a_gpu(tmp_path):
+    """Here (no GPU, no tensorrt): the ONNX models and their QDQ int8 twins are made, then the GPU part is skipped."""
+    report = _run_bench("tensorrt_bench.py", tmp_path / "tensorrt.json", "--models", "mobilenetv3_small_100",
+                        "--size", "32", "--calibration", "2")
+    assert "tensorrt package is not installed" in report["skipped"] or "no GPU" in report["skipped"]
+    sizes = report["onnx_mib"]["mobilenetv3_small_100"]
+    assert 0 < sizes["int8"] < sizes["fp32"] / 3
+
+
+def test_gpu_script_skips_its_tensorrt_part_without_tensorrt(tmp_path):
+    result = subprocess.run(["bash", "bench/gpu.sh", str(tmp_path)], env={**os.environ, "GPU_PARTS": "tensorrt",
+                            "PYTHON": sys.executable}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "tensorrt: skipped" in result.stdout

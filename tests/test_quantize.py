@@ -1,6 +1,6 @@
-"""INT8 ONNX artefacts: they run, evaluate through `evaluate --artefact`, keep the top-1 of a model that
-has learned (tests/small_cnn_config.py on the digits, about 95% float32 top-1), and compute the same
-logits on every x86-64 CPU (their integer products cannot saturate AVX2's 16-bit pair sums; checked on an
+"""INT8 ONNX and TFLite artefacts: they run, evaluate through `evaluate --artefact`, keep the top-1 of a model
+that has learned (tests/small_cnn_config.py on the digits, about 95% float32 top-1), and (ONNX) compute the
+same logits on every x86-64 CPU (their integer products cannot saturate AVX2's 16-bit pair sums; checked on an
 emulated AVX2 CPU where qemu-user is installed)."""
 
 import json
@@ -17,7 +17,8 @@ import pytest
 from onnx import numpy_helper
 
 from jaxclf import config as config_lib, evaluate, export, train
-from jaxclf.deploy import quantize
+from jaxclf.deploy import litert, quantize
+from jaxclf.deploy.calibration import calibration_images
 from jaxclf.evaluation import splits
 from jaxclf.runs import artefact, inference, predictions
 
@@ -81,6 +82,43 @@ def test_int8_runs_and_keeps_the_accuracy(learned_workdir, int8_artefacts, calib
     assert agreement >= MIN_AGREEMENT
 
 
+# Full integer in the default run (its logits come back dequantized); dynamic-range in make test-all.
+@pytest.mark.parametrize("calibration", [pytest.param(0, marks=pytest.mark.slow), 64])
+def test_tflite_int8_runs_and_keeps_the_accuracy(learned_workdir, tmp_path, calibration):
+    """Dynamic-range (int8 weights) and full-integer (int8 weights and activations, 64 calibration images) LiteRT
+    models: the sidecar's top-1 and agreement are what `evaluate --artefact` and the JAX model give."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    out = str(tmp_path / f"digits_int8_{calibration}.tflite")
+    assert export.main(["--workdir", learned_workdir, "--format", "tflite", "--out", out, "--image_size", "16",
+                        "--quantize", "int8", "--calibration", str(calibration)]) == 0
+    with open(out + ".json") as f:
+        sidecar = json.load(f)
+    record = sidecar["quantization"]
+    mode = "static" if calibration else "dynamic"
+    assert record["mode"] == mode and record["recipe"] == litert.RECIPES[mode]
+    assert sidecar["output"]["dtype"] == ("int8" if calibration else "float32")
+    assert os.path.getsize(out) == record["size_bytes"]["int8"] < record["size_bytes"]["float32"] / 2
+    interpreter = Interpreter(model_path=out)
+    assert interpreter.get_input_details()[0]["dtype"] == np.uint8  # the input contract stays uint8 images
+    output_type = interpreter.get_output_details()[0]["dtype"]
+    assert output_type == (np.int8 if calibration else np.float32)  # full integer: int8 logits, dequantized by runners
+    assert (record["output"] or {}).get("dtype") == ("int8" if calibration else None)
+    loaded = artefact.load_artefact(out)
+    assert loaded.format == "tflite-int8"
+    assert evaluate.main(["--artefact", out, "--split", "val"]) == 0
+    with open(os.path.join(out + ".eval", "val", "report.json")) as f:
+        assert json.load(f)["accuracy"] == pytest.approx(record["val_accuracy"]["int8"])
+    top1 = record["val_accuracy"]
+    float32_log_probs, labels = _val_logits(inference.load_trained(learned_workdir))
+    assert top1["float32"] == pytest.approx(np.mean(float32_log_probs.argmax(1) == labels))
+    agreement = float(np.mean(_val_logits(loaded)[0].argmax(1) == float32_log_probs.argmax(1)))
+    assert record["val_agreement"] == pytest.approx(agreement)
+    print(f"\ntflite {mode}: top-1 float32 {top1['float32']:.4f} int8 {top1['int8']:.4f}, agreement {agreement:.4f}")
+    assert top1["int8"] >= top1["float32"] - MAX_TOP1_DROP
+    assert agreement >= MIN_AGREEMENT
+
+
 def _integer_weights(path: str) -> list[np.ndarray]:
     """The 8-bit integer initializers of an ONNX model: its quantized weights (and zero points)."""
     graph = onnx.load(path).graph
@@ -136,7 +174,7 @@ def test_int8_logits_are_the_same_on_an_avx2_cpu(learned_workdir, int8_artefacts
 
 def test_calibration_images_come_from_the_train_split_through_eval_preprocessing(trained_workdir):
     trained = inference.load_trained(trained_workdir)
-    images = quantize.calibration_images(trained, 10)
+    images = calibration_images(trained, 10)
     assert images.shape == (10, 16, 16, 3) and images.dtype == np.uint8
     _, source = splits.load_split(trained, "train")
     train_images = {trained.load_image(p).tobytes() for p in source.paths}

@@ -323,21 +323,22 @@ def test_explain_returns_jaxclf_explain_overlay(trained, client, tmp_path, val_f
     assert np.abs(decode(body["overlay_png"]).astype(int) - overlay).max() <= 1
 
 
-def test_an_exported_artefact_serves_the_same_predictions(trained, trained_workdir, val_files, tmp_path):
-    path = str(tmp_path / "digits.stablehlo")
-    assert export.main(["--workdir", trained_workdir, "--format", "stablehlo", "--out", path, "--image_size", "16"]) == 0
+@pytest.mark.parametrize("fmt", ["stablehlo", "tflite"])
+def test_an_exported_artefact_serves_the_same_predictions(trained, trained_workdir, val_files, tmp_path, fmt):
+    path = str(tmp_path / f"digits.{fmt}")
+    assert export.main(["--workdir", trained_workdir, "--format", fmt, "--out", path, "--image_size", "16"]) == 0
     settings = dataclasses.replace(SETTINGS, max_batch=2)
     with TestClient(create_app(from_loaded(artefact.load_artefact(path)), settings)) as client:
         _wait_ready(client)
         card = client.get("/v1/model").json()
-        assert card["provenance"]["format"] == "stablehlo" and card["provenance"]["artefact"] == "digits.stablehlo"
+        assert card["provenance"]["format"] == fmt and card["provenance"]["artefact"] == f"digits.{fmt}"
         assert card["provenance"]["run"] == os.path.basename(trained_workdir) and str(tmp_path) not in str(card)
         assert (card["model"], card["input_size"], card["classes"]) == ("tiny_cnn", [16, 16], list(trained.class_names))
         response = client.post("/v1/classify", params={"top_k": 3}, files=_files(val_files[:3]))
         assert response.status_code == 200, response.text
         assert response.json()["checkpoint_step"] == trained.step
         _assert_same(response.json()["predictions"], _expected(trained, val_files[:3], top_k=3))
-        assert "stablehlo" in _error(client.post("/v1/explain", files=_files(val_files[:1])), 501, "explain_unavailable")
+        assert fmt in _error(client.post("/v1/explain", files=_files(val_files[:1])), 501, "explain_unavailable")
 
 
 def test_command_line_mistakes_exit_2(trained_workdir, tmp_path, capsys):

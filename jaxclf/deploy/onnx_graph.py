@@ -24,6 +24,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from jaxclf.deploy import jaxprs
+
 OPSET = 18
 # The two batch sizes traced: primes, so that a dimension that is a multiple of the batch cannot be
 # mistaken for a model dimension by coincidence.
@@ -141,17 +143,6 @@ def _merged_shape(a: tuple, b: tuple) -> tuple:
     return tuple(out)
 
 
-def _inner_jaxpr(params: dict):
-    """The (jaxpr, consts) a call-like primitive runs (jit, custom_jvp_call, custom_vjp_call, checkpoint)."""
-    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-        inner = params.get(key)
-        if isinstance(inner, jax.extend.core.ClosedJaxpr):
-            return inner.jaxpr, inner.consts
-        if isinstance(inner, jax.extend.core.Jaxpr):
-            return inner, []
-    return None
-
-
 class _Graph:
     """The ONNX nodes and initializers written so far, and the translation of one primitive at a time."""
 
@@ -245,10 +236,10 @@ class _Graph:
     def equation(self, eqn, eqn2, ins: list[_Value], shapes: list[tuple]) -> list[_Value]:
         """The values of one equation's outputs: a nested program translated, constants folded, or ONNX nodes."""
         name = eqn.primitive.name
-        inner = _inner_jaxpr(eqn.params)
+        inner = jaxprs.inner_jaxpr(eqn.params)
         if inner is not None:
             jaxpr, consts = inner
-            jaxpr2, _ = _inner_jaxpr(eqn2.params)
+            jaxpr2, _ = jaxprs.inner_jaxpr(eqn2.params)
             return self.translate(jaxpr, jaxpr2, [_constant(np.asarray(c)) for c in consts], ins)
         dtypes = [np.dtype(v.aval.dtype) for v in eqn.outvars]
         constant = all(v.const is not None for v in ins)

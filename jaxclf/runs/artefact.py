@@ -1,11 +1,12 @@
 """An exported model loaded back behind the interface of a trained run: `load_artefact(PATH)`.
 
-`jaxclf.export` writes an artefact (StableHLO, ONNX, ONNX int8) and `PATH.json` beside it; the
+`jaxclf.export` writes an artefact (StableHLO, ONNX, TFLite, their int8) and `PATH.json` beside it; the
 sidecar records the run's config, class names and input contract. `load_artefact` returns an
 `Artefact` that stands in for `inference.TrainedModel` wherever a tool only runs the model
 (`class_names`, `logits`, `load_image` through the run's eval preprocessing, `input_size`,
 `step`), so `jaxclf.evaluate --artefact PATH` and a server reuse everything else. StableHLO runs
-through `jax.export.deserialize`, ONNX through onnxruntime (the `onnx` extra) on the CPU.
+through `jax.export.deserialize`, ONNX through onnxruntime (the `onnx` extra), TFLite through the
+LiteRT interpreter (ai-edge-litert, the `litert` extra), on the CPU.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import threading
 from collections.abc import Callable
 
 import jax
@@ -23,7 +25,7 @@ from jaxclf import config as config_lib
 from jaxclf.runs import inference
 
 SIDECAR_SUFFIX = ".json"
-FORMATS = ("stablehlo", "onnx")
+FORMATS = ("stablehlo", "onnx", "tflite")
 
 
 class Artefact(inference.LoadedModel):
@@ -45,7 +47,7 @@ class Artefact(inference.LoadedModel):
 
     @property
     def format(self) -> str:
-        """"stablehlo", "onnx" or "onnx-int8"."""
+        """"stablehlo", "onnx", "onnx-int8", "tflite" or "tflite-int8"."""
         return self.record["format"] + ("-int8" if self.record.get("quantization") else "")
 
     @property
@@ -86,6 +88,8 @@ def load_artefact(path: str) -> Artefact:
         data = f.read()
     if record["format"] == "stablehlo":
         run = stablehlo_runner(data, path, record.get("platforms"))
+    elif record["format"] == "tflite":
+        run = tflite_runner(data)
     else:
         run = onnx_runner(data)
     return Artefact(path, record, _run_config(record, path), run)
@@ -147,11 +151,42 @@ def onnx_runner(data: bytes) -> Callable[[np.ndarray], np.ndarray]:
     return lambda images: session.run(None, {input_name: images})[0]
 
 
+def tflite_runner(data: bytes, num_threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """A function running a LiteRT model on a batch of images, one model batch (fixed when exported) at a time.
+
+    Integer logits of a full-integer model come back dequantized with the output's scale and zero point.
+    One interpreter, behind a lock: LiteRT interpreters must not be invoked from two threads at once.
+    """
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        raise inference.WorkdirError("running a TFLite artefact needs ai-edge-litert: pip install -e '.[litert]'") from None
+    interpreter = Interpreter(model_content=data, num_threads=num_threads)
+    interpreter.allocate_tensors()
+    model_input, output = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    batch = int(model_input["shape"][0])
+    scale, zero_point = output["quantization"] if np.issubdtype(output["dtype"], np.integer) else (1.0, 0)
+    lock = threading.Lock()
+
+    def run(images: np.ndarray) -> np.ndarray:
+        if len(images) % batch:
+            raise inference.WorkdirError(f"this TFLite model takes batches of {batch} images; got {len(images)}")
+        logits = []
+        with lock:
+            for start in range(0, len(images), batch):
+                interpreter.set_tensor(model_input["index"], images[start : start + batch])
+                interpreter.invoke()
+                logits.append(interpreter.get_tensor(output["index"]))
+        return (np.concatenate(logits).astype(np.float32) - zero_point) * np.float32(scale)
+
+    return run
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The run flags (`inference.add_run_arguments`) and `--artefact`, its alternative."""
     inference.add_run_arguments(parser, workdir_required=False)
     parser.add_argument("--artefact", default="", metavar="PATH",
-                        help="an exported model (stablehlo or onnx, with PATH.json) instead of --workdir")
+                        help="an exported model (stablehlo, onnx or tflite, with PATH.json) instead of --workdir")
 
 
 def load_from_args(args: argparse.Namespace) -> inference.LoadedModel:

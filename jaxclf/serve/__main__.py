@@ -1,6 +1,6 @@
 """Serve a trained run over HTTP: `python -m jaxclf.serve --workdir RUN [--checkpoint best] [--port 8000]`.
 
-Or an exported model, `--artefact PATH` instead of `--workdir` (StableHLO or ONNX with its
+Or an exported model, `--artefact PATH` instead of `--workdir` (StableHLO, ONNX or TFLite with its
 PATH.json sidecar, see jaxclf.runs.artefact): a serving box then needs no checkpoint.
 
 Endpoints: POST /v1/classify (multipart files, base64 JSON or one raw image; top_k), POST
