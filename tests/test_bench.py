@@ -109,3 +109,11 @@ def test_lora_bench_reports_what_each_way_trains_and_keeps(tmp_path):
         assert full["trainable_fraction"] == 1.0 > lora["trainable_fraction"] > probe["trainable_fraction"] > 0
         assert full["optimizer_state_bytes"] > lora["optimizer_state_bytes"] > probe["optimizer_state_bytes"]
         assert full["step_time_vs_full"] == 1.0 and all(w["step_s"] > 0 for w in ways.values())
+
+
+def test_memory_bench_measures_remat_against_none(tmp_path):
+    rows = _run_bench("memory.py", tmp_path / "memory.json", "--models", "vit_tiny_patch16_224", "--batch", "8",
+                      "--size", "64", "--time_batch", "2", "--time_size", "32", "--steps", "1", "--rounds", "1")["rows"]
+    assert [row["remat"] for row in rows] == ["none", "dots_saveable", "nothing_saveable"]
+    assert rows[2]["temporaries_bytes"] < rows[1]["temporaries_bytes"] < rows[0]["temporaries_bytes"]
+    assert all(row["step_s"] > 0 for row in rows)
