@@ -2,21 +2,22 @@
 # Everything we measure on a GPU, in one go (a lent GPU is rare and its time short):
 # the train-step benchmark at GPU settings (bf16, batch 128) for the four models, the whole
 # training loop on a JPEG folder against the step alone (ResNet-50, ViT-B/16), and the
-# quickstart trained on the GPU (bf16 by config.dtype="auto") as an end-to-end check of the loop, and
-# TensorRT engines (fp16, int8) built from the ONNX export against JAX on the same GPU.
-#   bash bench/gpu.sh [OUT_DIR]        # writes train_step_gpu_{large,small}.json, train_loop_gpu.json, tensorrt_gpu.json
-#   GPU_PARTS=train_loop bash bench/gpu.sh   # only some parts (train_step, train_loop, quickstart, tensorrt; default all)
+# quickstart trained on the GPU (bf16 by config.dtype="auto") as an end-to-end check of the loop,
+# remat's saving of temporaries, and TensorRT engines (fp16, int8) built from the ONNX export against JAX.
+#   bash bench/gpu.sh [OUT_DIR]        # writes train_step_gpu_{large,small}.json, train_loop_gpu.json, memory_gpu.json, tensorrt_gpu.json
+#   GPU_PARTS=train_loop bash bench/gpu.sh   # only some parts (train_step, train_loop, quickstart, memory, tensorrt; default all)
+#   GPU_PARTS=memory bash bench/gpu.sh       # remat's saving of temporaries (ResNet-50, ViT-B/16, batch 64): memory_gpu.json
 # Needs jax with CUDA, flax, optax, orbax, torch, timm, plus ml_collections and grain. On the
 # workplace's lent GPUs only ml_collections, grain, array_record and portpicker are missing (and
 # simplejpeg, opencv-python-headless for train_loop's fast input): carry them as wheels, and not flax
 # (the image's flax matches its jax; flax 0.12.8 fails on jax 0.11.2). All parts at their default
-# timeouts take ~19 min: with a 15-minute device budget run train_step and train_loop in separate calls.
+# timeouts take ~26 min: with a 15-minute device budget run train_step, train_loop and memory in separate calls.
 set -u
 out=${1:-bench/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
-parts=",${GPU_PARTS:-train_step,train_loop,quickstart,tensorrt},"
+parts=",${GPU_PARTS:-train_step,train_loop,quickstart,memory,tensorrt},"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 $python -c "import jax, flax, torch, timm; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'torch', torch.__version__, 'timm', timm.__version__)"
 $python -c "import os, simplejpeg, cv2; print('fast input: simplejpeg', simplejpeg.__version__, 'opencv', cv2.__version__, 'cores', len(os.sched_getaffinity(0)))" \
@@ -52,6 +53,14 @@ fi
 if [[ $parts == *,quickstart,* ]]; then
 timeout "${TRAIN_S:-60}" $python -m jaxclf.train --config configs/quickstart.py --workdir /tmp/jaxclf_gpu_quickstart \
   --config.num_epochs=5 2>&1 | grep -v "leaked shared_memory" | tail -25
+fi
+
+if [[ $parts == *,memory,* ]]; then
+# Remat (config.model.remat) against none for ResNet-50 and ViT-B/16: the train step's temporaries at
+# batch 64, 224 px, bf16 (XLA's compiled memory analysis, as --dry_run prints it; compile only), then
+# the step time of each policy at the same batch. The goal: >= 40% fewer temporaries. ~5 min.
+timeout "${MEMORY_S:-420}" $python bench/memory.py --models resnet50,vit_base_patch16_224 --batch 64 --size 224 \
+  --time_batch 64 --time_size 224 --steps 5 --rounds 2 --out "$out/memory_gpu.json"
 fi
 
 if [[ $parts == *,tensorrt,* ]]; then

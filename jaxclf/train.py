@@ -1,5 +1,7 @@
 """Train a classifier: `python -m jaxclf.train --config configs/NAME.py [--workdir DIR] [--config.a.b=VALUE ...]`.
 
+`--dry_run [--memory_gb N]` compiles the step and prints what it needs per device instead (`dry_run`).
+
 Reads top to bottom: resolve the config -> build (data, model, optimizer, steps) -> restore or
 init -> loop (train, log, evaluate, checkpoint). A workdir that already holds a checkpoint is resumed.
 """
@@ -13,6 +15,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 
 import jax
@@ -33,6 +36,7 @@ from jaxclf.training import (
     distributed,
     listeners as listeners_lib,
     loop as loop_lib,
+    memory,
     optim,
     preemption,
     profiling,
@@ -98,6 +102,43 @@ def train_and_evaluate(
         built.checkpointer.close()
 
 
+def dry_run(config: ml_collections.ConfigDict, memory_gb: float | None = None, *,
+            devices: list[jax.Device] | None = None) -> tuple[memory.StepMemory, memory.BatchFit | None]:
+    """Compile the train step of `config` for its mesh (`devices`, default all) with abstract inputs, print what
+    it needs per device (`memory.report`) and, given `memory_gb`, the largest batch that fits; train nothing.
+
+    The config is resolved as for training (reading `model_init` for the options it implies) and the data's
+    class lists are read (no image); the model and state are shapes only and nothing is written to a workdir.
+    """
+    mesh = sharding.make_mesh(devices)
+    resolved = resolve_lib.resolve(config, mesh.devices.flat[0].platform, task_registry.check_config)
+    for note in resolved.notes:
+        print(note, file=sys.stderr)
+    config = resolved.config
+    run_tasks = task_registry.for_run(config, resolved.pretrained[1] if resolved.pretrained else None)
+    splits = data_lib.load_splits(config.data)
+    with tempfile.TemporaryDirectory(prefix="jaxclf_dry_run_") as scratch:  # what the class checks and tasks write
+        data = _training_data(config, run_tasks, splits, scratch, mesh)
+    program = _train_program(config, resolved.pretrained, run_tasks, data, mesh, abstract=True)
+    image_shape = pipeline.image_shape(config.data.pp_train)
+
+    def measure_at(batch_size: int) -> memory.StepMemory:
+        with progress_lib.phase(f"compiling the train step at batch {batch_size}"):
+            return memory.measure(program.train_step, program.state, program.state_sharding,
+                                  memory.abstract_batch(batch_size, image_shape, mesh))
+
+    step = measure_at(config.batch_size)
+    fit = None
+    if memory_gb is not None:
+        multiple = mesh.size * config.optim.accumulate_steps  # every micro-batch splits evenly over the devices
+        try:
+            fit = memory.largest_batch(measure_at, step, round(memory_gb * memory.GIB), multiple)
+        except ValueError as e:
+            raise config_lib.ConfigError(f"--memory_gb: {e}") from None
+    print(memory.report(step, mesh.size, fit))
+    return step, fit
+
+
 def build(config: ml_collections.FrozenConfigDict, pretrained: tuple[dict, weights.Pretrained] | None, workdir: str,
           mesh: Mesh) -> Built:
     """Data, model (with `pretrained` loaded), optimizer, sharded train state, jitted steps and evaluators for a
@@ -107,52 +148,21 @@ def build(config: ml_collections.FrozenConfigDict, pretrained: tuple[dict, weigh
     with progress_lib.phase(f"reading the data ({config.data.source} {config.data.tfds_name or config.data.root})"):
         splits = data_lib.load_splits(config.data)
     data_check.before_training(config.data, splits, workdir)  # config.data.check: fails now, not hours in
-    splits = task_base.fold(run_tasks, "splits", splits, workdir)
-    train_set = splits["train"]
-    num_classes = _check_num_classes(config, splits, workdir)
-    sharding.check_batch_size(config.batch_size, mesh, "batch_size")
-    sharding.check_batch_size(config.eval_batch_size or config.batch_size, mesh, "eval_batch_size")
-    replay = _replay(run_tasks)
-    replay_rows = replay.rows if replay else 0
-    steps_per_epoch = len(train_set) // (config.batch_size - replay_rows)  # an epoch: a pass over the training data
-    if steps_per_epoch == 0:
-        raise config_lib.ConfigError(
-            f"config.batch_size={config.batch_size} is larger than the {len(train_set)} training images"
-        )
-    total_steps = config.total_steps or math.ceil(config.num_epochs * steps_per_epoch)
-
-    model = _create_model(config, num_classes)
-    if pretrained:
-        _load_model_init(model, task_base.fold(run_tasks, "init_params", pretrained[0], model), config)
-    _apply_peft(model, config)
-    try:
-        tx, schedule = optim.make_optimizer(config.optim, model, total_steps, steps_per_epoch)
-    except optim.OptimConfigError as e:
-        raise config_lib.ConfigError(str(e)) from None
-    train_graphdef, eval_graphdef, state = steps.create_train_state(
-        model, tx, ema=config.ema_decay > 0, freeze_bn_stats=config.freeze_bn_stats
-    )
-    try:
-        state_sharding = sharding.state_sharding(state, mesh, config.param_sharding)
-    except ValueError as e:
-        raise config_lib.ConfigError(str(e)) from None
-    counts = task_base.fold(run_tasks, "class_counts", list(train_set.class_counts().values()))
-    loss = task_base.fold(run_tasks, "loss", steps.Loss(terms=(), class_weights=imbalance.class_weights(
-        config.data.class_weights, counts)), tuple(train_set.class_names))
-    train_step = steps.make_train_step(train_graphdef, tx, mesh, config, num_classes, state_sharding, loss,
-                                       compiler_options=_train_compiler_options(model),
-                                       frozen_params=optim.frozen_mask(config.optim, model))
+    data = _training_data(config, run_tasks, splits, workdir, mesh)
+    program = _train_program(config, pretrained, run_tasks, data, mesh)
     class_groups = {name: ids for task in run_tasks for name, ids in task.eval_groups().items()}
-    context = eval_base.EvalContext(config, mesh, eval_graphdef, state_sharding, splits, class_groups, steps_per_epoch)
-    evaluations = eval_base.Evaluations(eval_registry.build(context), total_steps,
+    context = eval_base.EvalContext(config, mesh, program.eval_graphdef, program.state_sharding, data.splits,
+                                    class_groups, data.steps_per_epoch)
+    evaluations = eval_base.Evaluations(eval_registry.build(context), data.total_steps,
                                         derive=lambda metrics: task_base.fold(run_tasks, "eval_metrics", metrics))
     evaluations.check_metric(config.best_metric, "config.best_metric")
+    replay, train_set = data.replay, data.train_set
 
     def make_train_iterator(num_workers: int):
         return iter(pipeline.make_train_loader(
             train_set, config.data.pp_train, global_batch_size=config.batch_size, seed=config.seed,
             num_workers=num_workers, sampling=config.data.sampling, bad_images=config.data.bad_images,
-            replay=replay.source if replay else None, replay_rows=replay_rows,
+            replay=replay.source if replay else None, replay_rows=replay.rows if replay else 0,
             max_image_pixels=config.data.max_image_pixels,
         ))
 
@@ -160,10 +170,85 @@ def build(config: ml_collections.FrozenConfigDict, pretrained: tuple[dict, weigh
         workdir, keep=config.keep_checkpoints, best_metric=config.best_metric, best_mode=config.best_mode
     )
     return Built(
-        config=config, mesh=mesh, train_set=train_set, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-        state=jax.device_put(state, state_sharding), train_step=train_step, evaluations=evaluations,
-        schedule=schedule, make_train_iterator=make_train_iterator, checkpointer=checkpointer,
+        config=config, mesh=mesh, train_set=train_set, total_steps=data.total_steps,
+        steps_per_epoch=data.steps_per_epoch, state=jax.device_put(program.state, program.state_sharding),
+        train_step=program.train_step, evaluations=evaluations, schedule=program.schedule,
+        make_train_iterator=make_train_iterator, checkpointer=checkpointer,
     )
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """The run's splits after its tasks' hooks, the number of classes, the replay stream and the step counts."""
+
+    splits: dict[str, sources.Source]
+    train_set: sources.Source
+    num_classes: int
+    replay: task_base.Replay | None
+    steps_per_epoch: int
+    total_steps: int
+
+
+def _training_data(config: ml_collections.FrozenConfigDict, run_tasks: Sequence[task_base.Task], splits: dict,
+                   workdir: str, mesh: Mesh) -> TrainingData:
+    splits = task_base.fold(run_tasks, "splits", splits, workdir)
+    train_set = splits["train"]
+    num_classes = _check_num_classes(config, splits, workdir)
+    sharding.check_batch_size(config.batch_size, mesh, "batch_size")
+    sharding.check_batch_size(config.eval_batch_size or config.batch_size, mesh, "eval_batch_size")
+    replay = _replay(run_tasks)
+    steps_per_epoch = len(train_set) // (config.batch_size - (replay.rows if replay else 0))  # a pass over the data
+    if steps_per_epoch == 0:
+        raise config_lib.ConfigError(
+            f"config.batch_size={config.batch_size} is larger than the {len(train_set)} training images"
+        )
+    total_steps = config.total_steps or math.ceil(config.num_epochs * steps_per_epoch)
+    return TrainingData(splits, train_set, num_classes, replay, steps_per_epoch, total_steps)
+
+
+@dataclasses.dataclass
+class TrainProgram:
+    """The model's graphdefs, its initial train state and layout, and the jitted train step over the mesh."""
+
+    eval_graphdef: nnx.GraphDef
+    state: steps.TrainState  # ShapeDtypeStructs where built `abstract`
+    state_sharding: object
+    train_step: Callable
+    schedule: optax.Schedule
+
+
+def _train_program(config: ml_collections.FrozenConfigDict, pretrained: tuple[dict, weights.Pretrained] | None,
+                   run_tasks: Sequence[task_base.Task], data: TrainingData, mesh: Mesh, *,
+                   abstract: bool = False) -> TrainProgram:
+    """Model (with `pretrained` loaded, PEFT applied), optimizer, state and train step. `abstract`: the model
+    and state as shapes only (`nnx.eval_shape`; no initialisation, no weights), for compiling ahead."""
+
+    def adapted_model() -> models.Classifier:
+        model = _create_model(config, data.num_classes)
+        if pretrained and not abstract:  # loading weights changes no shape: an abstract model skips them
+            _load_model_init(model, task_base.fold(run_tasks, "init_params", pretrained[0], model), config)
+        _apply_peft(model, config)
+        return model
+
+    model = nnx.eval_shape(adapted_model) if abstract else adapted_model()
+    try:
+        tx, schedule = optim.make_optimizer(config.optim, model, data.total_steps, data.steps_per_epoch)
+    except optim.OptimConfigError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    train_graphdef, eval_graphdef, state = steps.create_train_state(
+        model, tx, ema=config.ema_decay > 0, freeze_bn_stats=config.freeze_bn_stats, abstract=abstract
+    )
+    try:
+        state_sharding = sharding.state_sharding(state, mesh, config.param_sharding)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    counts = task_base.fold(run_tasks, "class_counts", list(data.train_set.class_counts().values()))
+    loss = task_base.fold(run_tasks, "loss", steps.Loss(terms=(), class_weights=imbalance.class_weights(
+        config.data.class_weights, counts)), tuple(data.train_set.class_names))
+    train_step = steps.make_train_step(train_graphdef, tx, mesh, config, data.num_classes, state_sharding, loss,
+                                       compiler_options=steps.train_compiler_options(model),
+                                       frozen_params=optim.frozen_mask(config.optim, model))
+    return TrainProgram(eval_graphdef, state, state_sharding, train_step, schedule)
 
 
 def _replay(run_tasks: Sequence[task_base.Task]) -> task_base.Replay | None:
@@ -240,11 +325,6 @@ def _train(built: Built, workdir: str, stop_at_step: int | None, listeners: Sequ
     return val_metrics
 
 
-def _train_compiler_options(model: models.Classifier) -> dict:
-    """The model's own XLA:CPU train-step options, with the "cpu" kernel set (`jaxclf/kernels`)."""
-    return model.xla_cpu_train_options() if getattr(model, "kernels", "plain") == "cpu" else {}
-
-
 def _write_result(workdir: str, status: str, **fields) -> dict:
     """`workdir/result.json`: written once a run has finished, for sweeps and scripts to read; returns its record."""
     record = {"status": status, **{k: _jsonable(v) for k, v in fields.items()}}
@@ -318,18 +398,24 @@ def _create_model(config: ml_collections.FrozenConfigDict, num_classes: int) -> 
         raise config_lib.ConfigError(f"config.model_name / config.model: {e}") from None
 
 
-def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]:
-    """Parse `--config FILE[:ARG] --workdir DIR --config.a.b=VALUE ...` into (config, workdir), and join
-    the other processes of a multi-process run."""
+def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, str, argparse.Namespace]:
+    """Parse `--config FILE[:ARG] --workdir DIR --config.a.b=VALUE ... [--dry_run [--memory_gb N]]` into
+    (config, workdir, the other flags), and join the other processes of a multi-process run."""
     parser = argparse.ArgumentParser(prog="python -m jaxclf.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="config file, optionally FILE:ARG for get_config(ARG)")
     parser.add_argument("--workdir", help="where checkpoints, metrics and config.json go (default: "
                         "runs/<config file name>[_<ARG>]); a workdir holding a checkpoint is resumed")
+    parser.add_argument("--dry_run", action="store_true", help="compile the train step for the config's mesh, print "
+                        "its memory per device and FLOPs, and exit without training or writing anything")
+    parser.add_argument("--memory_gb", type=_memory_gib, help="with --dry_run: a device's memory in GiB; also print "
+                        "the largest batch whose step fits it")
     multi = parser.add_argument_group("multi-process runs (SLURM's srun needs none of these)")
     multi.add_argument("--coordinator_address", help="HOST:PORT of process 0")
     multi.add_argument("--num_processes", type=int)
     multi.add_argument("--process_id", type=int)
     args, rest = parser.parse_known_args(argv)
+    if args.memory_gb is not None and not args.dry_run:
+        parser.error("--memory_gb sizes the batch of a --dry_run; add --dry_run")
     try:
         overrides = config_lib.parse_override_args(rest)
     except config_lib.ConfigError as e:
@@ -340,10 +426,20 @@ def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]:
     except ValueError as e:
         parser.error(str(e))
     workdir = args.workdir or config_lib.default_workdir(args.config)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and not args.dry_run:
         resuming = os.path.isdir(os.path.join(workdir, "checkpoints"))
         print(f"workdir: {workdir}{' (resuming)' if resuming else ''}", file=sys.stderr)
-    return config, workdir
+    return config, workdir, args
+
+
+def _memory_gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of GiB per device (e.g. 80), got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,7 +447,11 @@ def main(argv: list[str] | None = None) -> int:
     75 (`EXIT_PREEMPTED`) stopped by a signal after checkpointing, 3 the loss became NaN/Inf,
     4 (`EXIT_PRUNED`) a search trial stopped by its pruner (`python -m launch.trial`, which runs
     this training with the pruner as a listener; result.json says "pruned")."""
-    return exit_status(lambda: train_and_evaluate(*parse_args(sys.argv[1:] if argv is None else argv)))
+    def run():
+        config, workdir, args = parse_args(sys.argv[1:] if argv is None else argv)
+        return dry_run(config, args.memory_gb) if args.dry_run else train_and_evaluate(config, workdir)
+
+    return exit_status(run)
 
 
 def exit_status(run: Callable[[], object]) -> int:

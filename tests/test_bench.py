@@ -142,3 +142,11 @@ def test_gpu_script_skips_its_tensorrt_part_without_tensorrt(tmp_path):
                             "PYTHON": sys.executable}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "tensorrt: skipped" in result.stdout
+
+
+def test_memory_bench_measures_remat_against_none(tmp_path):
+    rows = _run_bench("memory.py", tmp_path / "memory.json", "--models", "vit_tiny_patch16_224", "--batch", "8",
+                      "--size", "64", "--time_batch", "2", "--time_size", "32", "--steps", "1", "--rounds", "1")["rows"]
+    assert [row["remat"] for row in rows] == ["none", "dots_saveable", "nothing_saveable"]
+    assert rows[2]["temporaries_bytes"] < rows[1]["temporaries_bytes"] < rows[0]["temporaries_bytes"]
+    assert all(row["step_s"] > 0 for row in rows)

@@ -153,6 +153,16 @@ def _split_decode(ops_spec: str, max_image_pixels: int = ops_lib.DEFAULT_MAX_IMA
     return dataclasses.replace(operations[0], max_pixels=max_image_pixels), operations[1:]
 
 
+def image_shape(ops_spec: str) -> tuple[int, int, int]:
+    """The (H, W, 3) of the uint8 images `ops_spec` makes, from its ops run on a synthetic 1024x1024 image
+    (for compiling a step before any data is read; every op that fixes a size fixes it for any input)."""
+    example = {"image": np.zeros((1024, 1024, 3), np.uint8), "label": 0}
+    rng = np.random.default_rng(0)
+    for op in ops_lib.parse_ops(ops_spec):
+        example = op.random_map(example, rng) if isinstance(op, grain.transforms.RandomMap) else op.map(example)
+    return tuple(ToArray().map(example)["image"].shape)
+
+
 @dataclasses.dataclass(frozen=True)
 class ToArray(grain.transforms.Map):
     """The last op before batching: the image as a uint8[H, W, 3] array, whatever the ops left."""

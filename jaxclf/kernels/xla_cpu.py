@@ -23,6 +23,11 @@ VIT_TRAIN_OPTIONS = {"xla_cpu_enable_concurrency_optimized_scheduler": False}
 # Bottleneck ResNets' train steps, whose 1x1 convs are matmuls with the "cpu" kernels: ~13% faster
 # with YNNPACK running those matmuls (ResNet-18 and ViT-S were not faster with it).
 BOTTLENECK_TRAIN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_DOT"}
+# Train steps of models with a remat policy (config.model.remat): XLA:CPU's OptimizationBarrierExpander
+# ("cse_barrier_expander") drops the barriers jax.checkpoint puts before each recomputation, and a later
+# CSE pass then folds the recomputed forward into the saved one, which undoes the remat (ViT-B/16 at
+# batch 64: 16.7 GB of temporaries with and without it; 2.2 GB with the pass off). GPU keeps the barriers.
+REMAT_TRAIN_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
 
 
 def compiler_options(platform: str, model_options: dict | None = None) -> dict | None:

@@ -6,6 +6,7 @@ family is one file that calls `register`; the families registered are the ones i
 
 from jaxclf.models.base import (  # noqa: F401 (the package's interface)
     DTYPES,
+    REMAT_POLICIES,
     Classifier,
     create,
     create_model,
@@ -14,5 +15,6 @@ from jaxclf.models.base import (  # noqa: F401 (the package's interface)
     matches,
     options,
     register,
+    remat_block,
 )
 from jaxclf.models import convnext, efficientnet, eva, resnet, resnetv2, vit  # noqa: F401,E402 (each registers its model names)

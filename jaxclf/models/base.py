@@ -7,11 +7,15 @@ touches no other file. Every model subclasses `Classifier`: it maps `images: flo
 (normalised, NHWC) to `logits: float32[B, num_classes]`, computes in `dtype` with float32 params,
 and answers what training asks of it (head, weight-decay exclusions, layer ids). The kernel set
 (`jaxclf/kernels`) is no constructor argument: `create` gives the model its `kernels`, and the model's
-forward passes run under that set, whatever blocks they call.
+forward passes run under that set, whatever blocks they call. Rematerialisation is chosen the same way:
+`create(..., remat=POLICY)` (config.model.remat) makes every block whose `__call__` is decorated with
+`remat_block` save only what the policy keeps and recompute the rest in the backward pass.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import functools
 import inspect
@@ -21,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from jaxclf import kernels as kernels_lib
@@ -29,16 +34,59 @@ Factory = Callable[..., nnx.Module]
 
 _REGISTRY: dict[str, Factory] = {}
 # Arguments every model takes from `create` itself; the rest are the model's own options.
-_COMMON_ARGS = ("num_classes", "rngs", "dtype", "kernels")
+_COMMON_ARGS = ("num_classes", "rngs", "dtype", "kernels", "remat")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
+# `remat` option -> what a rematerialised block keeps for the backward pass (jax.checkpoint_policies);
+# "" keeps every activation (no rematerialisation).
+REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+_REMAT: contextvars.ContextVar[str] = contextvars.ContextVar("jaxclf_remat", default="")
 
-def _under_own_kernels(method: Callable) -> Callable:
-    """`method` run under the model's kernel set (`self.kernels`), so every layer it reaches uses it."""
+
+def check_remat(policy: str) -> str:
+    """`policy` if it names a rematerialisation policy ("" for none); ValueError listing them otherwise."""
+    if policy and policy not in REMAT_POLICIES:
+        raise ValueError(f"remat={policy!r}: use '' (off) or one of {', '.join(REMAT_POLICIES)}")
+    return policy
+
+
+@contextlib.contextmanager
+def _remat(policy: str):
+    token = _REMAT.set(policy)
+    try:
+        yield
+    finally:
+        _REMAT.reset(token)
+
+
+def remat_block(call: Callable) -> Callable:
+    """Decorates a block's `__call__`: run inside a model built with `remat=POLICY`, the block is one
+    `nnx.remat` unit, so the backward pass recomputes what POLICY does not save. Non-array arguments
+    (a prefix-token count) are static. Outside such a model, `call` runs as written."""
+
+    @functools.wraps(call)
+    def run(self, *args):
+        policy = _REMAT.get()
+        if not policy:
+            return call(self, *args)
+        static = tuple(i + 1 for i, arg in enumerate(args) if not isinstance(arg, jax.Array | np.ndarray))
+        return nnx.remat(call, policy=REMAT_POLICIES[policy], static_argnums=static)(self, *args)
+
+    return run
+
+
+def _under_own_settings(method: Callable) -> Callable:
+    """`method` run under the model's kernel set (`self.kernels`) and remat policy (`self.remat`), so every
+    layer and block it reaches uses them."""
 
     @functools.wraps(method)
     def run(self, *args, **kwargs):
-        with kernels_lib.use(self.kernels):
+        with kernels_lib.use(self.kernels), _remat(self.remat):
             return method(self, *args, **kwargs)
 
     return run
@@ -52,17 +100,18 @@ class Classifier(nnx.Module):
     layer (what representation evaluators, kNN and probes, read). Override what differs from the other defaults; the
     trainer, the optimizer and the weight loaders ask the model rather than matching names. Every
     forward method a subclass defines runs under the model's kernel set (`kernels`, set by `create`;
-    plain JAX for a model built directly).
+    plain JAX for a model built directly) and remat policy (`remat`: its `remat_block`s rematerialised).
     """
 
     kernels: str = "plain"
+    remat: str = ""
     _FORWARD_METHODS = ("__call__", "forward_features", "forward_head", "pooled_features")
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         for name in cls._FORWARD_METHODS:
             if name in cls.__dict__:
-                setattr(cls, name, _under_own_kernels(cls.__dict__[name]))
+                setattr(cls, name, _under_own_settings(cls.__dict__[name]))
 
     def __call__(self, images: jax.Array) -> jax.Array:
         """images: float32[B, H, W, 3], normalised -> logits float32[B, num_classes]."""
@@ -136,7 +185,7 @@ def family(name: str) -> str:
 
 def options(name: str) -> dict[str, Any]:
     """The options model `name` accepts (`config.model`), with their defaults (inspect.Parameter.empty where
-    required): its constructor's own, and `kernels`, which `create` takes for every model."""
+    required): its constructor's own, and `kernels` and `remat`, which `create` takes for every model."""
     _check_name(name)
     factory = _REGISTRY[name]
     fixed = factory.keywords if isinstance(factory, functools.partial) else {}
@@ -145,7 +194,7 @@ def options(name: str) -> dict[str, Any]:
     parameters = inspect.signature(base.__init__ if inspect.isclass(base) else base).parameters
     defaults = {p: v.default for p, v in parameters.items()
                 if p not in (*_COMMON_ARGS, "self") and v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)}
-    return {"kernels": "auto", **defaults, **fixed}
+    return {"kernels": "auto", "remat": "", **defaults, **fixed}
 
 
 def create(
@@ -155,14 +204,17 @@ def create(
     rngs: nnx.Rngs | None = None,
     dtype: Any = jnp.float32,
     kernels: str = "auto",
+    remat: str = "",
     **kwargs: Any,
 ) -> Classifier:
     """Builds the registered model `name` with a `num_classes`-way head (`rngs` default `Rngs(0)`),
-    computing with kernel set `kernels` ("auto": this platform's; see jaxclf/kernels).
+    computing with kernel set `kernels` ("auto": this platform's; see jaxclf/kernels) and rematerialising
+    each block with policy `remat` ("": none; `REMAT_POLICIES`).
 
     Raises ValueError for an unknown name (suggesting the closest ones) and TypeError for an
     option the model does not accept or a model that is not a `Classifier`.
     """
+    check_remat(remat)
     accepted = options(name)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
@@ -176,6 +228,7 @@ def create(
         raise TypeError(f"model {name!r} built a {type(model).__name__}; registered models subclass "
                         "jaxclf.models.Classifier (it tells training the head, weight-decay exclusions and layer ids)")
     model.kernels = kernels_lib.resolve(kernels)
+    model.remat = remat
     return model
 
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxclf.models import Classifier, layers, register
+from jaxclf.models import Classifier, layers, register, remat_block
 from jaxclf.models.drop_path import drop_path
 
 # timm's _init_weights: trunc-normal(0.02) convs and linears, zero biases.
@@ -68,6 +68,7 @@ class Block(nnx.Module):
         self.gamma = nnx.Param(jnp.full((dim,), ls_init_value, jnp.float32))
         self.drop_path = drop_path(drop_path_rate, rngs=rngs)
 
+    @remat_block
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self.mlp(self.norm(self.conv_dw(x)))
         return x + self.drop_path(y * self.gamma[...].astype(y.dtype))

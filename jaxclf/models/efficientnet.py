@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxclf.models import Classifier, layers, register
+from jaxclf.models import Classifier, layers, register, remat_block
 from jaxclf.models.drop_path import drop_path
 
 # timm's _init_weight_goog: convs N(0, 2/fan_out) with fan_out counted per group (for a depthwise
@@ -173,6 +173,7 @@ class Block(nnx.Module):
         setattr(self, next(bns), _bn(cout, variant, **conv))
         self.drop_path = drop_path(drop_path_rate if self.has_skip else 0.0, rngs=rngs)
 
+    @remat_block
     def __call__(self, x: jax.Array) -> jax.Array:
         act = ACTIVATIONS[self.act]
         if self.kind == "cn":

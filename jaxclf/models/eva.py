@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from jaxclf.models import layers
-from jaxclf.models.base import register
+from jaxclf.models.base import register, remat_block
 from jaxclf.models.vit import VisionTransformer, _dropout, _layer_norm, _linear
 
 # EVA-02's rotary grid is the 224 px pretraining grid (16 x 16 patches of 14): other resolutions
@@ -116,6 +116,7 @@ class EvaBlock(nnx.Module):
         self.drop_path1 = _dropout(drop_path, rngs=rngs, broadcast_dims=(1, 2))
         self.drop_path2 = _dropout(drop_path, rngs=rngs, broadcast_dims=(1, 2))
 
+    @remat_block
     def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, num_prefix_tokens: int) -> jax.Array:
         x = x + self.drop_path1(self.attn(self.norm1(x), sin, cos, num_prefix_tokens))
         return x + self.drop_path2(self.mlp(self.norm2(x)))

@@ -16,7 +16,7 @@ from flax import nnx
 
 from jaxclf.kernels import xla_cpu
 from jaxclf.models import layers
-from jaxclf.models.base import Classifier, register
+from jaxclf.models.base import Classifier, register, remat_block
 
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), an untruncated normal.
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -71,6 +71,7 @@ class BasicBlock(nnx.Module):
         self.bn2 = _bn(planes, rngs=rngs, dtype=dtype, zero_scale=zero_init_last_bn)
         self.downsample = _downsample(cin, planes, stride, rngs=rngs, dtype=dtype)
 
+    @remat_block
     def __call__(self, x: jax.Array) -> jax.Array:
         y = nnx.relu(self.bn1(self.conv1(x)))
         y = self.bn2(self.conv2(y))
@@ -95,6 +96,7 @@ class Bottleneck(nnx.Module):
         self.bn3 = _bn(cout, rngs=rngs, dtype=dtype, zero_scale=zero_init_last_bn)
         self.downsample = _downsample(cin, cout, stride, rngs=rngs, dtype=dtype)
 
+    @remat_block
     def __call__(self, x: jax.Array) -> jax.Array:
         y = nnx.relu(self.bn1(self.conv1(x)))
         y = nnx.relu(self.bn2(self.conv2(y)))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxclf.models import layers
-from jaxclf.models.base import Classifier, register
+from jaxclf.models.base import Classifier, register, remat_block
 
 # timm's _init_weights: kaiming_normal_(mode="fan_out", nonlinearity="relu") for convs...
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -95,6 +95,7 @@ class PreActBottleneck(nnx.Module):
         self.norm3 = _group_norm(mid, rngs=rngs, dtype=dtype)
         self.conv3 = StdConv(mid, cout, 1, rngs=rngs, dtype=dtype)
 
+    @remat_block
     def __call__(self, x: jax.Array) -> jax.Array:
         preact = nnx.relu(self.norm1(x))
         shortcut = x if self.downsample is None else self.downsample(preact)

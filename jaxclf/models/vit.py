@@ -22,7 +22,7 @@ from flax import nnx
 
 from jaxclf.kernels import xla_cpu
 from jaxclf.models import layers
-from jaxclf.models.base import Classifier, register
+from jaxclf.models.base import Classifier, register, remat_block
 
 _init = nnx.initializers.truncated_normal(0.02)
 # torch nn.Conv2d's default weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as in timm.
@@ -125,6 +125,7 @@ class Block(nnx.Module):
         self.drop_path1 = _dropout(drop_path, rngs=rngs, broadcast_dims=(1, 2))
         self.drop_path2 = _dropout(drop_path, rngs=rngs, broadcast_dims=(1, 2))
 
+    @remat_block
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.drop_path1(_scaled(self.ls1, self.attn(self.norm1(x))))
         return x + self.drop_path2(_scaled(self.ls2, self.mlp(self.norm2(x))))

@@ -41,12 +41,14 @@ class TrainState:
 
 
 def create_train_state(
-    model: nnx.Module, tx: optax.GradientTransformation, *, ema: bool = False, freeze_bn_stats: bool = False
+    model: nnx.Module, tx: optax.GradientTransformation, *, ema: bool = False, freeze_bn_stats: bool = False,
+    abstract: bool = False,
 ) -> tuple[nnx.GraphDef, nnx.GraphDef, TrainState]:
     """Split `model` into (train-mode graphdef, eval-mode graphdef, initial state).
 
     `freeze_bn_stats` keeps BatchNorm on its running statistics during training too (they are
-    neither used from the batch nor updated), the usual choice for small-batch fine-tuning.
+    neither used from the batch nor updated), the usual choice for small-batch fine-tuning. With
+    `abstract`, `model` is an `nnx.eval_shape` one and the state holds only shapes (ShapeDtypeStruct).
     """
     model.eval()
     eval_graphdef = nnx.graphdef(model)
@@ -56,13 +58,12 @@ def create_train_state(
             if isinstance(module, nnx.BatchNorm):
                 module.use_running_average = True
     train_graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        model_state=model_state,
-        opt_state=tx.init(params),
-        ema_params=jax.tree.map(jnp.copy, params) if ema else None,
-    )
+
+    def initial_state(params: nnx.State, model_state: nnx.State) -> TrainState:
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                          opt_state=tx.init(params), ema_params=jax.tree.map(jnp.copy, params) if ema else None)
+
+    state = jax.eval_shape(initial_state, params, model_state) if abstract else initial_state(params, model_state)
     return train_graphdef, eval_graphdef, state
 
 
@@ -143,6 +144,13 @@ class Loss:
 def cross_entropy_loss(class_weights: jax.Array | None = None) -> Loss:
     """Plain classification's loss: the cross-entropy against the (smoothed, mixed, class-weighted) targets."""
     return Loss(terms=(("cross_entropy", weighted_cross_entropy),), class_weights=class_weights)
+
+
+def train_compiler_options(model: nnx.Module) -> dict:
+    """The model's own XLA:CPU train-step options, with the "cpu" kernel set (`jaxclf/kernels`), and with a
+    remat policy the option that keeps XLA:CPU from undoing it (`xla_cpu.REMAT_TRAIN_OPTIONS`)."""
+    options = model.xla_cpu_train_options() if getattr(model, "kernels", "plain") == "cpu" else {}
+    return {**options, **(xla_cpu.REMAT_TRAIN_OPTIONS if getattr(model, "remat", "") else {})}
 
 
 def make_train_step(
@@ -250,7 +258,9 @@ def make_train_step(
     jitted = jax.jit(train_step, in_shardings=(state_sharding, sharding.batch_sharded(mesh), frozen_sharding),
                      **jit_options)
     frozen = jax.device_put(loss.frozen, frozen_sharding)
-    return lambda state, batch: jitted(state, batch, frozen)
+    step = lambda state, batch: jitted(state, batch, frozen)  # noqa: E731
+    step.lower = lambda state, batch: jitted.lower(state, batch, frozen)  # for compiling ahead (training/memory.py)
+    return step
 
 
 def _selected_leaves(tree, selected: list[bool] | None) -> list:

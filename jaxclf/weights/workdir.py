@@ -83,8 +83,8 @@ def load(source: str, model_name: str = "") -> tuple[dict[str, np.ndarray], RunI
             "distil it instead: config.distill.teacher)"
         )
     params = {name: np.asarray(leaf) for name, leaf in tree_paths.flatten(nnx.state(trained.model)).items()}
-    # The kernel set is the platform's choice, made afresh by the run that loads the weights.
-    options = {k: v for k, v in config.model.to_dict().items() if k != "kernels"}
+    # The kernel set and remat policy are how to compute, chosen afresh by the run that loads the weights.
+    options = {k: v for k, v in config.model.to_dict().items() if k not in ("kernels", "remat")}
     preprocessing = {
         "mean": tuple(config.data.mean), "std": tuple(config.data.std), "input_size": trained.input_size(),
         "pp_train": config.data.pp_train, "pp_eval": config.data.pp_eval,
