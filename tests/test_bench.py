@@ -109,3 +109,10 @@ def test_lora_bench_reports_what_each_way_trains_and_keeps(tmp_path):
         assert full["trainable_fraction"] == 1.0 > lora["trainable_fraction"] > probe["trainable_fraction"] > 0
         assert full["optimizer_state_bytes"] > lora["optimizer_state_bytes"] > probe["optimizer_state_bytes"]
         assert full["step_time_vs_full"] == 1.0 and all(w["step_s"] > 0 for w in ways.values())
+
+
+def test_model_create_bench_times_a_build_in_a_fresh_process(tmp_path):
+    report = _run_bench("model_create.py", tmp_path / "model_create.json", "--models", "mobilenetv3_small_100",
+                        "--rounds", "1")
+    row = report["table"]["mobilenetv3_small_100"]["this"]
+    assert row["seconds"] > 0 and row["compiles"] >= 1
