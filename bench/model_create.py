@@ -48,7 +48,8 @@ def measure(source: str, name: str) -> dict:
     """{"seconds", "compiles"} of building `name` with the jaxclf under `source`, in a fresh process (-P: the
     current directory, maybe another checkout, does not come before `source` on sys.path)."""
     env = {**os.environ, "PYTHONPATH": source, "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-P", "-c", _CHILD, name], capture_output=True, text=True, env=env, check=True)
+    result = subprocess.run([sys.executable, "-P", "-c", _CHILD, name], capture_output=True, text=True, env=env,
+                            check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -74,7 +75,8 @@ def main() -> None:
     table = {name: {label: {"seconds": statistics.median(r["seconds"] for r in results),
                             "compiles": statistics.median(r["compiles"] for r in results)}
                     for label, results in by_source.items()} for name, by_source in runs.items()}
-    report = {"sources": sources, "rounds": args.rounds, "loadavg": load, "cpu": platform.processor() or platform.machine(),
+    report = {"sources": sources, "rounds": args.rounds, "loadavg": load,
+              "cpu": platform.processor() or platform.machine(),
               "cpu_count": os.cpu_count(), "table": table, "runs": runs}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
@@ -82,7 +84,8 @@ def main() -> None:
     header = f"{'model':<24}" + "".join(f"{label + ' s':>12}{label + ' compiles':>18}" for label in sources)
     print(header + ("  speed-up" if "baseline" in sources else ""))
     for name, row in table.items():
-        line = f"{name:<24}" + "".join(f"{row[label]['seconds']:>12.2f}{row[label]['compiles']:>18.0f}" for label in sources)
+        line = f"{name:<24}" + "".join(f"{row[label]['seconds']:>12.2f}{row[label]['compiles']:>18.0f}"
+                                       for label in sources)
         if "baseline" in sources:
             line += f"  {row['baseline']['seconds'] / row['this']['seconds']:>7.1f}x"
         print(line)

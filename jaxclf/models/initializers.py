@@ -6,9 +6,9 @@ partitionable threefry (its default), element i of a draw is `threefry(key, coun
 So a tensor of n elements is drawn here in chunks: elements [offset, offset + chunk) come from a key that
 carries `offset` (`_OFFSET_THREEFRY`, a PRNG implementation whose counters start there), through
 `jax.random`'s own samplers, and the chunks are joined and scaled on the host. A few programs (two chunk
-sizes per distribution) then serve every shape of every model in the process. The
-values are the ones `jax.nn.initializers` gives for the same key (tests/test_models.py compares them); a
-traced key (`nnx.eval_shape`, a jitted construction) or another PRNG takes jax's own initializer.
+sizes per distribution) then serve every shape of every model in the process. The values are the ones
+`jax.nn.initializers` gives for the same key (tests/test_models.py compares them); a traced key
+(`nnx.eval_shape`, a jitted construction), another PRNG or non-partitionable threefry takes jax's own.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 from jax.extend import random as jax_random
 
 Initializer = Callable[..., jax.Array]  # (key, shape, dtype=float32) -> Array, as jax.nn.initializers
-CHUNK_SIZES = (2**12, 2**18)  # the compiled draw sizes: a tensor takes the smallest that holds it, or chunks of the last
+CHUNK_SIZES = (2**12, 2**18)  # compiled draw sizes: a tensor takes the smallest that holds it, or chunks of the last
 _TRUNCATED_STD = 0.87962566103423978  # std of a standard normal truncated to (-2, 2), as jax's variance_scaling
 
 
@@ -62,9 +62,9 @@ def _draw_chunk(key_data: jax.Array, offset: jax.Array, *, size: int, dtype: Any
 
 
 def _fast_path(key: jax.Array) -> bool:
-    """Whether `key` is a concrete threefry key (the case the chunked draw reproduces)."""
-    return (not isinstance(key, jax.core.Tracer) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-            and str(jax.random.key_impl(key)) == "threefry2x32")
+    """Whether `key` is a concrete threefry key drawn the partitionable way (the case chunks reproduce)."""
+    return (jax.config.jax_threefry_partitionable and not isinstance(key, jax.core.Tracer)
+            and jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and str(jax.random.key_impl(key)) == "threefry2x32")
 
 
 def _draw(key: jax.Array, shape: Sequence[int], dtype: Any, distribution: str, multiplier: np.ndarray,
