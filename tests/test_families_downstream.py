@@ -79,6 +79,7 @@ def test_every_family_quantizes_serves_and_continues(name, digits_root, tmp_path
         assert all(0 <= a <= 1 for a in record["val_accuracy"].values())
         # int8 follows the float32 logits (a broken graph or range would not): within a tenth of their spread.
         error = np.abs(artefact.load_artefact(out).logits(images) - float32).max()
+        print(f"\n{name} {record['mode']}: int8 logit error {error:.4f}, float32 spread {np.ptp(float32):.4f}")
         assert error <= 0.1 * (float32.max() - float32.min()), (record["mode"], error)
 
     _serve_one_request(trained, _val_paths(digits_root, 1)[:1])
