@@ -1,4 +1,4 @@
-"""Models for tests that need values, not training: built abstractly, then filled from a seeded generator."""
+"""Models for tests: each new family's small form, and models built abstractly, then filled from a seeded generator."""
 
 from collections.abc import Callable
 
@@ -9,6 +9,17 @@ from flax import nnx
 
 from jaxclf import models
 from jaxclf.models import tree_paths
+
+
+# Each family's small form (a few narrow blocks), for the tests that compile a train step or train a run
+# (tests/test_families.py, tests/test_families_downstream.py); each has a param of >= 2**14 values for FSDP
+# to split (the head conv, the last MLP).
+SMALL_FORMS = {
+    "efficientnet_b0": dict(arch=(("ds_r1_k3_s1_e1_c16_se0.25",), ("ir_r1_k5_s2_e6_c24_se0.25",)), num_features=1024),
+    "mobilenetv3_small_100": dict(arch=(("ds_r1_k3_s2_e1_c16_se0.25_nre",), ("ir_r1_k5_s2_e4_c24_se0.25",),
+                                        ("cn_r1_k1_s1_c48",)), num_features=512),
+    "convnext_atto": dict(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64)),
+}
 
 
 def with_random_values(make_model: Callable[[], nnx.Module], seed: int = 0, spread: float = 0.2) -> nnx.Module:

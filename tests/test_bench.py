@@ -150,3 +150,10 @@ def test_memory_bench_measures_remat_against_none(tmp_path):
     assert [row["remat"] for row in rows] == ["none", "dots_saveable", "nothing_saveable"]
     assert rows[2]["temporaries_bytes"] < rows[1]["temporaries_bytes"] < rows[0]["temporaries_bytes"]
     assert all(row["step_s"] > 0 for row in rows)
+
+
+def test_model_create_bench_times_a_build_in_a_fresh_process(tmp_path):
+    report = _run_bench("model_create.py", tmp_path / "model_create.json", "--models", "mobilenetv3_small_100",
+                        "--rounds", "1")
+    row = report["table"]["mobilenetv3_small_100"]["this"]
+    assert row["seconds"] > 0 and row["compiles"] >= 1

@@ -13,7 +13,7 @@ from jaxclf.tasks import registry as task_registry
 from jaxclf.training import resolve
 from jaxclf.explain import cam_stage
 from hf_cache import add_repo, offline_hub  # noqa: F401 - offline_hub is a fixture
-from model_helpers import with_random_values
+from model_helpers import SMALL_FORMS, with_random_values
 from test_models import CONVNEXTS, EFFICIENTNETS, MOBILENETV3S
 
 torch = pytest.importorskip("torch")
@@ -165,16 +165,6 @@ def test_stochastic_depth_drops_whole_branches_per_example_in_training_only(name
     model.train()
     trained = _logits(model, images)
     assert len({row.tobytes() for row in trained}) > 1  # each copy drew its own branches
-
-
-# Each family's small form (a few narrow blocks), for the steps that compile a train step; each has a
-# param of >= 2**14 values for FSDP to split (the head conv, the last MLP).
-SMALL_FORMS = {
-    "efficientnet_b0": dict(arch=(("ds_r1_k3_s1_e1_c16_se0.25",), ("ir_r1_k5_s2_e6_c24_se0.25",)), num_features=1024),
-    "mobilenetv3_small_100": dict(arch=(("ds_r1_k3_s2_e1_c16_se0.25_nre",), ("ir_r1_k5_s2_e4_c24_se0.25",),
-                                        ("cn_r1_k1_s1_c48",)), num_features=512),
-    "convnext_atto": dict(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64)),
-}
 
 
 # ConvNeXt's under make test-all: the other two families check the same downstream path by default.

@@ -11,7 +11,7 @@ from flax import nnx
 from scipy.special import erf
 
 from jaxclf import kernels as kernels_lib, models
-from jaxclf.models import layers, resnet
+from jaxclf.models import initializers, layers, resnet
 from model_helpers import with_random_values
 
 RESNETS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
@@ -323,6 +323,28 @@ def test_block_init_is_kaiming_fan_out_and_zero_init_last_bn_gives_identity():
     block.eval()
     x = jnp.asarray(np.random.default_rng(7).uniform(0, 1, (2, 8, 8, 64)), jnp.float32)  # post-ReLU
     np.testing.assert_array_equal(block(x), x)
+
+
+def test_initializers_equal_jax_bit_for_bit_and_compile_per_chunk_not_per_shape():
+    key = nnx.Rngs(5).params()
+    small, large = (3, 3, 3, 16), (3, 3, 114, 256)  # within the small chunk; over two large ones, the second partly
+    cases = [(initializers.normal(0.01), jax.nn.initializers.normal(0.01), large),
+             (initializers.variance_scaling(2.0, "fan_out", "normal"),
+              jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal"), large),
+             (initializers.truncated_normal(0.02), jax.nn.initializers.truncated_normal(0.02), small),
+             (initializers.variance_scaling(1.0, "fan_avg", "truncated_normal"),
+              jax.nn.initializers.variance_scaling(1.0, "fan_avg", "truncated_normal"), small),
+             (initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+              jax.nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"), small)]
+    for fast, reference, shape in cases:
+        np.testing.assert_array_equal(fast(key, shape, jnp.float32), reference(key, shape, jnp.float32))
+    # Other shapes of the same chunk sizes reuse the compiled draws: no new program.
+    compiled = initializers._draw_chunk._cache_size()
+    for fast, _, shape in cases:
+        assert fast(key, (1, *shape[1:]), jnp.float32).shape == (1, *shape[1:])
+    assert initializers._draw_chunk._cache_size() == compiled
+    # Traced (nnx.eval_shape, a jitted construction): jax's own initializer, same shape and dtype.
+    assert jax.eval_shape(lambda k: cases[0][0](k, small), key) == jax.ShapeDtypeStruct(small, jnp.float32)
 
 
 def test_unknown_model_suggests_nearest():

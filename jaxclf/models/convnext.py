@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxclf.models import Classifier, layers, register, remat_block
+from jaxclf.models import Classifier, initializers, layers, register, remat_block
 from jaxclf.models.drop_path import drop_path
 
 # timm's _init_weights: trunc-normal(0.02) convs and linears, zero biases.
-_init = nnx.initializers.truncated_normal(0.02)
+_init = initializers.truncated_normal(0.02)
 NUM_STAGES = 4
 
 

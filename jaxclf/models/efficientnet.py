@@ -22,14 +22,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxclf.models import Classifier, layers, register, remat_block
+from jaxclf.models import Classifier, initializers, layers, register, remat_block
 from jaxclf.models.drop_path import drop_path
 
 # timm's _init_weight_goog: convs N(0, 2/fan_out) with fan_out counted per group (for a depthwise
 # kernel [k, k, 1, C] that is k*k, flax's fan_in); the classifier U(+-1/sqrt(num_classes)).
-_conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
-_depthwise_init = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
-_classifier_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
+_conv_init = initializers.variance_scaling(2.0, "fan_out", "normal")
+_depthwise_init = initializers.variance_scaling(2.0, "fan_in", "normal")
+_classifier_init = initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
 
 ACTIVATIONS = {"relu": jax.nn.relu, "silu": jax.nn.silu, "hard_swish": jax.nn.hard_swish}
 GATES = {"sigmoid": jax.nn.sigmoid, "hard_sigmoid": jax.nn.hard_sigmoid}

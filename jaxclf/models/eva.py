@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxclf.models import layers
+from jaxclf.models import initializers, layers
 from jaxclf.models.base import register, remat_block
 from jaxclf.models.vit import VisionTransformer, _dropout, _layer_norm, _linear
 
@@ -56,13 +56,13 @@ class EvaAttention(nnx.Module):
         self.qkv_fused = qkv_fused
         self.sow_weights = False
         if qkv_fused:
-            self.qkv = layers.Linear(dim, 3 * dim, use_bias=False, kernel_init=nnx.initializers.truncated_normal(0.02),
+            self.qkv = layers.Linear(dim, 3 * dim, use_bias=False, kernel_init=initializers.truncated_normal(0.02),
                                      dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
             self.q_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
             self.v_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
         else:
             self.q_proj = _linear(dim, dim, rngs=rngs, dtype=dtype)
-            self.k_proj = layers.Linear(dim, dim, use_bias=False, kernel_init=nnx.initializers.truncated_normal(0.02),
+            self.k_proj = layers.Linear(dim, dim, use_bias=False, kernel_init=initializers.truncated_normal(0.02),
                                         dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
             self.v_proj = _linear(dim, dim, rngs=rngs, dtype=dtype)
         self.proj = _linear(dim, dim, rngs=rngs, dtype=dtype)

@@ -15,13 +15,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxclf.kernels import xla_cpu
-from jaxclf.models import layers
+from jaxclf.models import initializers, layers
 from jaxclf.models.base import Classifier, register, remat_block
 
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), an untruncated normal.
-_conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+_conv_init = initializers.variance_scaling(2.0, "fan_out", "normal")
 # torch nn.Linear's default weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-_fc_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+_fc_init = initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 

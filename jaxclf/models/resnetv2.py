@@ -15,13 +15,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxclf.models import layers
+from jaxclf.models import initializers, layers
 from jaxclf.models.base import Classifier, register, remat_block
 
 # timm's _init_weights: kaiming_normal_(mode="fan_out", nonlinearity="relu") for convs...
-_conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+_conv_init = initializers.variance_scaling(2.0, "fan_out", "normal")
 # ...and normal(std=0.01) with a zero bias for the classifier.
-_head_init = nnx.initializers.normal(0.01)
+_head_init = initializers.normal(0.01)
 # timm's BiT models build StdConv2d with eps=1e-8 (its class default is 1e-6).
 _STD_CONV_EPS = 1e-8
 

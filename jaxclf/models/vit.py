@@ -21,12 +21,12 @@ import numpy as np
 from flax import nnx
 
 from jaxclf.kernels import xla_cpu
-from jaxclf.models import layers
+from jaxclf.models import initializers, layers
 from jaxclf.models.base import Classifier, register, remat_block
 
-_init = nnx.initializers.truncated_normal(0.02)
+_init = initializers.truncated_normal(0.02)
 # torch nn.Conv2d's default weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as in timm.
-_patch_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+_patch_init = initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def _linear(din: int, dout: int, *, rngs: nnx.Rngs, dtype: Any) -> layers.Linear:
@@ -144,7 +144,7 @@ class AttentionPool(nnx.Module):
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int, norm_eps: float, *, rngs: nnx.Rngs, dtype: Any,
                  act: str = "gelu"):
         self.num_heads = num_heads
-        self.latent = nnx.Param(nnx.initializers.truncated_normal(dim**-0.5)(rngs.params(), (1, 1, dim), jnp.float32))
+        self.latent = nnx.Param(initializers.truncated_normal(dim**-0.5)(rngs.params(), (1, 1, dim), jnp.float32))
         self.q = _linear(dim, dim, rngs=rngs, dtype=dtype)
         self.kv = _linear(dim, 2 * dim, rngs=rngs, dtype=dtype)
         self.proj = _linear(dim, dim, rngs=rngs, dtype=dtype)
