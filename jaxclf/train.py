@@ -36,6 +36,7 @@ from jaxclf.training import (
     optim,
     preemption,
     profiling,
+    pruning,
     resolve as resolve_lib,
     sharding,
     steps,
@@ -120,7 +121,8 @@ def build(config: ml_collections.FrozenConfigDict, pretrained: tuple[dict, weigh
     _apply_peft(model, config)
     try:
         tx, schedule = optim.make_optimizer(config.optim, model, total_steps, steps_per_epoch)
-    except optim.OptimConfigError as e:
+        tx = pruning.with_pruning(tx, config, model, total_steps)
+    except (optim.OptimConfigError, pruning.PruneConfigError) as e:
         raise config_lib.ConfigError(str(e)) from None
     train_graphdef, eval_graphdef, state = steps.create_train_state(
         model, tx, ema=config.ema_decay > 0, freeze_bn_stats=config.freeze_bn_stats
