@@ -15,6 +15,7 @@ from jaxclf import config as config_lib, models, train
 from jaxclf.models import tree_paths
 from jaxclf.runs import checkpoint
 from jaxclf.training import pruning
+from tiny_config import TinyCNN  # tests/ is on sys.path
 
 
 def reference_sparsity(t, s_i, s_f, start, end):
@@ -159,8 +160,17 @@ def test_a_killed_pruning_run_resumes_to_the_same_masks_and_weights(digits_root,
     assert np.all(np.asarray(straight["params"]["head"]["kernel"]) != 0)
 
 
-def test_bad_prune_settings_name_the_field(digits_root, tmp_path):
-    with pytest.raises(config_lib.ConfigError, match="config.prune.scope"):
-        train.train_and_evaluate(_config(digits_root, scope="layer"), str(tmp_path / "a"))
-    with pytest.raises(config_lib.ConfigError, match="defines no layer_id"):  # tiny_cnn cannot name its stem
-        train.train_and_evaluate(_config(digits_root, keep_dense=("<stem>",)), str(tmp_path / "b"))
+def test_bad_prune_settings_name_the_field():
+    model = nnx.eval_shape(lambda: TinyCNN(10, nnx.Rngs(0)))
+    config = config_lib.base_config()
+    config.prune.sparsity = 0.5
+    for field, value, message in (("scope", "layer", "config.prune.scope"), ("end", 5, r"start \(6\) <= end"),
+                                  ("keep_dense", ("<stem>",), "defines no layer_id"),  # tiny_cnn cannot name it
+                                  ("keep_dense", ("conv", "head"), "leaves no param to prune")):
+        bad = config_lib.base_config()
+        bad.prune.update(dict(sparsity=0.5, start=6, keep_dense=("<head>",)), **{field: value})
+        with pytest.raises(pruning.PruneConfigError, match=message):
+            pruning.with_pruning(optax.sgd(0.1), bad, model, total_steps=20)
+    config.ema_decay = 0.9
+    with pytest.raises(pruning.PruneConfigError, match="config.ema_decay=0"):
+        pruning.with_pruning(optax.sgd(0.1), config, model, total_steps=20)
