@@ -29,27 +29,35 @@ from jaxclf.training import steps
 from jaxclf.weights import workdir as workdir_lib
 
 
-def prune_run(trained: inference.TrainedModel, fraction: float, out: str) -> dict:
-    """Write the channel-pruned copy of `trained` to the new workdir `out`; returns what result.json records."""
-    if os.path.exists(out) and os.listdir(out):
-        raise inference.WorkdirError(f"--out {out} exists and is not empty: pruning writes a new run")
+def channel_pruned(trained: inference.TrainedModel, fraction: float) -> inference.TrainedModel:
+    """`trained` rebuilt with `fraction` of its blocks' inner channels sliced away (in memory, no workdir): its
+    config records the narrower `model.block_widths` and no EMA (the weights pruned are the ones evaluated)."""
     try:
         widths, values = channels.plan(trained.model, fraction)
     except NotImplementedError as e:
         raise inference.WorkdirError(f"{trained.workdir} ({trained.config.model_name}): {e}") from None
     except ValueError as e:
         raise inference.WorkdirError(f"--fraction: {e}") from None
-    config = inference.load_config(trained.workdir)
+    config = ml_collections.ConfigDict(trained.config.to_dict())
     with config.unlocked():
         config.model.block_widths = widths
-        config.ema_decay = 0.0  # the weights pruned are the ones evaluated (the EMA where the run kept one)
+        config.ema_decay = 0.0
     small = models.create_model(config, len(trained.class_names))
     weights.apply(small, values)  # strict: every path present, every shape as the narrower model's
+    small.eval()
+    return inference.TrainedModel("", config, trained.class_names, small, trained.step, "params")
+
+
+def prune_run(trained: inference.TrainedModel, fraction: float, out: str) -> dict:
+    """Write the channel-pruned copy of `trained` to the new workdir `out`; returns what result.json records."""
+    if os.path.exists(out) and os.listdir(out):
+        raise inference.WorkdirError(f"--out {out} exists and is not empty: pruning writes a new run")
+    small = channel_pruned(trained, fraction)
     count = lambda model: sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     record = {"status": "channel_pruned", "source": os.path.abspath(trained.workdir), "step": trained.step,
-              "fraction": fraction, "block_widths": list(widths), "params_before": count(trained.model),
-              "params_after": count(small)}
-    write_run(out, config, trained.class_names, small, trained.step, record)
+              "fraction": fraction, "block_widths": list(small.config.model.block_widths),
+              "params_before": count(trained.model), "params_after": count(small.model)}
+    write_run(out, small.config, trained.class_names, small.model, trained.step, record)
     return record
 
 
