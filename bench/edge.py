@@ -32,7 +32,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-import inference as inference_bench  # bench/inference.py: the runtimes and their timing
 from jaxclf import config as config_lib, prune, train
 from jaxclf.evaluation import splits
 from jaxclf.models import tree_paths
@@ -40,6 +39,8 @@ from jaxclf.runs import artefact, inference, predictions
 from jaxclf.training import pruning
 
 PRUNINGS = ("dense", "sparse50", "sparse80", "channels30")
+# bench/inference.py: the runtimes (its `runners` table) and their timing.
+inference_bench = config_lib.import_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "inference.py"))
 
 
 def one_shot_sparse(trained: inference.TrainedModel, sparsity: float) -> inference.TrainedModel:
