@@ -130,6 +130,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.peft.dropout = 0.0  # dropout on the adapters' input
     c.peft.targets = ("qkv", "proj", "fc1", "fc2")
 
+    # Gradual magnitude pruning while fine-tuning (jaxclf/training/pruning.py, docs/pruning.md): Zhu & Gupta's
+    # cubic schedule from initial_sparsity at step `start` to `sparsity` at step `end`, masks recomputed every
+    # `every` steps; pruned weights are exactly zero (they compress; dense kernels still compute them).
+    c.prune = ml_collections.ConfigDict()
+    c.prune.sparsity = 0.0  # > 0: this fraction of the prunable weights is zero from step `end` on; 0: off
+    c.prune.initial_sparsity = 0.0
+    c.prune.start = 0  # first pruning step
+    c.prune.end = 0  # the step the target is reached; 0: the run's last step
+    c.prune.every = 10  # steps between mask updates
+    c.prune.scope = "global"  # "global": one magnitude ranking over all prunable weights; "per_layer": each param
+    # Regexes of param paths left dense; "<stem>": the model's layer_id 0 (first conv, patch embedding),
+    # "<head>": its head_paths(). Only conv kernels and weight matrices are prunable (not biases, norms, posembs).
+    c.prune.keep_dense = ("<stem>", "<head>")
+
     c.freeze_bn_stats = False  # BatchNorm uses and keeps its running statistics while training
     c.label_smoothing = 0.0
     # Mixup / cutmix on the device: mixed with probability mix_prob; cutmix with mix_switch_prob when both.

@@ -40,6 +40,7 @@ from jaxclf.training import (
     optim,
     preemption,
     profiling,
+    pruning,
     resolve as resolve_lib,
     sharding,
     steps,
@@ -233,7 +234,8 @@ def _train_program(config: ml_collections.FrozenConfigDict, pretrained: tuple[di
     model = nnx.eval_shape(adapted_model) if abstract else adapted_model()
     try:
         tx, schedule = optim.make_optimizer(config.optim, model, data.total_steps, data.steps_per_epoch)
-    except optim.OptimConfigError as e:
+        tx = pruning.with_pruning(tx, config, model, data.total_steps)
+    except (optim.OptimConfigError, pruning.PruneConfigError) as e:
         raise config_lib.ConfigError(str(e)) from None
     train_graphdef, eval_graphdef, state = steps.create_train_state(
         model, tx, ema=config.ema_decay > 0, freeze_bn_stats=config.freeze_bn_stats, abstract=abstract

@@ -85,6 +85,19 @@ def test_inference_bench_times_jax_onnx_tflite_and_int8(tmp_path):
     assert "| resnet18 32px | onnx_fp32 |" in report["table"]
 
 
+def test_edge_bench_measures_sparse_and_channel_pruned_models(tmp_path):
+    report = _run_bench("edge.py", tmp_path / "edge.json", "--no-digits", "--models", "resnet18", "--size", "32",
+                        "--prunings", "dense,sparse80,channels30", "--batch", "2", "--rounds", "1",
+                        "--calibration", "2")
+    results = {key.split("/")[1]: entry for key, entry in report["results"].items()}
+    assert results["sparse80"]["zero_fraction"] > 0.75 and results["dense"]["zero_fraction"] < 0.01
+    assert results["channels30"]["params"] < 0.8 * results["dense"]["params"]
+    fp32 = {name: entry["runtimes"]["onnx_fp32"] for name, entry in results.items()}
+    assert fp32["sparse80"]["file_mib"] == pytest.approx(fp32["dense"]["file_mib"], rel=1e-3)  # same shapes
+    assert fp32["sparse80"]["zipped_mib"] < 0.5 * fp32["dense"]["zipped_mib"]  # zeros compress
+    assert fp32["channels30"]["file_mib"] < 0.8 * fp32["dense"]["file_mib"]
+
+
 def test_input_pipeline_bench_compares_the_loaders_and_times_the_stages(tmp_path):
     report = _run_bench("input_pipeline.py", tmp_path / "input.json", "--images", "120", "--batch", "8",
                         "--batches", "3", "--rounds", "1", "--stage_images", "3", "--stage_rounds", "1",

@@ -143,6 +143,12 @@ class Classifier(nnx.Module):
         i (from 1), one more than the last block for the final norm and head."""
         raise NotImplementedError(f"{type(self).__name__} defines no layer_id(path), which config.optim.layer_decay needs")
 
+    def channel_groups(self) -> list:
+        """The inner channels structured pruning may drop, as `jaxclf.models.channels.ChannelGroup`s; a model that
+        lists them takes a `block_widths` option (one inner width per block, in order) to be rebuilt smaller."""
+        raise NotImplementedError(f"{type(self).__name__} lists no channel_groups(): structured pruning supports "
+                                  "the ResNet, EfficientNet and MobileNetV3 families")
+
     def pos_embed_prefix_tokens(self) -> int:
         """How many rows of `pos_embed` precede the patch grid (class/register tokens that have a position)."""
         return 0

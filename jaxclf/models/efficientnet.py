@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxclf.models import Classifier, initializers, layers, register, remat_block
+from jaxclf.models import Classifier, channels, initializers, layers, register, remat_block
 from jaxclf.models.drop_path import drop_path
 
 # timm's _init_weight_goog: convs N(0, 2/fan_out) with fan_out counted per group (for a depthwise
@@ -144,11 +144,14 @@ class Block(nnx.Module):
     - "ds" DepthwiseSeparableConv: conv_dw, bn1 + act, [se], conv_pw, bn2;
     - "ir" InvertedResidual: conv_pw, bn1 + act, conv_dw, bn2 + act, [se], conv_pwl, bn3;
     - "cn" ConvBnAct: conv, bn1 + act.
-    ds/ir add the input (through stochastic depth) where the shape is kept.
+    ds/ir add the input (through stochastic depth) where the shape is kept. `width` narrows an "ir" block's
+    expanded channels (structured pruning; the SE keeps the width the design gives it).
     """
 
     def __init__(self, args: BlockArgs, cin: int, cout: int, act: str, variant: Variant, drop_path_rate: float, *,
-                 rngs: nnx.Rngs, dtype: Any):
+                 rngs: nnx.Rngs, dtype: Any, width: int = 0):
+        if width and args.kind != "ir":
+            raise ValueError(f"block_widths: a {args.kind!r} block has no inner width to narrow; give 0 for it")
         self.kind = args.kind
         self.act = "relu" if args.relu else act
         self.has_skip = args.kind != "cn" and args.stride == 1 and cin == cout
@@ -158,7 +161,8 @@ class Block(nnx.Module):
             self.conv = _conv(cin, cout, args.kernel, args.stride, variant, **conv)
             self.bn1 = _bn(cout, variant, **conv)
             return
-        mid = cin if args.kind == "ds" else make_divisible(cin * args.expansion)
+        designed = cin if args.kind == "ds" else make_divisible(cin * args.expansion)
+        mid = width or designed
         bns = iter(("bn1", "bn2", "bn3"))
         if args.kind == "ir":
             self.conv_pw = _conv(cin, mid, 1, 1, variant, **conv)
@@ -166,7 +170,7 @@ class Block(nnx.Module):
         self.conv_dw = _conv(mid, mid, args.kernel, args.stride, variant, groups=mid, **conv)
         setattr(self, next(bns), _bn(mid, variant, **conv))
         if self.has_se:
-            reduced = variant.se_channels(mid, args.se_ratio, args.expansion)
+            reduced = variant.se_channels(designed, args.se_ratio, args.expansion)
             self.se = SqueezeExcite(mid, reduced, variant.se_act or self.act, variant.se_gate, **conv)
         # timm names the projection conv_pw in a ds block, conv_pwl in an ir block.
         setattr(self, "conv_pw" if args.kind == "ds" else "conv_pwl", _conv(mid, cout, 1, 1, variant, **conv))
@@ -189,6 +193,17 @@ class Block(nnx.Module):
         y = self.bn3(self.conv_pwl(y)) if self.kind == "ir" else self.bn2(self.conv_pw(y))
         return x + self.drop_path(y) if self.has_skip else y
 
+    def channel_groups(self, prefix: str, block: int) -> list[channels.ChannelGroup]:
+        """An "ir" block's expanded channels: made by conv_pw, bn1, conv_dw, bn2 (and SE's expand), read by
+        conv_pwl (and SE's reduce); none for ds/cn blocks, whose inner width is their input or output."""
+        if self.kind != "ir":
+            return []
+        se = (f"{prefix}/se/conv_expand/kernel", f"{prefix}/se/conv_expand/bias") if self.has_se else ()
+        outputs = (f"{prefix}/conv_pw/kernel", *channels.batch_norm(f"{prefix}/bn1"), f"{prefix}/conv_dw/kernel",
+                   *channels.batch_norm(f"{prefix}/bn2"), *se)
+        inputs = ((f"{prefix}/se/conv_reduce/kernel",) if self.has_se else ()) + (f"{prefix}/conv_pwl/kernel",)
+        return [channels.ChannelGroup(block, f"{prefix}/conv_pw/kernel", outputs, inputs)]
+
 
 def _classifier(features: int, num_classes: int, *, rngs: nnx.Rngs) -> nnx.Linear:
     """The classifier, in float32: it is cheap and its logits feed the float32 loss."""
@@ -202,7 +217,8 @@ class EfficientNet(Classifier):
     `arch` is a list of stages of timm block strings, scaled by `channel_multiplier` (channels, rounded to
     8) and `depth_multiplier` (repeats); `act` the activation; `drop_rate` dropout before the classifier;
     `drop_path_rate` the stochastic depth of the last block, linear from 0 at the first (timm's rule);
-    `bn_eps` and `padding` ("torch" or TF "same") select the port.
+    `bn_eps` and `padding` ("torch" or TF "same") select the port. `block_widths` (one per block, in order;
+    0 or () for the design's) narrows inverted residuals' expanded channels: structured pruning's smaller model.
     """
 
     variant = Variant()  # the family's squeeze-excitation; bn_eps and padding come from the options
@@ -223,6 +239,7 @@ class EfficientNet(Classifier):
         drop_path_rate: float = 0.0,
         bn_eps: float = 1e-5,
         padding: str = "torch",
+        block_widths: tuple[int, ...] = (),
     ):
         if padding not in ("torch", "same"):
             raise ValueError(f"padding={padding!r}: use 'torch' (symmetric, timm) or 'same' (TensorFlow's)")
@@ -240,6 +257,10 @@ class EfficientNet(Classifier):
         self.bn1 = _bn(stem, variant, **conv)
         stages = [scale_stage_depth([decode_block(text) for text in stage], depth_multiplier) for stage in arch]
         total = sum(len(stage) for stage in stages)
+        if block_widths and len(block_widths) != total:
+            raise ValueError(f"block_widths has {len(block_widths)} entries; this model has {total} blocks "
+                             "(one inner width each, 0 for the design's)")
+        self.block_widths = tuple(block_widths) or (0,) * total
         cin, index, reduction, stage_ends = stem, 0, 2, []
         groups = []
         for stage in stages:
@@ -248,7 +269,7 @@ class EfficientNet(Classifier):
                 cout = round_channels(args.channels)
                 stride = args.stride if i == 0 else 1
                 blocks.append(Block(dataclasses.replace(args, stride=stride), cin, cout, act, variant,
-                                    drop_path_rate * index / total, **conv))
+                                    drop_path_rate * index / total, width=self.block_widths[index], **conv))
                 cin, index = cout, index + 1
             reduction *= stage[0].stride
             groups.append(nnx.List(blocks))
@@ -300,6 +321,10 @@ class EfficientNet(Classifier):
     def head_paths(self) -> tuple[str, ...]:
         return ("classifier",)
 
+    def channel_groups(self) -> list[channels.ChannelGroup]:
+        blocks = [(f"blocks/{g}/{i}", block) for g, group in enumerate(self.blocks) for i, block in enumerate(group)]
+        return [group for index, (prefix, block) in enumerate(blocks) for group in block.channel_groups(prefix, index)]
+
     def layer_id(self, path: str) -> int:
         """timm's fine-grained groups: 0 the stem, one per block in order, then the head."""
         parts = path.split("/")
@@ -318,10 +343,10 @@ class MobileNetV3(EfficientNet):
 
     def __init__(self, *, arch: tuple[tuple[str, ...], ...], num_classes: int, rngs: nnx.Rngs,
                  dtype: Any = jnp.float32, num_features: int = 1280, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, bn_eps: float = 1e-5):
+                 drop_path_rate: float = 0.0, bn_eps: float = 1e-5, block_widths: tuple[int, ...] = ()):
         super().__init__(arch=arch, num_classes=num_classes, rngs=rngs, dtype=dtype, stem_size=16,
                          num_features=num_features, act="hard_swish", drop_rate=drop_rate,
-                         drop_path_rate=drop_path_rate, bn_eps=bn_eps)
+                         drop_path_rate=drop_path_rate, bn_eps=bn_eps, block_widths=block_widths)
 
     def _build_head(self, cin: int, num_features: int, num_classes: int, round_channels, variant: Variant, *,
                     rngs: nnx.Rngs, dtype: Any) -> None:

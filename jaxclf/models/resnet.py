@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxclf.kernels import xla_cpu
-from jaxclf.models import initializers, layers
+from jaxclf.models import channels, initializers, layers
 from jaxclf.models.base import Classifier, register, remat_block
 
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), an untruncated normal.
@@ -60,14 +60,17 @@ def _shortcut(downsample: nnx.List | None, x: jax.Array) -> jax.Array:
 
 
 class BasicBlock(nnx.Module):
-    """Two 3x3 convs plus shortcut (resnet18/34). x: [B, H, W, cin] -> [B, H/stride, W/stride, planes]."""
+    """Two 3x3 convs plus shortcut (resnet18/34). x: [B, H, W, cin] -> [B, H/stride, W/stride, planes];
+    `width` channels between the convs (planes unless structured pruning narrowed it)."""
 
     expansion = 1
 
-    def __init__(self, cin: int, planes: int, stride: int, *, zero_init_last_bn: bool, rngs: nnx.Rngs, dtype: Any):
-        self.conv1 = _conv(cin, planes, 3, stride, rngs=rngs, dtype=dtype)
-        self.bn1 = _bn(planes, rngs=rngs, dtype=dtype)
-        self.conv2 = _conv(planes, planes, 3, 1, rngs=rngs, dtype=dtype)
+    def __init__(self, cin: int, planes: int, stride: int, *, zero_init_last_bn: bool, rngs: nnx.Rngs, dtype: Any,
+                 width: int | None = None):
+        width = width or planes
+        self.conv1 = _conv(cin, width, 3, stride, rngs=rngs, dtype=dtype)
+        self.bn1 = _bn(width, rngs=rngs, dtype=dtype)
+        self.conv2 = _conv(width, planes, 3, 1, rngs=rngs, dtype=dtype)
         self.bn2 = _bn(planes, rngs=rngs, dtype=dtype, zero_scale=zero_init_last_bn)
         self.downsample = _downsample(cin, planes, stride, rngs=rngs, dtype=dtype)
 
@@ -77,22 +80,30 @@ class BasicBlock(nnx.Module):
         y = self.bn2(self.conv2(y))
         return nnx.relu(y + _shortcut(self.downsample, x))
 
+    @staticmethod
+    def channel_groups(prefix: str, block: int) -> list[channels.ChannelGroup]:
+        """conv1's outputs, read by conv2."""
+        return [channels.ChannelGroup(block, f"{prefix}/conv1/kernel",
+                                      (f"{prefix}/conv1/kernel", *channels.batch_norm(f"{prefix}/bn1")),
+                                      (f"{prefix}/conv2/kernel",))]
+
 
 class Bottleneck(nnx.Module):
     """1x1 -> 3x3 (strided, v1.5) -> 1x1 convs plus shortcut (resnet50+).
 
-    x: [B, H, W, cin] -> [B, H/stride, W/stride, 4 * planes].
+    x: [B, H, W, cin] -> [B, H/stride, W/stride, 4 * planes]; `width` channels inside (planes unless pruned).
     """
 
     expansion = 4
 
-    def __init__(self, cin: int, planes: int, stride: int, *, zero_init_last_bn: bool, rngs: nnx.Rngs, dtype: Any):
-        cout = planes * self.expansion
-        self.conv1 = _conv(cin, planes, 1, 1, rngs=rngs, dtype=dtype)
-        self.bn1 = _bn(planes, rngs=rngs, dtype=dtype)
-        self.conv2 = _conv(planes, planes, 3, stride, rngs=rngs, dtype=dtype)
-        self.bn2 = _bn(planes, rngs=rngs, dtype=dtype)
-        self.conv3 = _conv(planes, cout, 1, 1, rngs=rngs, dtype=dtype)
+    def __init__(self, cin: int, planes: int, stride: int, *, zero_init_last_bn: bool, rngs: nnx.Rngs, dtype: Any,
+                 width: int | None = None):
+        cout, width = planes * self.expansion, width or planes
+        self.conv1 = _conv(cin, width, 1, 1, rngs=rngs, dtype=dtype)
+        self.bn1 = _bn(width, rngs=rngs, dtype=dtype)
+        self.conv2 = _conv(width, width, 3, stride, rngs=rngs, dtype=dtype)
+        self.bn2 = _bn(width, rngs=rngs, dtype=dtype)
+        self.conv3 = _conv(width, cout, 1, 1, rngs=rngs, dtype=dtype)
         self.bn3 = _bn(cout, rngs=rngs, dtype=dtype, zero_scale=zero_init_last_bn)
         self.downsample = _downsample(cin, cout, stride, rngs=rngs, dtype=dtype)
 
@@ -103,11 +114,21 @@ class Bottleneck(nnx.Module):
         y = self.bn3(self.conv3(y))
         return nnx.relu(y + _shortcut(self.downsample, x))
 
+    @staticmethod
+    def channel_groups(prefix: str, block: int) -> list[channels.ChannelGroup]:
+        """conv1's outputs (read by conv2) and conv2's (read by conv3), pruned to the same count."""
+        return [channels.ChannelGroup(block, f"{prefix}/{conv}/kernel",
+                                      (f"{prefix}/{conv}/kernel", *channels.batch_norm(f"{prefix}/{bn}")),
+                                      (f"{prefix}/{reader}/kernel",))
+                for conv, bn, reader in (("conv1", "bn1", "conv2"), ("conv2", "bn2", "conv3"))]
+
 
 class ResNet(Classifier):
     """ResNet v1.5. images: float32[B, H, W, 3] -> logits: float32[B, num_classes].
 
-    `zero_init_last_bn` zero-inits each block's last BN scale so blocks start as identities.
+    `zero_init_last_bn` zero-inits each block's last BN scale so blocks start as identities. `block_widths`
+    (one per block, layer1 first; () for the architecture's) narrows each block's inner convs: structured
+    pruning's smaller model (jaxclf/models/channels.py), the residual width unchanged.
     """
 
     def __init__(
@@ -119,8 +140,15 @@ class ResNet(Classifier):
         rngs: nnx.Rngs,
         dtype: Any = jnp.float32,
         zero_init_last_bn: bool = False,
+        block_widths: tuple[int, ...] = (),
     ):
         self.bottleneck = block is Bottleneck
+        planes_of_blocks = [planes for planes, depth in zip((64, 128, 256, 512), depths) for _ in range(depth)]
+        if block_widths and len(block_widths) != len(planes_of_blocks):
+            raise ValueError(f"block_widths has {len(block_widths)} entries; this ResNet has {len(planes_of_blocks)} "
+                             "blocks (one inner width each, layer1 first)")
+        self.block_widths = tuple(block_widths) or tuple(planes_of_blocks)
+        widths = iter(self.block_widths)
         self.conv1 = _conv(3, 64, 7, 2, rngs=rngs, dtype=dtype)
         self.bn1 = _bn(64, rngs=rngs, dtype=dtype)
         cin = 64
@@ -129,8 +157,8 @@ class ResNet(Classifier):
             nonlocal cin
             blocks = []
             for i in range(depth):
-                blocks.append(block(cin, planes, stride if i == 0 else 1, zero_init_last_bn=zero_init_last_bn,
-                                    rngs=rngs, dtype=dtype))
+                blocks.append(block(cin, planes, stride if i == 0 else 1, width=next(widths),
+                                    zero_init_last_bn=zero_init_last_bn, rngs=rngs, dtype=dtype))
                 cin = planes * block.expansion
             return nnx.List(blocks)
 
@@ -169,6 +197,10 @@ class ResNet(Classifier):
     def layer_id(self, path: str) -> int:
         top = path.split("/")[0]
         return STAGES.index(top) + 1 if top in STAGES else (len(STAGES) + 1 if top == "fc" else 0)
+
+    def channel_groups(self) -> list[channels.ChannelGroup]:
+        blocks = [(f"{name}/{i}", blk) for name in STAGES for i, blk in enumerate(getattr(self, name))]
+        return [group for index, (prefix, blk) in enumerate(blocks) for group in blk.channel_groups(prefix, index)]
 
     def xla_cpu_train_options(self) -> dict[str, Any]:
         return xla_cpu.BOTTLENECK_TRAIN_OPTIONS if self.bottleneck else {}
