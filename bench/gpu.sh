@@ -5,19 +5,19 @@
 # quickstart trained on the GPU (bf16 by config.dtype="auto") as an end-to-end check of the loop,
 # remat's saving of temporaries, and TensorRT engines (fp16, int8) built from the ONNX export against JAX.
 #   bash bench/gpu.sh [OUT_DIR]        # writes train_step_gpu_{large,small}.json, train_loop_gpu.json, memory_gpu.json, tensorrt_gpu.json
-#   GPU_PARTS=train_loop bash bench/gpu.sh   # only some parts (train_step, train_loop, quickstart, memory, tensorrt; default all)
+#   GPU_PARTS=train_loop bash bench/gpu.sh   # only some parts (train_step, families, train_loop, quickstart, memory, tensorrt; default all)
 #   GPU_PARTS=memory bash bench/gpu.sh       # remat's saving of temporaries (ResNet-50, ViT-B/16, batch 64): memory_gpu.json
 # Needs jax with CUDA, flax, optax, orbax, torch, timm, plus ml_collections and grain. On the
 # workplace's lent GPUs only ml_collections, grain, array_record and portpicker are missing (and
 # simplejpeg, opencv-python-headless for train_loop's fast input): carry them as wheels, and not flax
 # (the image's flax matches its jax; flax 0.12.8 fails on jax 0.11.2). All parts at their default
-# timeouts take ~26 min: with a 15-minute device budget run train_step, train_loop and memory in separate calls.
+# timeouts take ~34 min: with a 15-minute device budget run train_step, families, train_loop and memory in separate calls.
 set -u
 out=${1:-bench/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
-parts=",${GPU_PARTS:-train_step,train_loop,quickstart,memory,tensorrt},"
+parts=",${GPU_PARTS:-train_step,families,train_loop,quickstart,memory,tensorrt},"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 $python -c "import jax, flax, torch, timm; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'torch', torch.__version__, 'timm', timm.__version__)"
 $python -c "import os, simplejpeg, cv2; print('fast input: simplejpeg', simplejpeg.__version__, 'opencv', cv2.__version__, 'cores', len(os.sched_getaffinity(0)))" \
@@ -36,6 +36,18 @@ timeout "${BENCH_XLA_ATTENTION_S:-90}" $python bench/train_step.py --frameworks 
   --models vit_base_patch16_224,vit_small_patch16_224 --batch 128 --steps 20 --rounds 1 \
   --out "$out/train_step_gpu_vit_xla_attention.json"
 
+fi
+
+if [[ $parts == *,families,* ]]; then
+# The newer families against timm (eager and torch.compile) in bf16: EfficientNet-B0, MobileNetV3-Large and
+# ConvNeXt-T (cuDNN's depthwise convolutions; the CPU's tap formulation is not used on GPUs), then
+# DINOv2-S/14 and EVA-02-S (cuDNN's fused attention).
+timeout "${BENCH_FAMILIES_S:-300}" $python bench/train_step.py \
+  --models efficientnet_b0,mobilenetv3_large_100,convnext_tiny --batch 128 --steps 20 --rounds 1 \
+  --out "$out/train_step_gpu_families.json"
+timeout "${BENCH_VITFAM_S:-180}" $python bench/train_step.py \
+  --models vit_small_patch14_dinov2,eva02_small_patch14_224 --batch 64 --steps 20 --rounds 1 \
+  --out "$out/train_step_gpu_vitfam.json"
 fi
 
 if [[ $parts == *,train_loop,* ]]; then
