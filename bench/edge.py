@@ -13,6 +13,8 @@ Columns: the file's size raw and zlib-compressed (level 9; JAX: its params as .n
 one image per call and the throughput at --batch images per call, for every runtime bench/inference.py's
 `runners` makes (its table: new runtimes there appear here). Unstructured zeros make files compress but
 are still multiplied by dense kernels; only channel pruning makes the computation smaller.
+Static int8 calibrates on --calibration train images of the digits runs (through the eval preprocessing, as
+`export --quantize int8 --calibration N` does) and on as many random images for the random-weight models.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import optax
 from flax import nnx
 
 from jaxclf import config as config_lib, prune, train
+from jaxclf.deploy import calibration as calibration_lib
 from jaxclf.evaluation import splits
 from jaxclf.models import tree_paths
 from jaxclf.runs import artefact, inference, predictions
@@ -104,7 +107,9 @@ def val_top1(trained: inference.TrainedModel, run, size: int) -> float:
 
 def measure(trained: inference.TrainedModel, size: int, batch: int, rounds: int, calibration: int,
             with_accuracy: bool) -> dict:
-    run, files = inference_bench.runners(trained, size, calibration)
+    # Where accuracy is measured, static int8 calibrates on the run's own train images (as export does).
+    images = calibration_lib.calibration_images(trained, calibration) if with_accuracy else None
+    run, files = inference_bench.runners(trained, size, calibration, batch, calibration_images=images)
     buffer = _npz(trained.model)
     files = {"jax": buffer, **files}
     rng = np.random.default_rng(0)
@@ -161,7 +166,8 @@ def main() -> None:
     parser.add_argument("--finetune_steps", type=int, default=110, help="each pruned digits run (110: 5 epochs)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--calibration", type=int, default=8, help="random images for static int8 calibration")
+    parser.add_argument("--calibration", type=int, default=32,
+                        help="static int8 calibration images: the digits runs' train images, else random ones")
     parser.add_argument("--out", default="bench/results/edge_cpu.json")
     args = parser.parse_args()
     load_before = os.getloadavg()
