@@ -181,6 +181,16 @@ def test_max_pool_gradient_goes_to_first_maximum(shape, pad_value, kernel_set):
     np.testing.assert_allclose(grad, _max_pool_grad_reference(x, grad_out, pad_value), rtol=1e-6, atol=1e-6)
 
 
+def _assert_same_value_and_gradients(ours, reference, x, w, rng) -> None:
+    """`ours(x, w)` equals `reference(x, w)`, and so do their gradients in x and w under a random probe."""
+    np.testing.assert_allclose(ours(x, w), reference(x, w), rtol=1e-5, atol=1e-5)
+    probe = jnp.asarray(rng.normal(size=reference(x, w).shape), jnp.float32)
+    loss = lambda f: lambda x, w: jnp.sum(f(x, w) * probe)
+    grads = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, w)
+    for g, e in zip(grads, jax.grad(loss(reference), argnums=(0, 1))(x, w)):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "shape, kernel, stride, pad",
     [
@@ -200,12 +210,7 @@ def test_cpu_convolution_equals_lax_forward_and_backward(shape, kernel, stride, 
     padding = ((pad, pad), (pad, pad))
     ours = _under("cpu", lambda x, w: layers.conv(x, w, (stride, stride), padding))
     reference = _under("plain", lambda x, w: layers.conv(x, w, (stride, stride), padding))
-    np.testing.assert_allclose(ours(x, w), reference(x, w), rtol=1e-5, atol=1e-5)
-    probe = jnp.asarray(rng.normal(size=reference(x, w).shape), jnp.float32)
-    loss = lambda f: lambda x, w: jnp.sum(f(x, w) * probe)
-    grads = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, w)
-    for g, e in zip(grads, jax.grad(loss(reference), argnums=(0, 1))(x, w)):
-        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+    _assert_same_value_and_gradients(ours, reference, x, w, rng)
 
 
 @pytest.mark.parametrize(
@@ -230,12 +235,7 @@ def test_cpu_depthwise_convolution_equals_lax_forward_and_backward(shape, kernel
 
     ours, reference = _under("cpu", depthwise), _under("plain", depthwise)
     assert "conv_general_dilated" not in str(jax.make_jaxpr(ours)(x, w))  # the taps, not XLA's grouped conv
-    np.testing.assert_allclose(ours(x, w), reference(x, w), rtol=1e-5, atol=1e-5)
-    probe = jnp.asarray(rng.normal(size=reference(x, w).shape), jnp.float32)
-    loss = lambda f: lambda x, w: jnp.sum(f(x, w) * probe)
-    grads = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, w)
-    for g, e in zip(grads, jax.grad(loss(reference), argnums=(0, 1))(x, w)):
-        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+    _assert_same_value_and_gradients(ours, reference, x, w, rng)
 
 
 @pytest.mark.parametrize("features_in, features_out", [(8, 24), (24, 8)])
