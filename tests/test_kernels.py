@@ -63,8 +63,13 @@ def _loss_and_grads(model: nnx.Module, images: jax.Array, labels: jax.Array):
     return jax.jit(jax.value_and_grad(loss_fn))(params)
 
 
-# Bottleneck ResNets and BiT under make test-all: resnet18 checks the family, EfficientNet the 1x1 (matmul) convs.
-@pytest.mark.parametrize("name", [n if n not in ("resnet50", "resnetv2_50x1_bit") else pytest.param(n, marks=pytest.mark.slow)
+# Longer variants under make test-all: bottleneck ResNets and BiT (resnet18 checks the family), EfficientNet
+# (MobileNetV3 checks depthwise, SE and 1x1 matmul convs), ConvNeXt (its 7x7 depthwise taps are checked alone
+# below, its LayerNorm/Linear/GELU by the ViTs) and DINOv2 (the ViT with registers and layer scale).
+SLOW_FAMILIES = ("resnet50", "resnetv2_50x1_bit", "efficientnet_b0", "convnext_atto", "vit_small_patch14_reg4_dinov2")
+
+
+@pytest.mark.parametrize("name", [n if n not in SLOW_FAMILIES else pytest.param(n, marks=pytest.mark.slow)
                                   for n in FAMILIES])
 def test_fast_kernels_compute_the_plain_loss_and_gradients(name):
     options = FAMILIES[name]
@@ -139,7 +144,7 @@ def test_auto_resolves_by_platform():
     assert models.create("resnet18", num_classes=2).kernels == kernels.resolve("auto")
 
 
-@pytest.mark.parametrize("length", [5, 197])
+@pytest.mark.parametrize("length", [5, pytest.param(197, marks=pytest.mark.slow)])  # 197: ViT-B/16's tokens
 def test_padded_attention_equals_unpadded_forward_and_backward(length):
     # The padding and masking the "gpu" set wraps around cuDNN's kernel, run through XLA's.
     rng = np.random.default_rng(length)

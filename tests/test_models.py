@@ -130,8 +130,9 @@ def test_forward_shape_and_dtype_in_both_modes(name, kwargs, dtype):
     # values per channel at layer4; with fewer, BatchNorm amplifies rounding chaotically.
     ("resnet18", {}, nnx.Module.train, 8, 64),
     ("vit_tiny_patch16_224", {"img_size": 32}, nnx.Module.eval, 2, 32),
-    ("vit_small_patch14_reg4_dinov2", {"img_size": 28, "depth": 4}, nnx.Module.eval, 2, 28),
-    ("eva02_tiny_patch14_224", {"img_size": 28, "depth": 4}, nnx.Module.eval, 2, 28),
+    pytest.param("vit_small_patch14_reg4_dinov2", {"img_size": 28, "depth": 4}, nnx.Module.eval, 2, 28,
+                 marks=pytest.mark.slow),
+    pytest.param("eva02_tiny_patch14_224", {"img_size": 28, "depth": 4}, nnx.Module.eval, 2, 28, marks=pytest.mark.slow),
 ])
 def test_bfloat16_logits_track_float32(name, kwargs, set_mode, batch, size):
     images = _images(8, size, batch)

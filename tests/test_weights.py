@@ -270,7 +270,7 @@ def test_timm_backbone_features_and_logits_match(name, img_size, depth, tmp_path
     _assert_close(model(images), torch_logits(reference, images))
 
 
-@pytest.mark.parametrize("method", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("method", ["bilinear", pytest.param("bicubic", marks=pytest.mark.slow)])
 def test_dinov2_at_a_smaller_resolution_equals_timms_resampling(method, tmp_path):
     """DINOv2's weights are 518 px and fine-tuned smaller: a 4x4 grid of positions shrunk to 2x2 at load equals
     timm's antialiased `resample_abs_pos_embed` (registers: only the patch grid has positions)."""
