@@ -53,23 +53,26 @@ def runners(trained: inference.TrainedModel, size: int, calibration: int, batch:
     """({runtime: function of images}, {runtime: model bytes}) for each of `runtimes` ("jax" always). Static int8
     calibrates on `calibration_images` (a run's train images, where accuracy is measured), else on `calibration`
     random images (speed does not depend on them)."""
-    if calibration_images is None:
-        calibration_images = np.random.default_rng(1).integers(0, 256, (calibration, size, size, 3), dtype=np.uint8)
+    if calibration_images is None:  # at least one batch: a TFLite model converted for `batch` calibrates on whole ones
+        calibration_images = np.random.default_rng(1).integers(0, 256, (max(calibration, batch), size, size, 3),
+                                                               dtype=np.uint8)
     run, files = {"jax": trained.logits}, {}
     if any(r.startswith("onnx") for r in runtimes):
         fp32 = export.export_onnx(trained, size, size)
         export.check_artefact(trained, artefact.onnx_runner(fp32), size, size, 1e-4)
         onnx_files = {"onnx_fp32": fp32, "onnx_int8_dynamic": quantize.quantize(fp32),
-                      "onnx_int8_static": quantize.quantize(fp32, calibration_images)}
+                      "onnx_int8_static": quantize.quantize(fp32, calibration_images[:max(calibration, 1)])}
         files.update(onnx_files)
         run.update({k: artefact.onnx_runner(v) for k, v in onnx_files.items()})
     if any(r.startswith("tflite") for r in runtimes):
         models = {b: export.export_tflite(trained, size, size, b) for b in (1, batch)}
         export.check_artefact(trained, artefact.tflite_runner(models[1]), size, size, 1e-4)
-        int8 = {b: litert.quantize(model, calibration_images) for b, model in models.items()}
-        files.update({"tflite_fp32": models[1], "tflite_int8": int8[1]})
-        run.update({"tflite_fp32": _by_batch({b: artefact.tflite_runner(m) for b, m in models.items()}),
-                    "tflite_int8": _by_batch({b: artefact.tflite_runner(m) for b, m in int8.items()})})
+        files["tflite_fp32"] = models[1]
+        run["tflite_fp32"] = _by_batch({b: artefact.tflite_runner(m) for b, m in models.items()})
+        if "tflite_int8" in runtimes:
+            int8 = {b: litert.quantize(model, calibration_images) for b, model in models.items()}
+            files["tflite_int8"] = int8[1]
+            run["tflite_int8"] = _by_batch({b: artefact.tflite_runner(m) for b, m in int8.items()})
     return {r: run[r] for r in ("jax", *runtimes) if r in run}, files
 
 

@@ -112,6 +112,9 @@ def quantize(model: bytes, calibration: np.ndarray | None = None, input_name: st
         result = None
         if calibration is not None:
             batch = _input_batch(model)
+            if len(calibration) < batch:
+                raise ConversionError(f"TFLite int8 calibration needs at least one batch of the model's {batch} "
+                                      f"images; got {len(calibration)}")
             samples = [{input_name: calibration[i : i + batch]} for i in range(0, len(calibration) - batch + 1, batch)]
             result = engine.calibrate({"serving_default": samples})
         return bytes(engine.quantize(result, enable_progress_bar=False, enable_progress_report=False).quantized_model)
