@@ -77,8 +77,14 @@ def runners(trained: inference.TrainedModel, size: int, calibration: int, batch:
 
 
 def _by_batch(runs: dict):
-    """A function of images that runs the model converted for their batch size (TFLite batches are fixed)."""
-    return lambda images: runs[len(images)](images)
+    """A function of images that runs the model converted for their batch size (TFLite batches are fixed), or the
+    batch-1 model image by image for other sizes (accuracy passes)."""
+    def run(images: np.ndarray) -> np.ndarray:
+        if len(images) in runs:
+            return runs[len(images)](images)
+        return np.concatenate([runs[1](images[i : i + 1]) for i in range(len(images))])
+
+    return run
 
 
 def time_calls(run, images: np.ndarray, calls: int) -> tuple[float, float]:
